@@ -1,0 +1,7 @@
+"""distkd: distill large recommendation models into compact ones.
+
+Stages: logs (sharded Parquet) -> teacher training -> Ray logit cache -> student
+distillation (DDP + TorchRec) -> evaluation report.
+"""
+
+__version__ = "0.1.0"

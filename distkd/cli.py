@@ -1,0 +1,73 @@
+"""`distkd` command line. Each subcommand is a thin shim over one module's `run(args)`.
+
+Errors a user can fix (bad config, bad logs, bad cache) print one line naming the
+file and problem and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from distkd.config import ConfigError
+from distkd.schema import LogsError
+
+
+def _cmd(sub, name: str, target: str, help: str):
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(_target=target)
+    return p
+
+
+def _overrides(p) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override fields of the job config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distkd", description=__doc__.splitlines()[0])
+    top = parser.add_subparsers(dest="command", required=True)
+
+    data = top.add_parser("data", help="create, convert and check interaction logs").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = _cmd(data, "synth", "distkd.data.synth:run", "write synthetic Criteo-like logs as sharded Parquet")
+    p.add_argument("--out", required=True, help="logs directory to write")
+    p.add_argument("--rows", type=int, default=1_000_000, help="total rows over all splits")
+    p.add_argument("--shards", type=int, default=8, help="train shards (valid and test get a quarter each, at least 1)")
+    p.add_argument("--row-group-rows", type=int, default=65_536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="criteo", choices=["criteo", "small"], help="feature set and cardinalities")
+    p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+
+    p = _cmd(data, "movielens", "distkd.data.movielens:run", "convert a MovieLens CSV release to sharded Parquet")
+    p.add_argument("path", help="directory with ratings.csv and movies.csv")
+    p.add_argument("--out", required=True, help="logs directory to write")
+    p.add_argument("--shards", type=int, default=4, help="train shards")
+    p.add_argument("--row-group-rows", type=int, default=65_536)
+    p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+
+    p = _cmd(data, "validate", "distkd.data.validate:run", "check every shard of a logs directory against its schema")
+    p.add_argument("logs", help="logs directory (with schema.yaml)")
+
+    p = _cmd(data, "inspect", "distkd.data.inspect:run", "stream the loader over a split and print a summary")
+    p.add_argument("logs", help="logs directory (with schema.yaml)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=8192)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, func = args._target.split(":")
+    try:
+        rc = getattr(importlib.import_module(module), func)(args)
+    except (ConfigError, LogsError) as e:
+        print(f"distkd: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
