@@ -7,6 +7,7 @@ file and problem and exit with status 2; anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import sys
 
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-group-rows", type=int, default=65_536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="criteo", choices=["criteo", "small"], help="feature set and cardinalities")
+    p.add_argument("--max-cardinality", type=int, default=None, help="cap every feature's number of ids")
+    p.add_argument("--unlabeled-fraction", type=float, default=0.1, help="share of train rows logged without labels")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes writing shards")
     p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
 
     p = _cmd(data, "movielens", "distkd.data.movielens:run", "convert a MovieLens CSV release to sharded Parquet")
@@ -54,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("logs", help="logs directory (with schema.yaml)")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=8192)
+
+    for role in ("teacher", "student"):
+        group = top.add_parser(role, help=f"train the {role} model").add_subparsers(dest=f"{role}_command", required=True)
+        p = _cmd(group, "train", "distkd.trainer:run", f"train the {role} on hard labels (DDP + TorchRec)")
+        p.set_defaults(role=role)
+        p.add_argument("--config", default=None, help=f"job YAML (e.g. jobs/demo/{role}.yaml); defaults if omitted")
+        p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
+        p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+        _overrides(p)
 
     return parser
 

@@ -140,7 +140,7 @@ def check_arrow_schema(schema: Schema, actual: pa.Schema, source: str, columns: 
     """Raise a ValueError naming `source` and the column if `actual` does not hold `columns`
     (default: the training columns) with the contract's types."""
     expected = schema.arrow_schema()
-    for name in columns or schema.training_columns():
+    for name in schema.training_columns() if columns is None else columns:
         want = expected.field(name).type
         idx = actual.get_field_index(name)
         if idx < 0:

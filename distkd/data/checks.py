@@ -40,6 +40,11 @@ def check_row_group(table: pa.Table, schema: Schema, source: str, row_group: int
             values = col.flatten()
             # Which row a bad flattened value belongs to: searchsorted on the offsets.
             offsets = col.offsets.to_numpy()
+            offsets = offsets - offsets[0]  # flatten() starts at the first list's values
+            if values.null_count:
+                j = _first_true(pc.is_null(values))
+                i = int(np.searchsorted(offsets, j, side="right") - 1)
+                raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: null id inside a multi-valued list")
         else:
             if col.null_count:
                 i = _first_true(pc.is_null(col))

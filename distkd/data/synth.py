@@ -1,0 +1,358 @@
+"""Synthetic Criteo-like logs with a known ground truth.
+
+Labels are Bernoulli draws from a fixed model over the features:
+
+    logit = bias + sum_f a_f * b_f[id_f]                       (first order, every feature)
+          + sum_{(f,g)} <A_fg u_f[id_f], B_fg u_g[id_g]>         (pairwise, low/mid cardinality)
+          + dense terms (linear, a product and a sine)
+
+`u_f` are K-dimensional latent vectors (K = 16 by default) and every pair projects
+them differently, so a model needs wide embeddings to hold what an id means to all
+its partners: the large teacher can, a dim-8 student cannot. High-cardinality
+features carry first-order signal only, so their unlearnable tail costs little
+and the oracle stays reachable. The true click / conversion probabilities go in
+evaluation-only columns (`p_click`, `p_conversion`) so evaluation reports the
+oracle AUC.
+
+Generation is vectorized and streams one row group at a time; every row group is
+seeded by (seed, split, shard, row group), so output is deterministic by seed and
+independent of how many processes write it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distkd.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
+
+LATENT_DIM = 16
+
+
+@dataclass(frozen=True)
+class Preset:
+    cardinalities: tuple[int, ...]  # one per sparse feature
+    multi_valued: tuple[int, ...]  # indices of list<int64> features (1..max_list ids each)
+    pairs: tuple[tuple[int, int], ...]  # interacting feature pairs
+    n_dense: int
+    request_features: tuple[int, ...]  # context features shared by all rows of a request
+    zipf: float = 1.05
+    pair_scale: float = 0.35
+    max_list: int = 5
+
+
+PRESETS = {
+    # 26 sparse features (tens to millions of ids, Zipf-skewed), 13 dense, 2 tasks.
+    "criteo": Preset(
+        cardinalities=(
+            12, 24, 40, 64, 100, 150, 250, 400, 600, 1_000, 1_500, 2_500, 4_000,
+            6_000, 10_000, 20_000, 50_000, 100_000, 200_000, 400_000, 700_000,
+            1_000_000, 1_500_000, 2_000_000, 3_000_000, 5_000,
+        ),
+        multi_valued=(25,),
+        pairs=((0, 9), (1, 10), (2, 11), (3, 12), (4, 13), (5, 14), (6, 8), (7, 25),
+               (0, 4), (1, 5), (2, 6), (3, 7), (8, 12), (9, 13), (10, 25), (11, 14)),
+        n_dense=13,
+        request_features=(0, 1, 2),
+    ),
+    # A handful of features for tests: still one multi-valued, still pairwise truth.
+    "small": Preset(
+        cardinalities=(20, 50, 100, 400, 1_000, 200),
+        multi_valued=(5,),
+        pairs=((0, 2), (1, 3), (2, 5)),
+        n_dense=4,
+        request_features=(0,),
+    ),
+}
+
+TASKS = (("click", "clicked", "p_click"), ("conversion", "converted", "p_conversion"))
+SPLIT_SHARE = {"train": 0.8, "valid": 0.1, "test": 0.1}
+
+
+def make_schema(preset: str, max_cardinality: int | None = None) -> Schema:
+    p = PRESETS[preset]
+    cards = _cards(p, max_cardinality)
+    return Schema(
+        sparse=[
+            SparseFeature(name=f"C{i + 1}", num_embeddings=c, multi_valued=i in p.multi_valued)
+            for i, c in enumerate(cards)
+        ],
+        dense=[DenseFeature(name=f"I{i + 1}", transform="log1p") for i in range(p.n_dense)],
+        tasks=[Task(name=n, label=col) for n, col, _ in TASKS],
+        request_id="request_id",
+        eval_columns=[oracle for _, _, oracle in TASKS],
+    )
+
+
+def _cards(p: Preset, max_cardinality: int | None) -> list[int]:
+    return [min(c, max_cardinality) if max_cardinality else c for c in p.cardinalities]
+
+
+class Truth:
+    """The ground-truth model's parameters, drawn once from the seed."""
+
+    def __init__(self, preset: str, seed: int, max_cardinality: int | None = None):
+        p = self.preset = PRESETS[preset]
+        self.cards = _cards(p, max_cardinality)
+        rng = np.random.default_rng([seed, 7])
+        n = len(self.cards)
+        # Popularity rank -> id: a random permutation so that id 0 is not always the head.
+        self.rank_to_id = [rng.permutation(c).astype(np.int64) for c in self.cards]
+        self.cdf = [np.cumsum(1.0 / np.arange(1, c + 1) ** p.zipf) for c in self.cards]
+        for c in self.cdf:
+            c /= c[-1]
+        # First-order weight shrinks with cardinality: the long tail is noise, not signal.
+        self.first = [rng.normal(0, 0.4 / (1 + math.log10(c) / 3), size=c).astype(np.float32) for c in self.cards]
+        in_pair = sorted({f for pair in p.pairs for f in pair})
+        self.latent = {f: rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)).astype(np.float32) for f in in_pair}
+        # Each projected coordinate ~ N(0, 1); the dot product is rescaled to variance pair_scale².
+        s = 1.0 / math.sqrt(LATENT_DIM)
+        self.proj = {
+            pair: (rng.normal(0, s, size=(2, LATENT_DIM, LATENT_DIM)).astype(np.float32)) for pair in p.pairs
+        }
+        self.dense_w = rng.normal(0, 0.2, size=(2, p.n_dense)).astype(np.float32)
+        self.dense_scale = rng.uniform(0.5, 2.5, size=p.n_dense)
+        self.task_mix = rng.normal(0, 1, size=(len(p.pairs),)).astype(np.float32)
+        self.bias = (-1.6, -3.2)
+        self.n = n
+
+    def sample(self, rows: int, rng: np.random.Generator, id0: int) -> pa.Table:
+        p = self.preset
+        # Requests: runs of 1..20 rows sharing the context features.
+        sizes = rng.integers(1, 21, size=rows // 5 + 2)
+        req_of_row = np.repeat(np.arange(len(sizes)), sizes)[:rows]
+        n_req = int(req_of_row[-1]) + 1
+        req_key = rng.integers(0, 2**62, size=n_req)
+        request_id = req_key[req_of_row]
+
+        ids, cols = [], {}
+        for f, card in enumerate(self.cards):
+            n_draw = n_req if f in p.request_features else rows
+            if f in p.multi_valued:
+                lengths = rng.integers(1, p.max_list + 1, size=rows)
+                flat = self.rank_to_id[f][np.searchsorted(self.cdf[f], rng.random(lengths.sum()))]
+                offsets = np.zeros(rows + 1, dtype=np.int32)
+                np.cumsum(lengths, out=offsets[1:])
+                cols[f"C{f + 1}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+                ids.append((flat, offsets))
+            else:
+                draw = self.rank_to_id[f][np.searchsorted(self.cdf[f], rng.random(n_draw))]
+                if f in p.request_features:
+                    draw = draw[req_of_row]
+                cols[f"C{f + 1}"] = pa.array(draw)
+                ids.append(draw)
+
+        first = np.zeros(rows, dtype=np.float32)
+        for f in range(self.n):
+            first += self._pooled(self.first[f], ids[f], rows)
+        pair_terms = np.stack(
+            [
+                np.einsum("bk,bk->b", self._pooled(self.latent[f], ids[f], rows) @ A, self._pooled(self.latent[g], ids[g], rows) @ B)
+                for (f, g), (A, B) in self.proj.items()
+            ],
+            axis=1,
+        ) * (p.pair_scale / math.sqrt(LATENT_DIM))
+        raw = rng.lognormal(0.0, self.dense_scale, size=(rows, p.n_dense)).astype(np.float32)
+        raw = np.floor(raw).astype(np.float32)  # count-like, as in Criteo's integer features
+        z = np.log1p(raw)
+        z = (z - z.mean(0, keepdims=True)) / (z.std(0, keepdims=True) + 1e-6)
+        dense_terms = z @ self.dense_w.T  # [rows, 2]
+        nonlinear = 0.5 * z[:, 0] * z[:, 1] + 0.4 * np.sin(2.0 * z[:, 2])
+
+        logit_click = self.bias[0] + first + pair_terms.sum(1) + dense_terms[:, 0] + nonlinear
+        logit_conv = self.bias[1] + 0.5 * first + pair_terms @ self.task_mix * 0.5 + dense_terms[:, 1] - 0.5 * nonlinear
+        p_click = 1.0 / (1.0 + np.exp(-logit_click))
+        p_conv = 1.0 / (1.0 + np.exp(-logit_conv))
+
+        out = {"example_id": pa.array(np.arange(id0, id0 + rows, dtype=np.int64))}
+        out.update(cols)
+        for i in range(p.n_dense):
+            out[f"I{i + 1}"] = pa.array(raw[:, i])
+        out["clicked"] = pa.array((rng.random(rows) < p_click).astype(np.int8))
+        out["converted"] = pa.array((rng.random(rows) < p_conv).astype(np.int8))
+        out["request_id"] = pa.array(request_id)
+        out["p_click"] = pa.array(p_click.astype(np.float32))
+        out["p_conversion"] = pa.array(p_conv.astype(np.float32))
+        return pa.table(out)
+
+    @staticmethod
+    def _pooled(table: np.ndarray, ids, rows: int) -> np.ndarray:
+        """Look up `table` rows; multi-valued features are mean-pooled over their list."""
+        if not isinstance(ids, tuple):
+            return table[ids]
+        flat, offsets = ids
+        sums = np.add.reduceat(table[flat], offsets[:-1], axis=0)
+        lengths = np.diff(offsets).reshape((-1,) + (1,) * (table.ndim - 1))
+        return sums / lengths
+
+
+def _mask_labels(table: pa.Table, rng: np.random.Generator, fraction: float) -> pa.Table:
+    """Null both labels of a random `fraction` of rows: logged but never labelled."""
+    if fraction <= 0:
+        return table
+    missing = rng.random(table.num_rows) < fraction
+    for _, col, _ in TASKS:
+        arr = table.column(col).to_numpy()
+        table = table.set_column(
+            table.schema.get_field_index(col), col, pa.array(arr, mask=missing, type=pa.int8())
+        )
+    return table
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    out: str
+    split: str
+    split_idx: int
+    shard: int
+    rows: int
+    id0: int
+    preset: str
+    seed: int
+    row_group_rows: int
+    max_cardinality: int | None
+    unlabeled_fraction: float
+
+
+_TRUTH_CACHE: dict = {}
+
+
+def _truth(preset: str, seed: int, max_cardinality: int | None) -> Truth:
+    key = (preset, seed, max_cardinality)
+    if key not in _TRUTH_CACHE:
+        _TRUTH_CACHE.clear()
+        _TRUTH_CACHE[key] = Truth(preset, seed, max_cardinality)
+    return _TRUTH_CACHE[key]
+
+
+def _write_shard(job: _ShardJob) -> tuple[str, int]:
+    truth = _truth(job.preset, job.seed, job.max_cardinality)
+    schema = make_schema(job.preset, job.max_cardinality).arrow_schema()
+    final = Path(job.out) / job.split / f"part-{job.shard:05d}.parquet"
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        done, rg = 0, 0
+        while done < job.rows:
+            n = min(job.row_group_rows, job.rows - done)
+            rng = np.random.default_rng([job.seed, job.split_idx, job.shard, rg])
+            table = truth.sample(n, rng, job.id0 + done)
+            if job.split == "train":
+                table = _mask_labels(table, rng, job.unlabeled_fraction)
+            writer.write_table(table.cast(schema), row_group_size=n)
+            done += n
+            rg += 1
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return str(final), job.rows
+
+
+def plan_shards(rows: int, shards: int) -> dict[str, list[int]]:
+    """Rows per shard for each split: 80/10/10, valid and test get a quarter of the shards."""
+    plan = {}
+    left = rows
+    for i, (split, share) in enumerate(SPLIT_SHARE.items()):
+        n = left if i == len(SPLIT_SHARE) - 1 else int(rows * share)
+        left -= n
+        k = shards if split == "train" else max(1, shards // 4)
+        plan[split] = [n // k + (j < n % k) for j in range(k)]
+    return plan
+
+
+def generate(
+    out: str | Path,
+    rows: int,
+    shards: int = 8,
+    seed: int = 0,
+    row_group_rows: int = 65_536,
+    preset: str = "criteo",
+    max_cardinality: int | None = None,
+    unlabeled_fraction: float = 0.1,
+    workers: int = 1,
+    force: bool = False,
+    progress: bool = False,
+) -> Schema:
+    """Write `rows` rows of synthetic logs into `out` (schema.yaml + train/valid/test shards)."""
+    out = Path(out)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}' (known: {sorted(PRESETS)})")
+    if rows < 10 * (shards + 2):
+        raise ValueError(f"--rows {rows} is too few for {shards} shards")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out}: exists and is not empty (use --force to overwrite)")
+        shutil.rmtree(out)
+    schema = make_schema(preset, max_cardinality)
+    jobs, id0 = [], 0
+    for split_idx, (split, sizes) in enumerate(plan_shards(rows, shards).items()):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for shard, n in enumerate(sizes):
+            jobs.append(_ShardJob(str(out), split, split_idx, shard, n, id0, preset, seed,
+                                  row_group_rows, max_cardinality, unlabeled_fraction))
+            id0 += n
+    start, done = time.perf_counter(), 0
+
+    def report(path: str, n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            eta = (rows - done) / rate
+            print(f"  {done:>12,}/{rows:,} rows  {rate:,.0f} rows/s  ETA {eta:5.0f}s  {path}", file=sys.stderr)
+
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for path, n in pool.map(_write_shard, jobs):
+                report(path, n)
+    else:
+        for job in jobs:
+            report(*_write_shard(job))
+    # The schema goes last: a directory without it is visibly unfinished.
+    schema.save(out / SCHEMA_FILE)
+    return schema
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    schema = generate(
+        args.out, args.rows, args.shards, args.seed, args.row_group_rows, args.preset,
+        max_cardinality=args.max_cardinality, unlabeled_fraction=args.unlabeled_fraction,
+        workers=args.workers, force=args.force, progress=True,
+    )
+    took = time.perf_counter() - start
+    print(summarize(args.out, schema))
+    print(f"wrote {args.rows:,} rows in {took:.1f}s ({args.rows / took:,.0f} rows/s)")
+    return 0
+
+
+def summarize(out: str | Path, schema: Schema) -> str:
+    """A per-split table of rows, shards, size on disk, label rates and oracle AUC."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    lines = [f"logs {out}: {len(schema.sparse)} sparse, {len(schema.dense)} dense, tasks {schema.task_names}"]
+    lines.append(f"{'split':<6} {'shards':>6} {'rows':>12} {'MiB':>8}  " + "  ".join(
+        f"{t.name + ' rate':>16} {t.name + ' oracle AUC':>22}" for t in schema.tasks))
+    for split in SPLIT_SHARE:
+        files = sorted((Path(out) / split).glob("*.parquet"))
+        table = pq.ParquetDataset(files).read(columns=schema.label_columns + schema.eval_columns)
+        cells = []
+        for t, oracle in zip(schema.tasks, schema.eval_columns):
+            y = table.column(t.label).to_numpy(zero_copy_only=False).astype(np.float64)
+            p = table.column(oracle).to_numpy()
+            keep = ~np.isnan(y)
+            auc = binary_auroc(torch.from_numpy(p[keep]), torch.from_numpy(y[keep]).long()).item()
+            cells.append(f"{np.mean(y[keep]):>16.4f} {auc:>22.4f}")
+        mib = sum(f.stat().st_size for f in files) / 2**20
+        lines.append(f"{split:<6} {len(files):>6} {table.num_rows:>12,} {mib:>8.1f}  " + "  ".join(cells))
+    return "\n".join(lines)

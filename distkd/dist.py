@@ -1,0 +1,112 @@
+"""Process groups and launching: torchrun-compatible, or N local ranks without torchrun.
+
+Under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR) a stage's
+worker runs directly. Locally, `launch(fn, nproc, ...)` starts `nproc` real
+processes through torch.distributed's elastic launcher, the way TorchRec's own
+multi-rank tests do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def quiet() -> None:
+    """Silence the planner's and DDP's routine warnings; errors still surface."""
+    import logging
+    import warnings
+
+    for name in ("", "torchrec", "torch.distributed", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def init(backend: str | None = None) -> Env:
+    """Initialize the default process group from the launcher's environment (idempotent).
+
+    nccl with one GPU per local rank where CUDA is available, gloo on CPU. A single
+    process with no launcher still gets a (one-rank) gloo group, so every code path
+    is the distributed one.
+    """
+    quiet()
+    if not under_launcher():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Env(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> list[Any]:
+    """Run `fn(*args)` in `nproc` local processes (ranks); return each rank's result.
+
+    Already under a launcher, or with nproc == 1, `fn` runs in this process.
+    """
+    if under_launcher() or nproc <= 1:
+        return [fn(*args)]
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"distkd-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    # One thread per rank unless the user said otherwise: ranks share the machine's cores.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    results = elastic_launch(config, entrypoint=fn)(*args)
+    return [results[r] for r in sorted(results)]

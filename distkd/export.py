@@ -1,0 +1,108 @@
+"""The model export contract: one file that loads with `torch.load(weights_only=True)`.
+
+`model.pt` holds {"format", "role", "schema", "model", "state_dict"}: plain tensors,
+strings and numbers only, so loading executes no pickled code. `export.json` beside
+it records the sha256 of `model.pt`, the teacher's fingerprint that the logit cache
+keys on, plus parameter counts and the metrics it was exported with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+from distkd.checkpoint import atomic_write_bytes
+from distkd.config import from_dict, to_dict
+from distkd.models import ModelConfig, RankingModel
+from distkd.schema import Schema
+
+EXPORT_FORMAT = 1
+MODEL_FILE = "model.pt"
+META_FILE = "export.json"
+
+
+def gather_state_dict(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Collective: the full, unsharded state dict on rank 0 (empty elsewhere)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().cpu().clone()
+        if rank == 0 and value is not None:
+            out[key.removeprefix("module.")] = value
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_export(out_dir: str | Path, role: str, schema: Schema, cfg: ModelConfig,
+                 state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    payload = {
+        "format": EXPORT_FORMAT,
+        "role": role,
+        "schema": to_dict(schema),
+        "model": to_dict(cfg),
+        "state_dict": state_dict,
+    }
+    path = out_dir / MODEL_FILE
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+    meta = {
+        "format": EXPORT_FORMAT,
+        "role": role,
+        "file": MODEL_FILE,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "parameters": sum(t.numel() for t in state_dict.values()),
+        "schema_fingerprint": schema.fingerprint(),
+        "model": to_dict(cfg),
+        **(extra or {}),
+    }
+    atomic_write_bytes(out_dir / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return meta
+
+
+def read_meta(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no {META_FILE}; is this an exported model directory?")
+    return json.loads(path.read_text())
+
+
+def load_export(export_dir: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> tuple[RankingModel, dict[str, Any]]:
+    """Rebuild the exported model (unsharded, eval mode) and return it with its metadata.
+
+    With verify, the file's sha256 must match export.json: a model that is not the
+    fingerprinted one is never used silently.
+    """
+    export_dir = Path(export_dir)
+    meta = read_meta(export_dir)
+    path = export_dir / meta["file"]
+    if verify:
+        digest = sha256_file(path)
+        if digest != meta["sha256"]:
+            raise ValueError(f"{path}: sha256 {digest[:12]}… does not match {META_FILE} ({meta['sha256'][:12]}…)")
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    if payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {payload.get('format')} is not {EXPORT_FORMAT}")
+    schema = from_dict(Schema, payload["schema"], f"{path}:schema")
+    cfg = from_dict(ModelConfig, payload["model"], f"{path}:model")
+    model = RankingModel(schema, cfg, device=torch.device(device), sparse_device=torch.device(device))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, meta

@@ -1,0 +1,87 @@
+"""Shard a RankingModel with DistributedModelParallel and build its optimizers.
+
+Embedding tables get a fused rowwise-Adagrad optimizer applied in the backward pass
+(FBGEMM's TBE updates rows in place, no dense gradient is ever built); the dense
+layers get Adam. The two are combined into one keyed optimizer so checkpointing
+and the training loop see a single object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from distkd.config import ConfigError
+from distkd.dist import Env
+from distkd.models import RankingModel, table_name
+
+# What runs on gloo/CPU. Row-wise (and the grid/table-row-wise variants) need GPUs.
+CPU_SHARDING = [ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value, ShardingType.COLUMN_WISE.value]
+
+
+@dataclass
+class ShardingConfig:
+    # "auto": on GPU the planner chooses freely; on CPU it is held to CPU_SHARDING.
+    types: Literal["auto", "table_wise", "data_parallel", "column_wise"] = "auto"
+
+
+@dataclass
+class OptimConfig:
+    embedding_lr: float = 0.05
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+def allowed_sharding_types(cfg: ShardingConfig, device: torch.device) -> Optional[list[str]]:
+    if cfg.types != "auto":
+        if device.type == "cpu" and cfg.types not in ("table_wise", "data_parallel", "column_wise"):
+            raise ConfigError(f"sharding.types={cfg.types} needs GPUs")
+        return [cfg.types]
+    return CPU_SHARDING if device.type == "cpu" else None
+
+
+def plan_for(model: RankingModel, env: Env, cfg: ShardingConfig) -> ShardingPlan:
+    types = allowed_sharding_types(cfg, env.device)
+    constraints = None
+    if types is not None:
+        constraints = {table_name(f.name): ParameterConstraints(sharding_types=types) for f in model.schema.sparse}
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type,
+                        local_world_size=int(__import__("os").environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    return planner.collective_plan(model, pg=dist.GroupMember.WORLD)
+
+
+def shard(model: RankingModel, env: Env, sharding: ShardingConfig, optim: OptimConfig) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Wrap `model` (tables on meta) in DMP and return it with its combined optimizer."""
+    _apply_optimizer_in_backward(
+        RowWiseAdagrad, model.ebc.parameters(), {"lr": optim.embedding_lr, "eps": optim.eps}
+    )
+    plan = plan_for(model, env, sharding)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = KeyedOptimizerWrapper(
+        dense_params,
+        lambda params: torch.optim.Adam(params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
+    )
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
+    """Table -> sharding type (and ranks), for logs and summaries."""
+    out = {}
+    for module_plan in dmp.plan.plan.values():
+        for table, spec in module_plan.items():  # type: ignore[union-attr]
+            ranks = sorted(set(spec.ranks or []))
+            out[table] = f"{spec.sharding_type}{ranks if ranks else ''}"
+    return out

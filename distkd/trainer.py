@@ -1,0 +1,294 @@
+"""One distributed trainer for the teacher and the student.
+
+Read top to bottom: build the model from the schema, shard it with DMP, stream the
+logs through the loader, step, evaluate, checkpoint, export. Only the objective
+(and the aligned columns it needs, e.g. cached teacher logits) differs between
+teacher training, hard-label student training and distillation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+
+from distkd import checkpoint, dist
+from distkd.config import ConfigError, to_dict
+from distkd.export import gather_state_dict, write_export
+from distkd.loader import LogLoader, split_files
+from distkd.metrics import TaskMetrics, format_table
+from distkd.models import ModelConfig, RankingModel, count_parameters
+from distkd.schema import Schema, load_schema
+from distkd.sharding import OptimConfig, ShardingConfig, describe_plan, shard
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = 4096
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many steps in total (across epochs)
+    eval_every: Optional[int] = None  # steps between validation passes (default: once per epoch)
+    early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0: off
+    shuffle: bool = True
+    shuffle_window_row_groups: int = 4
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    eval_batch_size: int = 16384
+    task_weights: Optional[list[float]] = None
+
+
+@dataclass
+class TrainJob:
+    logs: str = "runs/demo/logs"
+    out: str = "runs/demo/teacher"
+    role: Literal["teacher", "student"] = "teacher"
+    nproc: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    tensorboard: bool = True
+    # Set by `distkd distill`; a plain teacher/student run trains on hard labels.
+    distill: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken in total
+    best: float = float("-inf")
+    stale: int = 0  # validation passes since the best one
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_objective(job: TrainJob, schema: Schema) -> tuple[Callable, list]:
+    """The loss, and the aligned side columns (e.g. cached teacher logits) it reads."""
+    weights = job.train.task_weights or [1.0] * len(schema.tasks)
+    if len(weights) != len(schema.tasks):
+        raise ConfigError(f"train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
+    if job.distill is None:
+        from distkd.losses import HardLabel
+
+        return HardLabel(weights), []
+    from distkd.distill import make_distill_objective
+
+    return make_distill_objective(job, schema, weights)
+
+
+def make_loader(job: TrainJob, schema: Schema, env: dist.Env, split: str, aligned=(), train: bool = False) -> LogLoader:
+    return LogLoader(
+        split_files(job.logs, split),
+        schema,
+        job.train.batch_size if train else job.train.eval_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        shuffle=train and job.train.shuffle,
+        seed=job.train.seed,
+        shuffle_window_row_groups=job.train.shuffle_window_row_groups,
+        aligned=list(aligned),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: LogLoader, schema: Schema, device: torch.device) -> dict[str, dict[str, float]]:
+    """Collective: metrics of `model` over the loader's whole split, aggregated over ranks."""
+    was_training = model.training
+    model.eval()
+    metrics = TaskMetrics(schema.task_names)
+    for batch in loader:
+        batch = batch.to(device)
+        metrics.update(model(batch.sparse, batch.dense).logits, batch.labels)
+    model.train(was_training)
+    return metrics.compute()
+
+
+def mean_auc(result: dict[str, dict[str, float]]) -> float:
+    return sum(m["auc"] for m in result.values()) / len(result)
+
+
+def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
+    """The worker: runs on every rank. Returns the summary (on every rank)."""
+    env = dist.init()
+    out = Path(job.out)
+    torch.manual_seed(job.train.seed)
+    schema = load_schema(job.logs)
+    objective, aligned = make_objective(job, schema)
+
+    model = RankingModel(schema, job.model, device=env.device)
+    dmp, optimizer = shard(model, env, job.sharding, job.optim)
+    train_loader = make_loader(job, schema, env, "train", aligned, train=True)
+    valid_loader = make_loader(job, schema, env, "valid")
+
+    state = TrainState()
+    if resume and (last := checkpoint.latest(out / "checkpoints")) is not None:
+        state = restore(last, dmp, optimizer, train_loader, env)
+        log(env, f"resumed from {last} at epoch {state.epoch}, step {state.step}")
+    tb = _tensorboard(job, env)
+    log(env, f"{job.role}: {count_parameters(schema, job.model)['total']:,} parameters on {env.world_size} "
+             f"rank(s) ({env.backend}); plan {describe_plan(dmp)}")
+
+    steps_per_epoch = len(train_loader)
+    total = steps_per_epoch * job.train.epochs
+    if job.train.max_steps is not None:
+        total = min(total, job.train.max_steps)
+    progress = Progress(env, total, state.step, job.train.batch_size * env.world_size)
+    stop = state.step >= total
+    while not stop and state.epoch < job.train.epochs:
+        train_loader.set_epoch(state.epoch)
+        for batch in train_loader:
+            batch = batch.to(env.device)
+            output = dmp(batch.sparse, batch.dense)
+            loss, parts = objective(output, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            progress.update(loss.item(), parts, tb)
+
+            if job.train.eval_every and state.step % job.train.eval_every == 0:
+                stop = validate(dmp, valid_loader, schema, env, state, job, tb)
+            if stop or state.step >= total:
+                break
+            if state.step % job.train.checkpoint_every == 0:
+                save(out, dmp, optimizer, train_loader, state, env)
+        if train_loader.state_dict()["step"] >= len(train_loader):  # the epoch ran to its end
+            state.epoch += 1
+            if not job.train.eval_every:
+                stop = validate(dmp, valid_loader, schema, env, state, job, tb) or stop
+        stop = stop or state.step >= total
+        save(out, dmp, optimizer, train_loader, state, env)
+    progress.close()
+
+    test = evaluate(dmp, make_loader(job, schema, env, "test"), schema, env.device)
+    valid = state.history[-1]["metrics"] if state.history else evaluate(dmp, valid_loader, schema, env.device)
+    summary = {
+        "role": job.role,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "rows_per_s": progress.rate(),
+        "parameters": count_parameters(schema, job.model),
+        "valid": valid,
+        "test": test,
+    }
+    state_dict = gather_state_dict(dmp, env.rank)
+    if env.is_main:
+        summary["export"] = write_export(out / "export", job.role, schema, job.model, state_dict,
+                                         extra={"test": test, "job": to_dict(job)})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"\n{job.role} finished: {state.step} steps, {progress.rate():,.0f} rows/s", file=sys.stderr)
+        print(format_table({f"{job.role} (valid)": valid, f"{job.role} (test)": test}))
+        print(f"export: {out / 'export'} sha256 {summary['export']['sha256'][:16]}…")
+    if tb is not None:
+        tb.close()
+    dist.shutdown()
+    return summary
+
+
+def validate(dmp, loader, schema, env, state: TrainState, job: TrainJob, tb) -> bool:
+    """Run a validation pass, record it, and say whether early stopping triggers."""
+    result = evaluate(dmp, loader, schema, env.device)
+    score = mean_auc(result)
+    state.history.append({"step": state.step, "metrics": result})
+    if tb is not None:
+        for task, vals in result.items():
+            for name, v in vals.items():
+                tb.add_scalar(f"valid/{task}/{name}", v, state.step)
+    log(env, f"step {state.step}: valid " + ", ".join(f"{t} AUC {m['auc']:.4f} logloss {m['logloss']:.4f}" for t, m in result.items()))
+    if score > state.best:
+        state.best, state.stale = score, 0
+    else:
+        state.stale += 1
+    return bool(job.train.early_stopping_patience) and state.stale >= job.train.early_stopping_patience
+
+
+def save(out: Path, dmp, optimizer, loader: LogLoader, state: TrainState, env: dist.Env) -> None:
+    checkpoint.save(
+        out / "checkpoints",
+        state.step,
+        {
+            "model": dmp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "trainer": to_dict(state),
+        },
+        env.rank,
+        env.world_size,
+    )
+
+
+def restore(path: Path, dmp, optimizer, loader: LogLoader, env: dist.Env) -> TrainState:
+    saved = checkpoint.load(path, env.rank, env.world_size)
+    dmp.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    loader.load_state_dict(saved["loader"])
+    checkpoint.set_rng_state(saved["rng"])
+    return TrainState(**saved["trainer"])
+
+
+def log(env: dist.Env, msg: str) -> None:
+    if env.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _tensorboard(job: TrainJob, env: dist.Env):
+    if not (job.tensorboard and env.is_main):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(job.out) / "tensorboard"))
+
+
+class Progress:
+    """A progress bar on rank 0: steps, rows/s (all ranks), smoothed loss, ETA."""
+
+    def __init__(self, env: dist.Env, total: int, start: int, rows_per_step: int):
+        self.env, self.rows_per_step, self.step0 = env, rows_per_step, start
+        self.t0 = time.perf_counter()
+        self.steps = 0
+        self.loss: Optional[float] = None
+        self.bar = None
+        if env.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.5 if sys.stderr.isatty() else 15,
+                            disable=os.environ.get("DISTKD_NO_PROGRESS") == "1")
+
+    def update(self, loss: float, parts: dict[str, float], tb) -> None:
+        self.steps += 1
+        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+        step = self.step0 + self.steps
+        if tb is not None:
+            tb.add_scalar("train/loss", loss, step)
+            for k, v in parts.items():
+                tb.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.steps % 10 == 1:
+                self.bar.set_postfix(loss=f"{self.loss:.4f}", rows_s=f"{self.rate():,.0f}")
+
+    def rate(self) -> float:
+        return self.steps * self.rows_per_step / max(time.perf_counter() - self.t0, 1e-9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args) -> int:
+    """`distkd teacher train` / `distkd student train`."""
+    from distkd.config import load
+
+    job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))
+    if args.nproc is not None:
+        job.nproc = args.nproc
+    summary = dist.launch(train, job.nproc, job, args.resume)[0]
+    return 0 if summary else 1
