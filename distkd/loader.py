@@ -139,6 +139,17 @@ class _Failure:
         self.exc = exc
 
 
+def _request_permutation(request: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of rows that moves runs of equal request_id as blocks."""
+    starts = np.flatnonzero(np.r_[True, request[1:] != request[:-1]])
+    lengths = np.diff(np.r_[starts, len(request)])
+    order = rng.permutation(len(starts))
+    # Row index of each output position: block start + offset within the block.
+    block_of = np.repeat(order, lengths[order])
+    offset = np.arange(len(request)) - np.repeat(np.cumsum(lengths[order]) - lengths[order], lengths[order])
+    return starts[block_of] + offset
+
+
 class LogLoader:
     def __init__(
         self,
@@ -155,6 +166,7 @@ class LogLoader:
         aligned: Sequence[Aligned] = (),
         drop_last: bool = False,
         check: bool = True,
+        keep_requests: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -171,6 +183,9 @@ class LogLoader:
         self.prefetch = prefetch
         self.aligned = list(aligned)
         self.drop_last, self.check = drop_last, check
+        # Shuffle whole requests (runs of equal request_id) rather than rows, so that a
+        # listwise loss finds a request's rows side by side in a batch.
+        self.keep_requests = keep_requests and schema.request_id is not None
         self.columns = schema.training_columns()
         self.keys = [f.name for f in schema.sparse]
 
@@ -322,7 +337,8 @@ class LogLoader:
                 rows = Rows.concat([self._read(handles, u, a, b) for u, a, b in win])
                 if self.shuffle:
                     rng = np.random.default_rng([self.seed, epoch, self.rank, wi // self.window])
-                    rows = rows.take(rng.permutation(n))
+                    rows = rows.take(_request_permutation(rows.request, rng) if self.keep_requests
+                                     else rng.permutation(n))
                 skip = max(0, first_row - cursor)
                 cursor += n
                 pending.append(rows.slice(skip, n))

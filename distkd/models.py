@@ -1,9 +1,11 @@
-"""Teacher and student: one DCN-v2 style ranking model built from the schema.
+"""Teacher and student: one DLRM / DCN-v2 style ranking model built from the schema.
 
-    sparse ids --EmbeddingBagCollection--> pooled embeddings (one per feature) --+
-    dense     --MLP------------------------> dense embedding ----------------------+--concat--> x0
-    x0 --low-rank cross layers (DCN-v2)--> deep MLP --> hidden --> one logit per task
-                                                           \\--> auxiliary distillation head (optional)
+    sparse ids --EmbeddingBagCollection--> pooled embeddings (one per feature, dim D) --+
+    dense     --bottom MLP---------------> dense embedding (dim D) ----------------------+
+         interaction "dot" (DLRM): pairwise dot products of all F+1 vectors, plus the dense embedding
+         interaction "cat":        the concatenation of all F+1 vectors
+    --> low-rank cross layers (DCN-v2, optional) --> top MLP --> hidden --> one logit per task
+                                                                    \\--> auxiliary distillation head (optional)
 
 The teacher and the student differ only in their `ModelConfig` (embedding dim,
 cross layers, MLP widths). Embedding tables are created on the meta device so that
@@ -13,11 +15,15 @@ cross layers, MLP widths). Embedding tables are created on the meta device so th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, NamedTuple, Optional
+
+import math
+from functools import partial
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 
@@ -26,12 +32,24 @@ from distkd.schema import Schema
 
 @dataclass
 class ModelConfig:
-    embedding_dim: int = 64
-    dense_arch: list[int] = field(default_factory=lambda: [128, 64])
-    cross_layers: int = 3
+    embedding_dim: int = 96
+    interaction: Literal["dot", "cat"] = "dot"
+    dense_arch: list[int] = field(default_factory=lambda: [128])  # the last layer is embedding_dim
+    cross_layers: int = 2
     cross_rank: int = 64
-    deep_arch: list[int] = field(default_factory=lambda: [512, 256])
+    deep_arch: list[int] = field(default_factory=lambda: [512, 256, 128])
     aux_head: bool = False  # a separate head for the teacher's target (ExFM-style)
+    aux_grad_scale: float = 1.0  # scales the aux head's gradient into the shared layers
+    hint_dim: Optional[int] = None  # a learned projection of the hidden layer onto a teacher's layer
+    # Uniform init half-width of the embedding tables; None: so that the dot product of two
+    # fresh embeddings has std ~0.3 whatever the dim (TorchRec's default, ±1/sqrt(rows), makes
+    # dot interactions of large tables start near zero and learn slowly).
+    embedding_init: Optional[float] = None
+
+    def init_range(self) -> float:
+        if self.embedding_init is not None:
+            return self.embedding_init
+        return math.sqrt(3.0) * math.sqrt(0.3 / math.sqrt(self.embedding_dim))
 
     def validate(self) -> None:
         from distkd.config import ConfigError
@@ -48,23 +66,32 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
-def embedding_configs(schema: Schema, dim: int) -> list[EmbeddingBagConfig]:
+def embedding_configs(schema: Schema, cfg: ModelConfig) -> list[EmbeddingBagConfig]:
+    a = cfg.init_range()
     return [
         EmbeddingBagConfig(
             name=table_name(f.name),
-            embedding_dim=dim,
+            embedding_dim=cfg.embedding_dim,
+            weight_init_min=-a,  # read by the sharded (FBGEMM) tables
+            weight_init_max=a,
+            init_fn=partial(nn.init.uniform_, a=-a, b=a),  # read by data-parallel and unsharded tables
             num_embeddings=f.rows,
             feature_names=[f.name],
+            # A list feature's embedding is the mean of its ids', whatever the list's length.
+            pooling=PoolingType.MEAN if f.multi_valued else PoolingType.SUM,
         )
         for f in schema.sparse
     ]
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DDP must find the output tensors (pytree) to
+    all-reduce gradients; a dataclass output silently leaves them rank-local."""
+
     logits: torch.Tensor  # [B, tasks], the serving head
     hidden: torch.Tensor  # [B, H], the last deep layer (feature distillation hint)
     aux_logits: Optional[torch.Tensor] = None  # [B, tasks], the distillation head if configured
+    hint: Optional[torch.Tensor] = None  # [B, teacher H], the hidden layer projected for feature distillation
 
 
 class RankingModel(nn.Module):
@@ -74,18 +101,23 @@ class RankingModel(nn.Module):
         self.schema, self.cfg = schema, cfg
         n_sparse, n_dense, n_tasks = len(schema.sparse), len(schema.dense), len(schema.tasks)
         self.ebc = EmbeddingBagCollection(
-            tables=embedding_configs(schema, cfg.embedding_dim),
+            tables=embedding_configs(schema, cfg),
             device=sparse_device if sparse_device is not None else torch.device("meta"),
         )
-        self.dense_arch = MLP(max(n_dense, 1), cfg.dense_arch, device=device) if n_dense else None
-        in_features = n_sparse * cfg.embedding_dim + (cfg.dense_arch[-1] if n_dense else 0)
-        self.cross = LowRankCrossNet(in_features, cfg.cross_layers, cfg.cross_rank) if cfg.cross_layers else None
-        if self.cross is not None and device is not None:
-            self.cross.to(device)
+        dim = cfg.embedding_dim
+        self.dense_arch = MLP(n_dense, cfg.dense_arch + [dim], device=device) if n_dense else None
+        n_vectors = n_sparse + (1 if n_dense else 0)
+        if cfg.interaction == "dot":
+            self.pairs = torch.triu_indices(n_vectors, n_vectors, offset=1)
+            in_features = n_vectors * (n_vectors - 1) // 2 + (dim if n_dense else 0)
+        else:
+            in_features = n_vectors * dim
+        self.cross = (LowRankCrossNet(in_features, cfg.cross_layers, cfg.cross_rank).to(device or "cpu")
+                      if cfg.cross_layers else None)
         self.deep = MLP(in_features, cfg.deep_arch, device=device)
         self.head = nn.Linear(cfg.deep_arch[-1], n_tasks, device=device)
         self.aux_head = nn.Linear(cfg.deep_arch[-1], n_tasks, device=device) if cfg.aux_head else None
-        self.aux_grad_scale = 1.0
+        self.hint = nn.Linear(cfg.deep_arch[-1], cfg.hint_dim, device=device) if cfg.hint_dim else None
 
     @property
     def hidden_dim(self) -> int:
@@ -93,17 +125,30 @@ class RankingModel(nn.Module):
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
         pooled = self.ebc(sparse).values()  # [B, n_sparse * dim], features in schema order
-        parts = [pooled]
+        b, dim = pooled.shape[0], self.cfg.embedding_dim
+        vectors = [pooled.view(b, -1, dim)]
+        dense_emb = None
         if self.dense_arch is not None:
-            parts.insert(0, self.dense_arch(dense))
-        x = torch.cat(parts, dim=1)
+            dense_emb = self.dense_arch(dense)
+            vectors.insert(0, dense_emb.unsqueeze(1))
+        stacked = torch.cat(vectors, dim=1)  # [B, F+1, D]
+        if self.cfg.interaction == "dot":
+            gram = torch.bmm(stacked, stacked.transpose(1, 2))
+            if self.pairs.device != gram.device:
+                self.pairs = self.pairs.to(gram.device)
+            x = gram[:, self.pairs[0], self.pairs[1]]
+            if dense_emb is not None:
+                x = torch.cat([dense_emb, x], dim=1)
+        else:
+            x = stacked.flatten(1)
         if self.cross is not None:
             x = self.cross(x)
         hidden = self.deep(x)
         aux = None
         if self.aux_head is not None:
-            aux = self.aux_head(_scale_grad(hidden, self.aux_grad_scale))
-        return ModelOutput(logits=self.head(hidden), hidden=hidden, aux_logits=aux)
+            aux = self.aux_head(_scale_grad(hidden, self.cfg.aux_grad_scale))
+        hint = self.hint(hidden) if self.hint is not None else None
+        return ModelOutput(logits=self.head(hidden), hidden=hidden, aux_logits=aux, hint=hint)
 
 
 class _ScaleGrad(torch.autograd.Function):

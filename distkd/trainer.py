@@ -68,21 +68,23 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_objective(job: TrainJob, schema: Schema) -> tuple[Callable, list]:
-    """The loss, and the aligned side columns (e.g. cached teacher logits) it reads."""
+def make_objective(job: TrainJob, schema: Schema) -> tuple[Callable, list, ModelConfig]:
+    """The loss, the aligned side columns it reads (e.g. cached teacher logits), and the
+    model config extended with what the loss needs (an aux head, a hint projection)."""
     weights = job.train.task_weights or [1.0] * len(schema.tasks)
     if len(weights) != len(schema.tasks):
         raise ConfigError(f"train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
     if job.distill is None:
         from distkd.losses import HardLabel
 
-        return HardLabel(weights), []
+        return HardLabel(weights), [], job.model
     from distkd.distill import make_distill_objective
 
-    return make_distill_objective(job, schema, weights)
+    return make_distill_objective(job.distill, schema, job.model, weights, job.logs)
 
 
 def make_loader(job: TrainJob, schema: Schema, env: dist.Env, split: str, aligned=(), train: bool = False) -> LogLoader:
+    listwise = bool(job.distill and (job.distill.get("losses") or {}).get("listwise"))
     return LogLoader(
         split_files(job.logs, split),
         schema,
@@ -93,6 +95,7 @@ def make_loader(job: TrainJob, schema: Schema, env: dist.Env, split: str, aligne
         seed=job.train.seed,
         shuffle_window_row_groups=job.train.shuffle_window_row_groups,
         aligned=list(aligned),
+        keep_requests=listwise,
     )
 
 
@@ -119,9 +122,9 @@ def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
     out = Path(job.out)
     torch.manual_seed(job.train.seed)
     schema = load_schema(job.logs)
-    objective, aligned = make_objective(job, schema)
+    objective, aligned, model_cfg = make_objective(job, schema)
 
-    model = RankingModel(schema, job.model, device=env.device)
+    model = RankingModel(schema, model_cfg, device=env.device)
     dmp, optimizer = shard(model, env, job.sharding, job.optim)
     train_loader = make_loader(job, schema, env, "train", aligned, train=True)
     valid_loader = make_loader(job, schema, env, "valid")
@@ -131,7 +134,7 @@ def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
         state = restore(last, dmp, optimizer, train_loader, env)
         log(env, f"resumed from {last} at epoch {state.epoch}, step {state.step}")
     tb = _tensorboard(job, env)
-    log(env, f"{job.role}: {count_parameters(schema, job.model)['total']:,} parameters on {env.world_size} "
+    log(env, f"{job.role}: {count_parameters(schema, model_cfg)['total']:,} parameters on {env.world_size} "
              f"rank(s) ({env.backend}); plan {describe_plan(dmp)}")
 
     steps_per_epoch = len(train_loader)
@@ -151,6 +154,7 @@ def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
             optimizer.step()
             state.step += 1
             progress.update(loss.item(), parts, tb)
+            _maybe_crash(env, state.step)
 
             if job.train.eval_every and state.step % job.train.eval_every == 0:
                 stop = validate(dmp, valid_loader, schema, env, state, job, tb)
@@ -173,13 +177,17 @@ def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
         "steps": state.step,
         "epochs": state.epoch,
         "rows_per_s": progress.rate(),
-        "parameters": count_parameters(schema, job.model),
+        "loss_first": progress.first,
+        "loss_last": progress.loss,
+        "plan": describe_plan(dmp),
+        "parameters": count_parameters(schema, model_cfg),
         "valid": valid,
         "test": test,
     }
+    summary["replica_drift"] = replica_drift(dmp)
     state_dict = gather_state_dict(dmp, env.rank)
     if env.is_main:
-        summary["export"] = write_export(out / "export", job.role, schema, job.model, state_dict,
+        summary["export"] = write_export(out / "export", job.role, schema, model_cfg, state_dict,
                                          extra={"test": test, "job": to_dict(job)})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\n{job.role} finished: {state.step} steps, {progress.rate():,.0f} rows/s", file=sys.stderr)
@@ -208,6 +216,25 @@ def validate(dmp, loader, schema, env, state: TrainState, job: TrainJob, tb) -> 
     return bool(job.train.early_stopping_patience) and state.stale >= job.train.early_stopping_patience
 
 
+def replica_drift(dmp) -> float:
+    """Collective: the largest difference between ranks of any replicated (dense or
+    data-parallel) parameter. DDP keeps it at 0; anything else is a bug worth failing on."""
+    import torch.distributed as tdist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return 0.0
+    drift = 0.0
+    for _, p in sorted(dmp.state_dict().items()):
+        if isinstance(p, ShardedTensor) or not torch.is_floating_point(p):
+            continue
+        lo, hi = p.detach().clone(), p.detach().clone()
+        tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
+        tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+        drift = max(drift, (hi - lo).abs().max().item())
+    return drift
+
+
 def save(out: Path, dmp, optimizer, loader: LogLoader, state: TrainState, env: dist.Env) -> None:
     checkpoint.save(
         out / "checkpoints",
@@ -233,6 +260,13 @@ def restore(path: Path, dmp, optimizer, loader: LogLoader, env: dist.Env) -> Tra
     return TrainState(**saved["trainer"])
 
 
+def _maybe_crash(env: dist.Env, step: int) -> None:
+    """Fault injection for the resume tests: DISTKD_CRASH_AT=rank:step kills that rank hard."""
+    spec = os.environ.get("DISTKD_CRASH_AT")
+    if spec and spec == f"{env.rank}:{step}":
+        os._exit(13)
+
+
 def log(env: dist.Env, msg: str) -> None:
     if env.is_main:
         print(msg, file=sys.stderr, flush=True)
@@ -252,8 +286,10 @@ class Progress:
     def __init__(self, env: dist.Env, total: int, start: int, rows_per_step: int):
         self.env, self.rows_per_step, self.step0 = env, rows_per_step, start
         self.t0 = time.perf_counter()
+        self.t1: Optional[float] = None
         self.steps = 0
-        self.loss: Optional[float] = None
+        self.loss: Optional[float] = None  # exponentially smoothed
+        self.first: Optional[float] = None
         self.bar = None
         if env.is_main:
             from tqdm import tqdm
@@ -265,6 +301,8 @@ class Progress:
     def update(self, loss: float, parts: dict[str, float], tb) -> None:
         self.steps += 1
         self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+        if self.first is None:
+            self.first = loss
         step = self.step0 + self.steps
         if tb is not None:
             tb.add_scalar("train/loss", loss, step)
@@ -276,9 +314,11 @@ class Progress:
                 self.bar.set_postfix(loss=f"{self.loss:.4f}", rows_s=f"{self.rate():,.0f}")
 
     def rate(self) -> float:
-        return self.steps * self.rows_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        end = self.t1 if self.t1 is not None else time.perf_counter()
+        return self.steps * self.rows_per_step / max(end - self.t0, 1e-9)
 
     def close(self) -> None:
+        self.t1 = time.perf_counter()
         if self.bar is not None:
             self.bar.close()
 
@@ -288,6 +328,13 @@ def run(args) -> int:
     from distkd.config import load
 
     job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))
+    if getattr(args, "distill_required", False) and not job.distill:
+        raise ConfigError(f"{args.config or 'config'}: `distkd distill` needs a distill: section "
+                          "(teachers, losses); see jobs/demo/distill.yaml")
+    if job.distill is not None:
+        from distkd.distill import parse
+
+        parse(job.distill)  # fail here, with the file's name, not inside a rank
     if args.nproc is not None:
         job.nproc = args.nproc
     summary = dist.launch(train, job.nproc, job, args.resume)[0]

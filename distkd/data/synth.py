@@ -2,15 +2,14 @@
 
 Labels are Bernoulli draws from a fixed model over the features:
 
-    logit = bias + sum_f a_f * b_f[id_f]                       (first order, every feature)
-          + sum_{(f,g)} <A_fg u_f[id_f], B_fg u_g[id_g]>         (pairwise, low/mid cardinality)
+    logit = bias + sum_f b_f[id_f]                             (first order, every feature)
+          + sum_{(f,g)} ± <u_f[id_f], u_g[id_g]> * s / sqrt(K)   (pairwise, low cardinality)
           + dense terms (linear, a product and a sine)
 
-`u_f` are K-dimensional latent vectors (K = 16 by default) and every pair projects
-them differently, so a model needs wide embeddings to hold what an id means to all
-its partners: the large teacher can, a dim-8 student cannot. High-cardinality
-features carry first-order signal only, so their unlearnable tail costs little
-and the oracle stays reachable. The true click / conversion probabilities go in
+`u_f` are K-dimensional latent vectors (K = 16): a model needs embeddings at least
+K wide to represent the pairwise terms, so the wide teacher can and a dim-8 student
+cannot (it keeps a rank-8 approximation). An id's signal fades past popularity rank
+`head`, so the rarely seen tail is mostly noise and the oracle stays reachable. The true click / conversion probabilities go in
 evaluation-only columns (`p_click`, `p_conversion`) so evaluation reports the
 oracle AUC.
 
@@ -47,6 +46,7 @@ class Preset:
     n_dense: int
     request_features: tuple[int, ...]  # context features shared by all rows of a request
     zipf: float = 1.05
+    head: int = 300  # ids past this popularity rank carry fading signal (the unlearnable tail)
     pair_scale: float = 0.35
     max_list: int = 5
 
@@ -60,8 +60,8 @@ PRESETS = {
             1_000_000, 1_500_000, 2_000_000, 3_000_000, 5_000,
         ),
         multi_valued=(25,),
-        pairs=((0, 9), (1, 10), (2, 11), (3, 12), (4, 13), (5, 14), (6, 8), (7, 25),
-               (0, 4), (1, 5), (2, 6), (3, 7), (8, 12), (9, 13), (10, 25), (11, 14)),
+        pairs=((0, 4), (1, 5), (2, 6), (3, 25), (0, 5), (1, 6), (2, 25), (3, 4),
+               (4, 6), (5, 25), (0, 3), (1, 2), (0, 6), (3, 5), (1, 4), (2, 3)),
         n_dense=13,
         request_features=(0, 1, 2),
     ),
@@ -72,6 +72,7 @@ PRESETS = {
         pairs=((0, 2), (1, 3), (2, 5)),
         n_dense=4,
         request_features=(0,),
+        pair_scale=0.8,
     ),
 }
 
@@ -111,15 +112,18 @@ class Truth:
         self.cdf = [np.cumsum(1.0 / np.arange(1, c + 1) ** p.zipf) for c in self.cards]
         for c in self.cdf:
             c /= c[-1]
-        # First-order weight shrinks with cardinality: the long tail is noise, not signal.
-        self.first = [rng.normal(0, 0.4 / (1 + math.log10(c) / 3), size=c).astype(np.float32) for c in self.cards]
+        # Signal lives in the head: an id's effect fades past popularity rank `head`, so the
+        # rarely seen tail is mostly noise and a model that sees enough rows can reach the oracle.
+        fade = [np.minimum(1.0, p.head / (np.arange(c) + 1.0)).astype(np.float32)[np.argsort(r)]
+                for c, r in zip(self.cards, self.rank_to_id)]
+        self.first = [rng.normal(0, 0.4 / (1 + math.log10(c) / 3), size=c).astype(np.float32) * fd
+                      for c, fd in zip(self.cards, fade)]
         in_pair = sorted({f for pair in p.pairs for f in pair})
-        self.latent = {f: rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)).astype(np.float32) for f in in_pair}
-        # Each projected coordinate ~ N(0, 1); the dot product is rescaled to variance pair_scale².
-        s = 1.0 / math.sqrt(LATENT_DIM)
-        self.proj = {
-            pair: (rng.normal(0, s, size=(2, LATENT_DIM, LATENT_DIM)).astype(np.float32)) for pair in p.pairs
-        }
+        self.latent = {f: rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)).astype(np.float32) * fade[f][:, None]
+                       for f in in_pair}
+        # Each pair interacts through the plain dot product of its latents (a factorization
+        # machine), with a random sign: what a dot-interaction model of width >= K represents exactly.
+        self.pair_sign = rng.choice([-1.0, 1.0], size=len(p.pairs)).astype(np.float32)
         self.dense_w = rng.normal(0, 0.2, size=(2, p.n_dense)).astype(np.float32)
         self.dense_scale = rng.uniform(0.5, 2.5, size=p.n_dense)
         self.task_mix = rng.normal(0, 1, size=(len(p.pairs),)).astype(np.float32)
@@ -157,8 +161,8 @@ class Truth:
             first += self._pooled(self.first[f], ids[f], rows)
         pair_terms = np.stack(
             [
-                np.einsum("bk,bk->b", self._pooled(self.latent[f], ids[f], rows) @ A, self._pooled(self.latent[g], ids[g], rows) @ B)
-                for (f, g), (A, B) in self.proj.items()
+                sign * np.einsum("bk,bk->b", self._pooled(self.latent[f], ids[f], rows), self._pooled(self.latent[g], ids[g], rows))
+                for (f, g), sign in zip(p.pairs, self.pair_sign)
             ],
             axis=1,
         ) * (p.pair_scale / math.sqrt(LATENT_DIM))
