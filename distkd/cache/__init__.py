@@ -1,0 +1,14 @@
+"""The logit cache: the teacher run once over the logs, read by every student run.
+
+    manifest.py  the contract: layout, format version, fingerprints, checksums, manifest
+    worker.py    one shard: stream row groups, run the teacher, commit a file atomically
+    pool.py      Ray: connect, size the actor pool, run shards with retries
+    build.py     `distkd cache build`: the driver (lock, plan, resume, manifest, progress)
+    verify.py    `distkd cache verify`: completeness, sha256, alignment with the logs
+    reader.py    `open_cache`: the distillation stage's validated view, an `Aligned`
+"""
+
+from distkd.cache.manifest import FORMAT, CacheError, read_manifest
+from distkd.cache.reader import open_cache
+
+__all__ = ["FORMAT", "CacheError", "open_cache", "read_manifest"]

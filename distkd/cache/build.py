@@ -1,0 +1,288 @@
+"""`distkd cache build`: the teacher's logits for every row of every log shard, exactly once.
+
+Read top to bottom: check the teacher export against the logs, take the directory's build
+lock, remove temporary files of interrupted runs, reconcile the plan with an existing
+manifest (another teacher, schema, layout or changed log shards: refuse; committed shards
+whose fingerprints match: skip), write the plan, run the remaining shards on a Ray actor
+pool, and commit each shard to the manifest as it arrives. Only this driver writes the
+manifest, atomically; a shard not in it is recomputed by the next run.
+
+On a cluster, workers open the teacher export and the log shards by the paths given here:
+both (and the cache directory) must be on storage every node sees at the same path (a
+shared filesystem, or object storage mounted at one path), and `distkd` must be installed
+in the workers' image.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from distkd.cache import manifest as mf
+from distkd.cache.lock import BuildLock
+from distkd.cache.manifest import CacheError
+from distkd.cache.worker import ShardTask
+from distkd.config import ConfigError, to_dict
+from distkd.loader import split_files
+from distkd.schema import SPLITS, load_schema
+
+FAULT_ENV = "DISTKD_CACHE_FAULT"  # test hook: kill-worker-once:<marker> | kill-driver-after:<shards>
+MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
+
+
+@dataclass
+class CacheJob:
+    teacher: str = "runs/demo/teacher/export"  # export directory (export.json + model.pt)
+    logs: str = "runs/demo/logs"
+    out: str = "runs/demo/cache"
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    ray_address: Optional[str] = None  # default: RAY_ADDRESS, else an embedded Ray on this machine
+    workers: Optional[int] = None  # default: the cluster's CPUs less one (or one per GPU)
+    threads_per_worker: Optional[int] = None  # torch threads = Ray CPUs per worker
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU per worker where the cluster has them
+    dtype: Literal["fp16", "fp32"] = "fp16"
+    hidden: bool = False  # also cache the teacher's last hidden layer (fp16) for feature distillation
+    batch_size: int = 8192
+    prefetch: int = 2  # row groups decoded ahead of the teacher, per worker
+    max_attempts: int = 3  # per shard, counting worker deaths
+
+    def validate(self) -> None:
+        if not self.splits:
+            raise ConfigError("splits: at least one split")
+        for name in ("workers", "threads_per_worker"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        if self.batch_size < 1 or self.prefetch < 1 or self.max_attempts < 1:
+            raise ConfigError("batch_size, prefetch and max_attempts must be >= 1")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
+    """The manifest's identity part for this job (teacher, schema, content), and the schema."""
+    from distkd.export import read_meta, sha256_file
+
+    schema = load_schema(job.logs)
+    meta = read_meta(job.teacher)
+    digest = sha256_file(Path(job.teacher) / meta["file"])
+    if digest != meta["sha256"]:
+        raise CacheError(f"{job.teacher}: {meta['file']} has sha256 {digest[:12]}…, export.json says {meta['sha256'][:12]}…")
+    if meta.get("schema_fingerprint") != schema.fingerprint():
+        raise CacheError(
+            f"{job.teacher}: the teacher was exported for schema {meta.get('schema_fingerprint')}, the logs "
+            f"{job.logs} have schema {schema.fingerprint()}"
+        )
+    teacher = {k: meta.get(k) for k in ("sha256", "role", "model", "parameters", "bytes")}
+    teacher["export"] = str(Path(job.teacher).resolve())
+    hidden_dim = meta["model"]["deep_arch"][-1] if job.hidden else None
+    header = {
+        "format": mf.FORMAT,
+        "kind": mf.KIND,
+        "teacher": teacher,
+        "schema": {"fingerprint": schema.fingerprint(), "spec": to_dict(schema)},
+        "content": {"dtype": job.dtype, "hidden": job.hidden, "hidden_dim": hidden_dim, "tasks": schema.task_names},
+        "logs": str(Path(job.logs).resolve()),
+        "splits": {},
+        "shards": {},
+        "builds": [],
+        "complete": False,
+    }
+    return header, schema
+
+
+def _reconcile(job: CacheJob, out: Path, header: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(manifest to continue, input fingerprints of the shards still to compute)."""
+    plan = {s: [mf.input_fingerprint(job.logs, p) for p in split_files(job.logs, s)] for s in job.splits}
+    old = mf.read_manifest(out)
+    if old is None:
+        stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        if stray:
+            raise CacheError(f"{out}: exists, holds {sorted(stray)[:5]} but no {mf.MANIFEST}; not a cache directory "
+                             "this build started, refusing to write into it")
+        manifest = header
+    else:
+        mf.check_same_build(out, old, header)
+        manifest = old
+        manifest["logs"] = header["logs"]
+    todo = []
+    for split, fps in plan.items():
+        mf.check_plan(out, manifest, split, fps)
+        manifest["splits"][split] = [fp["path"] for fp in fps]
+        for fp in fps:
+            entry = manifest["shards"].get(fp["path"])
+            if entry is not None:
+                f = mf.cache_file(out, fp["path"])
+                if f.is_file() and f.stat().st_size == entry["output"]["bytes"]:
+                    continue
+                _log(f"cache: {f} is missing or has the wrong size; recomputing that shard")
+                del manifest["shards"][fp["path"]]
+            todo.append(fp)
+    return manifest, todo
+
+
+class Progress:
+    def __init__(self, total_rows: int, shards: int):
+        self.total, self.shards, self.rows, self.done = total_rows, shards, 0, 0
+        self.start = time.perf_counter()
+
+    def update(self, rel: str, result: dict[str, Any]) -> None:
+        self.rows += result["output"]["rows"]
+        self.done += 1
+        el = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.rows / el
+        eta = (self.total - self.rows) / rate if rate else float("inf")
+        t = result["timings"]
+        _log(f"cache: {rel} {result['output']['rows']:,} rows in {t['seconds']:.2f}s "
+             f"(attempt {t['attempt']}, {t['worker'].get('host', '?')}:{t['worker'].get('pid', '?')}) | "
+             f"{self.done}/{self.shards} shards, {self.rows:,}/{self.total:,} rows "
+             f"({100 * self.rows / max(self.total, 1):.0f}%) | {rate:,.0f} rows/s | ETA {eta:,.0f}s")
+
+
+def _totals(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    shards = [manifest["shards"][r] for r in mf.planned(manifest) if r in manifest["shards"]]
+    rows = sum(s["output"]["rows"] for s in shards)
+    size = sum(s["output"]["bytes"] for s in shards)
+    tasks = len(manifest["content"]["tasks"])
+    return {"rows": rows, "shards": len(shards), "bytes": size,
+            "bytes_per_row": size / rows if rows else 0.0,
+            "bytes_per_row_per_task": size / rows / tasks if rows else 0.0}
+
+
+def build(job: CacheJob, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Build (or finish) the cache of `job`; return the summary of this run."""
+    fault = os.environ.get(FAULT_ENV)
+    started = time.perf_counter()
+    header, schema = _header(job)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with BuildLock(out):
+        for p in mf.remove_temp_files(out):
+            log(f"cache: removed {p} (left by an interrupted build)")
+        manifest, todo = _reconcile(job, out, header)
+        n_planned = len(mf.planned(manifest))
+        run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "computed": [], "skipped": n_planned - len(todo),
+               "rows_computed": 0}
+        manifest["builds"].append(run)
+        manifest["complete"] = not todo
+        mf.write_manifest(out, manifest)
+        todo_rows = sum(fp["rows"] for fp in todo)
+        log(f"cache: {out}: {n_planned} shards planned, {run['skipped']} already committed (skipped), "
+            f"{len(todo)} to compute ({todo_rows:,} rows)")
+        ray_s = compute_s = 0.0
+        try:
+            if todo:
+                ray_s, compute_s = _compute(job, out, manifest, run, todo, fault, log)
+        finally:  # what committed so far is recorded even when the build fails
+            run["seconds"] = round(time.perf_counter() - started, 3)
+            manifest["complete"] = not mf.missing_shards(manifest)
+            manifest["totals"] = _totals(out, manifest)
+            mf.write_manifest(out, manifest)
+        for p in mf.remove_temp_files(out):  # from workers that died mid-shard
+            log(f"cache: removed {p} (left by a worker that died)")
+    summary = {**manifest["totals"], "cache": str(out), "complete": manifest["complete"],
+               "computed": len(run["computed"]), "skipped": run["skipped"], "rows_computed": run["rows_computed"],
+               "seconds": run["seconds"], "ray_start_s": ray_s, "compute_s": compute_s,
+               "rows_per_s": run["rows_computed"] / compute_s if compute_s else 0.0, "pool": run.get("pool"),
+               "workers_start_s": run.get("workers_start_s"), "workers": run.get("workers", [])}
+    log(format_summary(summary, len(schema.tasks)))
+    return summary
+
+
+def _compute(job: CacheJob, out: Path, manifest: dict[str, Any], run: dict[str, Any], todo: list[dict[str, Any]],
+             fault: str | None, log: Callable[[str], None]) -> tuple[float, float]:
+    """Run `todo` on the Ray pool, committing each shard to the manifest; (ray start s, compute s)."""
+    import ray
+
+    from distkd.cache.pool import WorkerPool, connect, plan_pool
+
+    t0 = time.perf_counter()
+    started_ray = connect(job.ray_address)
+    ray_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pool = None
+    try:
+        plan = plan_pool(ray.cluster_resources(), job.workers, job.threads_per_worker, job.device)
+        run["pool"] = plan.describe()
+        log(f"cache: Ray cluster {ray.cluster_resources().get('CPU', 0):.0f} CPU / "
+            f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
+        pool = WorkerPool(plan, str(Path(job.teacher).resolve()), job.max_attempts, log)
+        tasks = [
+            ShardTask(str(Path(job.logs).resolve()), str((Path(job.logs) / fp["path"]).resolve()),
+                      str(mf.cache_file(out, fp["path"]).resolve()), fp, manifest["teacher"]["sha256"],
+                      job.dtype, job.hidden, job.batch_size, job.prefetch,
+                      fault=fault if fault and fault.startswith("kill-worker") else None)
+            for fp in todo
+        ]
+        progress = Progress(sum(fp["rows"] for fp in todo), len(todo))
+        kill_after = int(fault.split(":", 1)[1]) if fault and fault.startswith("kill-driver-after:") else None
+        last_write = time.monotonic()
+
+        def commit(task: ShardTask, result: dict[str, Any]) -> None:
+            nonlocal last_write
+            rel = task.expected["path"]
+            result["input"] = {**task.expected, "ids": result["input"]["ids"]}
+            manifest["shards"][rel] = result
+            run["computed"].append(rel)
+            run["rows_computed"] += result["output"]["rows"]
+            progress.update(rel, result)
+            if kill_after is not None or time.monotonic() - last_write >= MANIFEST_EVERY_S:
+                mf.write_manifest(out, manifest)
+                last_write = time.monotonic()
+            if kill_after is not None and len(run["computed"]) >= kill_after:
+                log(f"cache: {FAULT_ENV}: killing the driver after {kill_after} committed shard(s)")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        pool.run(tasks, commit)
+        run["workers_start_s"] = round(pool.first_ready - pool.created, 3) if pool.first_ready else None
+        run["workers"] = list(pool.info.values())
+    finally:
+        if pool is not None:
+            pool.close()
+        compute_s = time.perf_counter() - t0
+        if started_ray:
+            ray.shutdown()
+    return ray_s, compute_s
+
+
+def format_summary(s: dict[str, Any], n_tasks: int) -> str:
+    state = "complete" if s["complete"] else "INCOMPLETE"
+    lines = [
+        f"cache {s['cache']}: {state}, {s['rows']:,} rows in {s['shards']} shards, "
+        f"{s['bytes'] / 2**20:,.1f} MiB on disk = {s['bytes_per_row']:.2f} bytes/row = "
+        f"{s['bytes_per_row_per_task']:.2f} bytes/row/task ({n_tasks} tasks)",
+        f"this run: computed {s['computed']} shards ({s['rows_computed']:,} rows), skipped {s['skipped']} committed; "
+        f"{s['rows_per_s']:,.0f} rows/s over {s['compute_s']:.1f}s of compute"
+        + (f" with {s['pool']}" if s.get("pool") else "")
+        + (f" (workers up after {s['workers_start_s']:.1f}s)" if s.get("workers_start_s") else "")
+        + f"; {s['seconds']:.1f}s in all",
+    ]
+    return "\n".join(lines)
+
+
+def job_from_args(args) -> CacheJob:
+    """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
+    from distkd.config import load
+
+    job = load(CacheJob, args.config, list(args.overrides))
+    for name in ("teacher", "logs", "out", "ray_address", "workers", "threads_per_worker", "device", "dtype",
+                 "hidden", "batch_size", "max_attempts"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(job, name, value)
+    if getattr(args, "splits", None):
+        job.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    job.validate()
+    return job
+
+
+def run(args) -> int:
+    """`distkd cache build`."""
+    summary = build(job_from_args(args))
+    return 0 if summary["complete"] else 1

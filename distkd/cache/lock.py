@@ -1,0 +1,51 @@
+"""One build per cache directory: an flock on `CACHE_DIR/.lock`, held by the driver.
+
+The kernel drops the lock when the holder dies, however it dies, so a killed build never
+blocks the next one. flock is reliable on local filesystems and most NFSv4 setups; on a
+cluster run the driver (the only process that takes the lock) against a filesystem where
+it is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from distkd.cache.manifest import LOCK, CacheError
+
+
+class BuildLock:
+    """Exclusive (a build) or shared (a verify) lock; CacheError at once if it is taken."""
+
+    def __init__(self, cache_dir: str | Path, shared: bool = False):
+        self.path = Path(cache_dir) / LOCK
+        self.shared = shared
+        self.fd: int | None = None
+
+    def __enter__(self) -> "BuildLock":
+        if self.shared and not self.path.exists():
+            return self  # nothing ever built here; a read-only directory needs no lock file
+        flags = os.O_RDONLY if self.shared else os.O_RDWR | os.O_CREAT
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CacheError(
+                f"{self.path.parent}: a cache build is running in this directory (lock {self.path} held by "
+                f"{holder}); wait for it to finish, or stop it and rerun"
+            ) from None
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,263 @@
+"""The cache contract: what a logit cache directory holds and how it is checked.
+
+    CACHE_DIR/manifest.json             written by the build driver only, atomically
+    CACHE_DIR/.lock                     flock held by the one build running
+    CACHE_DIR/<split>/<shard>.parquet   one file per log shard, same relative path
+
+A cache file has exactly the row groups of its log shard (same row counts, same order)
+and the columns
+
+    logits  fixed_size_list<float16 | float32>[T]   teacher logit per task (schema order)
+    hidden  fixed_size_list<float16>[H]             the teacher's last deep layer (optional)
+
+Its key-value metadata `distkd.cache` (JSON, written when the file is closed) holds the
+teacher's sha256, the shard's input fingerprint and `row_groups`: one 64-bit checksum of
+`example_id` per row group, so alignment with the logs is verified without storing the ids (`ids_checksum`: blake2b-64 of the int64
+little-endian id bytes).
+
+A shard's input fingerprint is cheap (footer only): its path relative to the logs, file
+size, rows, row-group row counts and a hash of the Parquet footer; the worker adds the
+checksum of all its ids (`combine_checksums` of the per-row-group ones). The manifest
+records the format version, the teacher (sha256 and config), the schema, the plan (the
+shards of each split) and, for every committed shard, its input fingerprint, output file,
+rows, bytes, sha256 and timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distkd.checkpoint import atomic_write_bytes
+from distkd.schema import LogsError
+
+FORMAT = 1
+KIND = "distkd-logit-cache"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FILE_META_KEY = "distkd.cache"
+DTYPES = {"fp16": pa.float16(), "fp32": pa.float32()}
+# Fields of the input fingerprint compared before a committed shard is trusted.
+CHEAP_FIELDS = ("path", "size", "rows", "row_groups", "footer")
+
+
+class CacheError(LogsError):
+    """A cache directory is incomplete, inconsistent or does not belong to these logs or this
+    teacher; the message names the directory or file (and row group) and what differs."""
+
+
+# -- checksums and fingerprints ---------------------------------------------------------
+
+def ids_checksum(ids: pa.Array | pa.ChunkedArray | np.ndarray) -> str:
+    """blake2b-64 (hex) of the ids as int64 little-endian bytes."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
+    if isinstance(ids, pa.Array):
+        ids = ids.to_numpy(zero_copy_only=False)
+    buf = np.ascontiguousarray(ids, dtype="<i8")
+    return hashlib.blake2b(buf.data, digest_size=8).hexdigest()
+
+
+def combine_checksums(per_row_group: list[str]) -> str:
+    """One checksum for a shard: blake2b-64 over its row groups' checksums, in order."""
+    return hashlib.blake2b("".join(per_row_group).encode(), digest_size=8).hexdigest()
+
+
+def footer_hash(path: str | Path) -> str:
+    """sha256 (16 hex) of a Parquet file's footer: changes with any rewrite of the file."""
+    with open(path, "rb") as fh:
+        fh.seek(-8, os.SEEK_END)
+        tail = fh.read(8)
+        if tail[4:] != b"PAR1":
+            raise LogsError(f"{path}: not a Parquet file (no PAR1 trailer)")
+        (length,) = struct.unpack("<i", tail[:4])
+        fh.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(fh.read(length)).hexdigest()[:16]
+
+
+def row_group_rows(pf: pq.ParquetFile) -> list[int]:
+    md = pf.metadata
+    return [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+
+
+def input_fingerprint(logs_dir: str | Path, path: str | Path) -> dict[str, Any]:
+    """The cheap fingerprint of one log shard (footer only, no data read)."""
+    path = Path(path)
+    try:
+        with pq.ParquetFile(path) as pf:
+            counts = row_group_rows(pf)
+    except (OSError, pa.ArrowException) as e:
+        raise LogsError(f"{path}: cannot read Parquet footer: {e}") from None
+    return {
+        "path": rel_path(logs_dir, path),
+        "size": path.stat().st_size,
+        "rows": int(sum(counts)),
+        "row_groups": counts,
+        "footer": footer_hash(path),
+    }
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences of the cheap fields of two input fingerprints."""
+    out = []
+    for k in CHEAP_FIELDS:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k == "row_groups":
+            out.append(f"row groups of {_short(a)} rows -> {_short(b)}")
+        else:
+            out.append(f"{k} {a} -> {b}")
+    return out
+
+
+def _short(counts: list[int] | None) -> str:
+    counts = counts or []
+    return str(counts) if len(counts) <= 6 else f"[{', '.join(map(str, counts[:5]))}, … ({len(counts)} groups)]"
+
+
+def rel_path(logs_dir: str | Path, path: str | Path) -> str:
+    """`split/name.parquet`: a shard's path relative to its logs directory."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(logs_dir).resolve()).as_posix()
+    except ValueError:
+        return f"{p.parent.name}/{p.name}"
+
+
+def cache_file(cache_dir: str | Path, rel: str) -> Path:
+    return Path(cache_dir) / rel
+
+
+def temp_name(final: Path, tag: str) -> Path:
+    """Temporary name beside `final`; never ends in .parquet, so no reader lists it."""
+    return final.with_name(f".{final.name}.tmp-{tag}")
+
+
+def remove_temp_files(cache_dir: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted writes (call only while holding the build lock)."""
+    removed = []
+    root = Path(cache_dir)
+    for p in [*root.glob(".*.tmp-*"), *root.glob("*/.*.tmp-*")]:
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+# -- cache files ------------------------------------------------------------------------
+
+def output_schema(n_tasks: int, dtype: str, hidden_dim: int | None) -> pa.Schema:
+    fields = [pa.field("logits", pa.list_(DTYPES[dtype], n_tasks), nullable=False)]
+    if hidden_dim:
+        fields.append(pa.field("hidden", pa.list_(pa.float16(), hidden_dim), nullable=False))
+    return pa.schema(fields)
+
+
+def file_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
+    """The `distkd.cache` key-value metadata of an open cache file."""
+    kv = pf.metadata.metadata or {}
+    raw = kv.get(FILE_META_KEY.encode())
+    if raw is None:
+        raise CacheError(f"{source}: no '{FILE_META_KEY}' metadata: not a distkd cache file")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{source}: cache file format {meta.get('format')} is not {FORMAT}")
+    return meta
+
+
+def read_file_meta(path: str | Path) -> tuple[dict[str, Any], list[int], pa.Schema]:
+    """(metadata, row-group row counts, Arrow schema) of a cache file, from its footer."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            return file_meta(pf, str(path)), row_group_rows(pf), pf.schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"{path}: cannot read the cache file's Parquet footer: {e}") from None
+
+
+# -- manifest ---------------------------------------------------------------------------
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest, or None when the directory has none; CacheError if it is not ours."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable manifest: {e}") from None
+    if m.get("kind") != KIND:
+        raise CacheError(f"{path}: not a distkd logit cache manifest")
+    if m.get("format") != FORMAT:
+        raise CacheError(f"{path}: cache format {m.get('format')}; this distkd reads format {FORMAT}")
+    return m
+
+
+def write_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
+    blob = json.dumps(manifest, indent=1).encode()
+    atomic_write_bytes(Path(cache_dir) / MANIFEST, lambda fh: fh.write(blob))
+
+
+def planned(manifest: dict[str, Any], split: str | None = None) -> list[str]:
+    """Relative paths of the planned shards (of one split, or all)."""
+    splits = manifest["splits"] if split is None else {split: manifest["splits"].get(split, [])}
+    return [rel for rels in splits.values() for rel in rels]
+
+
+def missing_shards(manifest: dict[str, Any], split: str | None = None) -> list[str]:
+    return [rel for rel in planned(manifest, split) if rel not in manifest["shards"]]
+
+
+def describe_teacher(t: dict[str, Any]) -> str:
+    return f"teacher {t['sha256'][:12]}… ({t.get('export', '?')})"
+
+
+def check_same_build(cache_dir: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to mix: another teacher, schema or content layout into an existing cache."""
+    where = f"{cache_dir}: existing cache"
+    if old["teacher"]["sha256"] != new["teacher"]["sha256"]:
+        raise CacheError(
+            f"{where} holds logits of {describe_teacher(old['teacher'])}, this build's is "
+            f"{describe_teacher(new['teacher'])}; build into a new cache directory (or delete this one)"
+        )
+    if old["schema"]["fingerprint"] != new["schema"]["fingerprint"]:
+        raise CacheError(
+            f"{where} was built for logs with schema {old['schema']['fingerprint']}, these logs have "
+            f"{new['schema']['fingerprint']}; build into a new cache directory"
+        )
+    for k in ("dtype", "hidden", "tasks"):
+        if old["content"][k] != new["content"][k]:
+            raise CacheError(
+                f"{where} has {k}={old['content'][k]!r}, this build asks {k}={new['content'][k]!r}; "
+                "build into a new cache directory"
+            )
+
+
+def check_plan(cache_dir: str | Path, manifest: dict[str, Any], split: str, current: list[dict[str, Any]]) -> None:
+    """Refuse logs whose shards differ from those the cache was planned (and built) for."""
+    want = manifest["splits"].get(split)
+    if want is None:
+        return
+    have = [fp["path"] for fp in current]
+    if have != want:
+        new, gone = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        raise CacheError(
+            f"{cache_dir}: the logs changed since this cache was planned: split '{split}' "
+            f"{'gained ' + str(new[:3]) if new else ''}{' and ' if new and gone else ''}"
+            f"{'lost ' + str(gone[:3]) if gone else ''}{'reordered shards' if not new and not gone else ''}; "
+            "build into a new cache directory"
+        )
+    for fp in current:
+        entry = manifest["shards"].get(fp["path"])
+        if entry is not None and (diff := fingerprint_diff(entry["input"], fp)):
+            raise CacheError(
+                f"{cache_dir}: log shard {fp['path']} changed since its logits were cached "
+                f"({'; '.join(diff)}); build into a new cache directory"
+            )

@@ -1,0 +1,168 @@
+"""The Ray side of the cache build: connect, size the actor pool, run shards with retries.
+
+A pool of `CacheWorker` actors (Ray Core), each holding the teacher, takes one shard at a
+time. A worker that dies mid-shard (SIGKILL, OOM, a lost node) costs that shard only: Ray
+restarts the actor (`max_restarts`) and the driver resubmits the shard to the next ready
+worker, up to `max_attempts` times. An error raised by the shard itself (bad logs, a
+changed file) is not retried: it stops the build with its message.
+
+Sizing: one CPU of the cluster stays free for other Ray tasks (a pool that takes every CPU
+starves them; Ray Data reads deadlock), but there is always at least one worker. Where the
+cluster has GPUs each worker takes one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from distkd.cache.manifest import CacheError
+from distkd.cache.worker import CacheWorker, ShardTask
+from distkd.schema import LogsError
+
+READY_TIMEOUT_S = 900.0
+
+
+def connect(address: str | None) -> bool:
+    """Connect to Ray: the running session, `address` / RAY_ADDRESS, or a new embedded one
+    sized to this machine. Returns True when this call started the connection."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # address="local": a new instance, never the last `ray start` cluster Ray would otherwise pick up
+        ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+                 logging_level=logging.WARNING)
+    return True
+
+
+@dataclass
+class PoolPlan:
+    workers: int
+    threads: int  # torch threads per worker
+    num_cpus: float  # Ray CPUs reserved per worker
+    num_gpus: int
+    device: str
+
+    def describe(self) -> str:
+        unit = "GPU + " if self.num_gpus else ""
+        return f"{self.workers} worker(s) × ({unit}{self.threads} thread(s)) on {self.device}"
+
+
+def plan_pool(resources: dict[str, float], workers: int | None, threads: int | None, device: str = "auto") -> PoolPlan:
+    """Workers and threads from the cluster's resources (see the module docstring)."""
+    cpus = int(resources.get("CPU", 1))
+    gpus = int(resources.get("GPU", 0))
+    usable = max(1, cpus - 1)
+    if device == "cuda" and not gpus:
+        raise CacheError("device=cuda asked, but the Ray cluster has no GPU")
+    if device != "cpu" and gpus:
+        w = min(workers or gpus, gpus)
+        t = threads or max(1, min(4, usable // w))
+        return PoolPlan(w, t, min(float(t), usable / w), 1, "cuda")
+    t = threads or (max(1, usable // workers) if workers else 1)
+    w = max(1, min(workers or usable // t, usable // t))
+    return PoolPlan(w, t, float(min(t, usable)), 0, "cpu")
+
+
+def _cause(e: BaseException) -> BaseException:
+    return getattr(e, "cause", None) or e
+
+
+def _last_line(e: BaseException) -> str:
+    """The error itself, without Ray's traceback (its last non-empty line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+class WorkerPool:
+    def __init__(self, plan: PoolPlan, export_dir: str, max_attempts: int, log: Callable[[str], None]):
+        import ray
+
+        self.plan, self.max_attempts, self.log = plan, max_attempts, log
+        actor = ray.remote(CacheWorker).options(
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=max_attempts, max_task_retries=0,
+        )
+        self.actors = [actor.remote(export_dir, plan.device, plan.threads) for _ in range(plan.workers)]
+        self.info: dict[int, dict[str, Any]] = {}
+        self.created = time.perf_counter()
+        self.first_ready: float | None = None  # perf_counter when the first worker had its teacher loaded
+
+    def run(self, tasks: list[ShardTask], on_result: Callable[[ShardTask, dict[str, Any]], None]) -> None:
+        """Run every task once to success; call `on_result` (in the driver) as each finishes."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayError, RayTaskError
+
+        pending = deque(tasks)
+        running: dict[Any, tuple[int, ShardTask]] = {}
+        waking: dict[Any, int] = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+        idle: list[int] = []
+        alive = set(range(len(self.actors)))
+        last_error = ""
+        since = time.monotonic()
+        while pending or running:
+            while pending and idle:
+                i = idle.pop()
+                task = pending.popleft()
+                running[self.actors[i].build.remote(task)] = (i, task)
+            if not alive:
+                raise CacheError(f"every cache worker died; last error: {last_error}")
+            done, _ = ray.wait([*running, *waking], num_returns=1, timeout=30.0)
+            if not done:
+                if not running and not idle and time.monotonic() - since > READY_TIMEOUT_S:
+                    raise CacheError(
+                        f"no cache worker started within {READY_TIMEOUT_S:.0f}s; the pool asks "
+                        f"{self.plan.num_cpus} CPU and {self.plan.num_gpus} GPU per worker, the cluster has "
+                        f"{ray.cluster_resources()}"
+                    )
+                continue
+            ref = done[0]
+            if ref in waking:
+                i = waking.pop(ref)
+                try:
+                    self.info[i] = ray.get(ref)
+                    self.first_ready = self.first_ready or time.perf_counter()
+                    idle.append(i)
+                    since = time.monotonic()
+                except ActorUnavailableError:  # still restarting: ask again shortly
+                    time.sleep(0.2)
+                    waking[self.actors[i].ready.remote()] = i
+                except RayError as e:  # dead for good (constructor failed or restarts used up)
+                    alive.discard(i)
+                    last_error = _last_line(e)
+                    self.log(f"cache: worker {i} is gone: {last_error}")
+                continue
+            i, task = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayTaskError as e:
+                cause = _cause(e)
+                if isinstance(cause, LogsError):
+                    raise cause from None
+                raise
+            except RayError as e:  # the worker died (SIGKILL, OOM, lost node): retry the shard
+                if task.attempt >= self.max_attempts:
+                    raise CacheError(
+                        f"{task.log_path}: a worker died on this shard {task.attempt} times; last: {_last_line(e)}"
+                    ) from None
+                self.log(f"cache: worker {i} died on {task.log_path} (attempt {task.attempt}); retrying the shard")
+                task.attempt += 1
+                pending.appendleft(task)
+                waking[self.actors[i].ready.remote()] = i  # back in the pool once Ray has restarted it
+                continue
+            idle.append(i)
+            on_result(task, result)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)

@@ -1,0 +1,126 @@
+"""`distkd cache verify`: is this cache complete, intact and aligned with these logs?
+
+Checks, for every split and shard the manifest planned: the shard is committed; its cache
+file exists with the committed size and sha256; its footer has the log shard's row groups,
+the manifest's teacher and the contract's columns; the log shard still has the fingerprint
+the cache was built from; and the `example_id` of every row group of the log shard hashes to
+the checksum stored in the cache file. With `--teacher`, the export's sha256 must be the
+manifest's. Every problem is listed (file and row group); any problem exits non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distkd.cache import manifest as mf
+from distkd.cache.lock import BuildLock
+from distkd.cache.manifest import CacheError
+from distkd.cache.reader import check_file, check_identity, check_input, check_split, load_manifest
+from distkd.export import read_meta, sha256_file
+from distkd.schema import LogsError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_ids(cache_dir: str | Path, log_path: str, rel: str, sums: list[str], id_col: str) -> None:
+    """Every row group of the log shard hashes to the checksum stored in its cache file."""
+    try:
+        with pq.ParquetFile(log_path) as pf:
+            if pf.num_row_groups != len(sums):
+                raise CacheError(f"{mf.cache_file(cache_dir, rel)}: {len(sums)} row groups, {log_path} has {pf.num_row_groups}")
+            for g in range(pf.num_row_groups):
+                got = mf.ids_checksum(pf.read_row_group(g, columns=[id_col]).column(id_col))
+                if got != sums[g]:
+                    raise CacheError(
+                        f"{mf.cache_file(cache_dir, rel)}: row group {g}: example_id checksum {sums[g]} does not match "
+                        f"{log_path} row group {g} ({got}): not aligned with the logs"
+                    )
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"{log_path}: cannot read: {e}") from None
+
+
+def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Path | None = None,
+                 log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Verify everything; return a summary, or raise CacheError after listing every problem."""
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    manifest = load_manifest(cache_dir)
+    problems: list[str] = []
+    rows = size = shards = 0
+    with BuildLock(cache_dir, shared=True):
+        try:
+            check_identity(cache_dir, manifest, logs_dir)
+        except LogsError as e:
+            problems.append(str(e))
+        if teacher is not None:
+            meta = read_meta(teacher)
+            digest = sha256_file(Path(teacher) / meta["file"])
+            if digest != manifest["teacher"]["sha256"]:
+                problems.append(f"{cache_dir}: holds logits of {mf.describe_teacher(manifest['teacher'])}, "
+                                f"the teacher {teacher} has sha256 {digest[:12]}…")
+        id_col = manifest["schema"]["spec"]["id"]
+        for split, planned in manifest["splits"].items():
+            for rel in mf.missing_shards(manifest, split):
+                problems.append(f"{mf.cache_file(cache_dir, rel)}: not committed (the cache is incomplete; "
+                                "`distkd cache build` resumes it)")
+            try:
+                pairs = check_split(cache_dir, manifest, logs_dir, split, complete=False, fingerprints=False)
+            except LogsError as e:
+                problems.append(str(e))
+                pairs = [(str(Path(logs_dir) / rel), rel) for rel in planned if (Path(logs_dir) / rel).is_file()]
+            for log_path, rel in pairs:
+                if rel not in manifest["shards"]:
+                    continue
+                entry = manifest["shards"][rel]
+                before = len(problems)
+                try:
+                    check_input(cache_dir, manifest, logs_dir, log_path, rel)
+                except LogsError as e:
+                    problems.append(str(e))
+                try:
+                    sums = check_file(cache_dir, manifest, rel)
+                    digest = sha256_file(mf.cache_file(cache_dir, rel))
+                    if digest != entry["output"]["sha256"]:
+                        raise CacheError(f"{mf.cache_file(cache_dir, rel)}: sha256 {digest[:12]}… is not the committed "
+                                         f"{entry['output']['sha256'][:12]}…")
+                    check_ids(cache_dir, log_path, rel, sums, id_col)
+                except LogsError as e:
+                    problems.append(str(e))
+                if len(problems) > before:
+                    continue
+                shards += 1
+                rows += entry["output"]["rows"]
+                size += entry["output"]["bytes"]
+        known = {mf.cache_file(cache_dir, rel).resolve() for rel in mf.planned(manifest)}
+        for p in sorted(cache_dir.glob("*/*.parquet")):
+            if p.resolve() not in known:
+                problems.append(f"{p}: a Parquet file the manifest does not list")
+        temps = list(cache_dir.glob("*/.*.tmp-*"))
+    if temps:
+        log(f"cache verify: note: {len(temps)} temporary file(s) of an interrupted build (the next build removes them)")
+    if problems:
+        for p in problems if len(problems) > 1 else ():
+            log(f"cache verify: {p}")
+        raise CacheError(f"{cache_dir}: {len(problems)} problem(s); first: {problems[0]}")
+    tasks = len(manifest["content"]["tasks"])
+    summary = {"cache": str(cache_dir), "rows": rows, "shards": shards, "bytes": size,
+               "bytes_per_row_per_task": size / rows / tasks if rows else 0.0,
+               "teacher": manifest["teacher"]["sha256"], "seconds": time.perf_counter() - start}
+    log(f"cache {cache_dir}: OK — {shards} shards, {rows:,} rows aligned with {logs_dir}, every file's sha256 and "
+        f"every row group's example_id checksum match; teacher {manifest['teacher']['sha256'][:12]}…; "
+        f"{summary['bytes_per_row_per_task']:.2f} bytes/row/task ({summary['seconds']:.1f}s)")
+    return summary
+
+
+def run(args) -> int:
+    """`distkd cache verify`."""
+    verify_cache(args.cache, args.logs, args.teacher)
+    return 0

@@ -1,0 +1,239 @@
+"""One cache worker: the teacher loaded once, then one log shard at a time.
+
+`compute_shard` streams a shard row group by row group: a background thread reads,
+checks and decodes the next row groups (at most `prefetch` ahead, so memory is bounded
+by a few row groups whatever the shard size) while the main thread runs the teacher
+and appends one output row group per input row group to a temporary file. The file is
+fsynced and renamed into place; the caller (the driver) records it in the manifest.
+
+`CacheWorker` is the Ray actor around it (the driver wraps it with `ray.remote`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distkd.cache.manifest import (
+    FILE_META_KEY, FORMAT, CacheError, combine_checksums, fingerprint_diff, ids_checksum, input_fingerprint,
+    output_schema, temp_name,
+)
+from distkd.checkpoint import fsync_dir
+from distkd.data.checks import check_row_group
+from distkd.loader import to_batch
+from distkd.loader_rows import decode
+from distkd.schema import Schema
+
+
+@dataclass
+class ShardTask:
+    logs_dir: str
+    log_path: str  # absolute (or as the driver sees it: shared storage)
+    out_path: str
+    expected: dict[str, Any]  # the cheap input fingerprint the driver planned with
+    teacher_sha256: str
+    dtype: str = "fp16"
+    hidden: bool = False
+    batch_size: int = 8192
+    prefetch: int = 2
+    attempt: int = 1
+    fault: str | None = None  # test hook, see `_maybe_fault`
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _maybe_fault(fault: str | None) -> None:
+    """`kill-worker-once:<marker>`: SIGKILL this process, once (the marker file records it)."""
+    if not fault or not fault.startswith("kill-worker-once:"):
+        return
+    marker = fault.split(":", 1)[1]
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Reader:
+    """Background thread: row groups -> (index, rows, ids checksum, [Batch]), `prefetch` ahead."""
+
+    _END = object()
+
+    def __init__(self, path: str, schema: Schema, batch_size: int, prefetch: int):
+        self.path, self.schema, self.batch_size = path, schema, batch_size
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+        self.busy = 0.0  # seconds spent reading and decoding
+        self.thread = threading.Thread(target=self._run, name="distkd-cache-reader", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        keys = [f.name for f in self.schema.sparse]
+        cols = self.schema.training_columns()
+        try:
+            with pq.ParquetFile(self.path) as pf:
+                row0 = 0
+                for g in range(pf.num_row_groups):
+                    t0 = time.perf_counter()
+                    table = pf.read_row_group(g, columns=cols)
+                    check_row_group(table, self.schema, self.path, g, row0)
+                    n = table.num_rows
+                    rows = decode(table, self.schema, self.path)
+                    checksum = ids_checksum(rows.ids)
+                    batches = [to_batch(rows.slice(a, min(a + self.batch_size, n)), keys)
+                               for a in range(0, n, self.batch_size)]
+                    del table, rows
+                    row0 += n
+                    self.busy += time.perf_counter() - t0
+                    if not self._put((g, n, checksum, batches)):
+                        return
+            self._put(self._END)
+        except BaseException as e:  # re-raised by the consumer
+            self._put(e)
+
+    def __iter__(self):
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@torch.inference_mode()
+def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, device: torch.device,
+                  worker: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the cache file of one log shard; return its entry for the manifest."""
+    start = time.perf_counter()
+    now = input_fingerprint(task.logs_dir, task.log_path)
+    if diff := fingerprint_diff(task.expected, now):
+        raise CacheError(f"{task.log_path}: the log shard changed after the build was planned ({'; '.join(diff)})")
+    n_tasks = len(schema.tasks)
+    hidden_dim = model.hidden_dim if task.hidden else None
+    np_dtype = np.float16 if task.dtype == "fp16" else np.float32
+    meta = {"format": FORMAT, "teacher_sha256": task.teacher_sha256, "tasks": schema.task_names,
+            "dtype": task.dtype, "input": now}
+    out = Path(task.out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out, f"{socket.gethostname()}-{os.getpid()}-{task.attempt}")
+    checksums: list[str] = []
+    forward_s = write_s = wait_s = 0.0
+    reader = _Reader(task.log_path, schema, task.batch_size, task.prefetch)
+    try:
+        with pq.ParquetWriter(tmp, output_schema(n_tasks, task.dtype, hidden_dim), compression="zstd",
+                              use_dictionary=False, write_statistics=False) as writer:
+            t0 = time.perf_counter()
+            for g, n, checksum, batches in reader:
+                t1 = time.perf_counter()
+                wait_s += t1 - t0
+                logits = np.empty((n, n_tasks), np_dtype)
+                hidden = np.empty((n, hidden_dim), np.float16) if hidden_dim else None
+                a = 0
+                for batch in batches:
+                    o = model(batch.sparse.to(device, non_blocking=True), batch.dense.to(device, non_blocking=True))
+                    b = a + len(batch)
+                    logits[a:b] = o.logits.float().cpu().numpy()
+                    if hidden is not None:
+                        hidden[a:b] = o.hidden.float().cpu().numpy()
+                    a = b
+                del batches
+                t2 = time.perf_counter()
+                forward_s += t2 - t1
+                cols = {"logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), n_tasks)}
+                if hidden is not None:
+                    cols["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), hidden_dim)
+                writer.write_table(pa.table(cols, schema=writer.schema), row_group_size=max(n, 1))
+                checksums.append(checksum)
+                if g == 0:
+                    _maybe_fault(task.fault)  # the temporary file now holds a row group
+                t0 = time.perf_counter()
+                write_s += t0 - t2
+            writer.add_key_value_metadata({FILE_META_KEY: json.dumps({**meta, "row_groups": checksums})})
+        t3 = time.perf_counter()
+        if len(checksums) != len(now["row_groups"]):
+            raise CacheError(f"{task.log_path}: read {len(checksums)} row groups, the footer lists {len(now['row_groups'])}")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        write_s += time.perf_counter() - t3
+    finally:
+        reader.close()
+        tmp.unlink(missing_ok=True)
+    return {
+        "input": {**now, "ids": combine_checksums(checksums)},
+        "output": {"file": out.name, "rows": now["rows"], "bytes": out.stat().st_size, "sha256": digest},
+        "timings": {
+            "seconds": round(time.perf_counter() - start, 3),
+            "read_decode_s": round(reader.busy, 3),
+            "forward_s": round(forward_s, 3),
+            "write_s": round(write_s, 3),
+            "wait_input_s": round(wait_s, 3),
+            "attempt": task.attempt,
+            "worker": worker or {},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+
+
+class CacheWorker:
+    """Ray actor: loads the teacher once (sha256-verified), then builds shards on request."""
+
+    def __init__(self, export_dir: str, device: str, threads: int):
+        from distkd.dist import quiet
+        from distkd.export import load_export
+
+        quiet()
+        t0 = time.perf_counter()
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device(device)
+        self.model, self.meta = load_export(export_dir, verify=True, device=self.device)
+        self.schema = self.model.schema
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
+                     "threads": torch.get_num_threads(), "teacher_load_s": round(time.perf_counter() - t0, 3)}
+
+    def ready(self) -> dict[str, Any]:
+        return self.info
+
+    def build(self, task: ShardTask) -> dict[str, Any]:
+        if task.teacher_sha256 != self.meta["sha256"]:
+            raise CacheError(
+                f"worker {self.info['host']}:{self.info['pid']} loaded teacher {self.meta['sha256'][:12]}…, "
+                f"the build expects {task.teacher_sha256[:12]}…: the export changed during the build"
+            )
+        return compute_shard(self.model, self.schema, task, self.device, self.info)

@@ -1,0 +1,218 @@
+"""The evaluation report: a console table, `report.md`, `result.json` and PNG plots.
+
+Input is the result dict of `distkd.evaluate.evaluate_models`. Plots use matplotlib's
+object API (a `Figure` rendered by Agg, no pyplot, no display). Every file is written to a
+temporary name and renamed; `report.md` goes last, so a report that exists is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from distkd.checkpoint import atomic_write_bytes
+
+COLUMNS = [("auc", "AUC"), ("logloss", "logloss"), ("ne", "NE"), ("calibration", "calibration"),
+           ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1")]
+
+HOW_TO_READ = """\
+**How to read this.** Each model is evaluated on the same rows of the held-out split; with
+several seeds a cell shows the mean ± the sample standard deviation over seeds (n in the
+second column). AUC: ranking quality (0.5 is chance). Logloss: the mean binary cross-entropy
+against the real labels (lower is better); NE is logloss divided by the entropy of the base
+rate, so NE < 1 beats always predicting the average. Calibration is the sum of predictions over
+the number of positives (1 is calibrated, above 1 over-predicts). Accuracy, precision, recall
+and F1 threshold the probability at 0.5, which says little for rare positives. η is the share of
+the teacher–student AUC gap that distillation recovers: 1 means the distilled student matches
+the teacher, 0 that it is no better than the same student trained on hard labels, below 0 that it
+is worse; it is undefined when the teacher and the hard-label student differ by less than
+{min_gap:g}. η (logloss) is the same share of the logloss gap, positive when distillation lowers
+the logloss toward the teacher's. The η spread comes from pairing the students trained with the
+same seed (η per pair: mean ± std, range); it is usually much wider than η from the means. The
+oracle row (synthetic logs only) scores the true probabilities that drew the labels: no model
+can expect to beat it. Inference rows/s is the CPU forward pass alone (decoding excluded), one
+torch thread, {batch_size:,} rows a batch."""
+
+
+def _num(v: Optional[float], digits: int = 4) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _pm(cell: dict, digits: int = 4) -> str:
+    s = _num(cell["mean"], digits)
+    std = cell.get("std")
+    return s + (f" ± {std:.{digits}f}" if s != "–" and std is not None and math.isfinite(std) else "")
+
+
+def _int(cell: Optional[dict]) -> str:
+    return "–" if not cell or not math.isfinite(cell["mean"]) else f"{cell['mean']:,.0f}"
+
+
+def _eta_text(e: dict, what: str) -> str:
+    if e["value"] is None:
+        return f"η ({what}) undefined: teacher − hard = {e['gap']:+.5f}"
+    s = f"η ({what}) {e['value']:.3f}"
+    pp = e["per_pair"]
+    if pp["n"] > 1:
+        s += f" (per seed {pp['mean']:.3f} ± {pp['std']:.3f}, range {pp['min']:.3f}..{pp['max']:.3f}, n={pp['n']})"
+    elif pp["n"] == 1:
+        s += " (one seed pair)"
+    if pp["undefined"]:
+        s += f", {pp['undefined']} pair(s) undefined"
+    if not e["teacher_better"]:
+        s += f" [the teacher is not better than the hard-label student here: gap {e['gap']:+.5f}]"
+    return s
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """The console table: per task, one row per model, then the η line."""
+    lines = [f"{result['split']} split of {result['logs']}: {result['rows']:,} rows; CPU inference, "
+             f"{result['threads']} thread, batch {result['batch_size']:,}"]
+    head = f"{'model':<16} {'n':>2} {'AUC':>17} {'logloss':>9} {'calib.':>7} {'params':>13} {'rows/s':>11}"
+    for task in result["tasks"]:
+        lines += ["", f"task {task}", head, "-" * len(head)]
+        for name, m in result["models"].items():
+            c = m["metrics"][task]
+            n = str(m["n"]) if m["exports"] else "-"
+            lines.append(f"{name:<16} {n:>2} {_pm(c['auc']):>17} {_num(c['logloss']['mean']):>9} "
+                         f"{_num(c['calibration']['mean'], 3):>7} {_int(m['parameters']):>13} {_int(m['rows_per_s']):>11}")
+        if task in result.get("eta", {}):
+            e = result["eta"][task]
+            lines.append(_eta_text(e["auc"], "AUC"))
+            lines.append(_eta_text(e["logloss"], "logloss"))
+    return "\n".join(lines)
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def _clean(o: Any) -> Any:
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+
+
+def plot_calibration(result: dict, task: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 5))
+    ax = fig.subplots()
+    hi = 0.0
+    for name, m in result["models"].items():
+        c = m["calibration"].get(task)
+        if c and c["pred"]:
+            ax.plot(c["pred"], c["obs"], marker="o", ms=3, label=f"{name} (n={m['n']})")
+            hi = max(hi, *c["pred"], *c["obs"])
+    hi = min(1.0, hi * 1.05) or 1.0
+    ax.plot([0, hi], [0, hi], ls="--", color="grey", lw=1, label="calibrated")
+    ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="mean predicted probability", ylabel="observed positive rate",
+           title=f"calibration, {task} ({result['split']}, quantile bins, seeds pooled)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_auc(result: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    tasks, names = result["tasks"], list(result["models"])
+    fig = Figure(figsize=(1.5 + 1.6 * len(tasks) * max(1, len(names)) / 3, 4))
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    lo, hi = 1.0, 0.0
+    for j, name in enumerate(names):
+        cells = [result["models"][name]["metrics"][t]["auc"] for t in tasks]
+        means = [c["mean"] for c in cells]
+        errs = [c["std"] or 0.0 for c in cells]
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(xs, means, width, yerr=errs if any(errs) else None, capsize=3, label=name,
+               hatch="//" if not result["models"][name]["exports"] else None)
+        finite = [(m - e, m + e) for m, e in zip(means, errs) if math.isfinite(m)]
+        lo, hi = min([lo, *(a for a, _ in finite)]), max([hi, *(b for _, b in finite)])
+    pad = max(0.01, (hi - lo) * 0.15) if hi >= lo else 0.05
+    ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi >= lo else 1.0)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(ylabel="AUC (axis does not start at 0)", title=f"AUC per task, {result['split']} split (error bars: seed std)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _table(result: dict, task: str) -> list[str]:
+    head = ["model", "n"] + [label for _, label in COLUMNS] + ["parameters", "rows/s (CPU, 1 thread)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in result["models"].items():
+        c = m["metrics"][task]
+        cells = [name, str(m["n"]) if m["exports"] else "–"] + [_pm(c[k]) for k, _ in COLUMNS]
+        cells += [_int(m["parameters"]), _int(m["rows_per_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    rows = next(iter(result["models"].values()))["metrics"][task]["rows"]["mean"]
+    lines.append(f"\nLabelled rows: {_int({'mean': rows})}.")
+    return lines
+
+
+def render_markdown(result: dict, plots: dict[str, str], auc_plot: Optional[str] = None) -> str:
+    md = ["# distkd evaluation report", "",
+          f"Split `{result['split']}` of `{result['logs']}` ({result['rows']:,} rows, schema "
+          f"{result['schema_fingerprint']}).", ""]
+    if result.get("eta"):
+        md += ["## Share of the teacher–student gap recovered (η)", "",
+               "η = (metric_KD − metric_hard) / (metric_teacher − metric_hard), from the seed means.", ""]
+        for task, e in result["eta"].items():
+            md.append(f"- **{task}**: {_eta_text(e['auc'], 'AUC')}; {_eta_text(e['logloss'], 'logloss')}")
+        md.append("")
+    for task in result["tasks"]:
+        md += [f"## Task `{task}`", "", *_table(result, task), ""]
+        if task in plots:
+            md += [f"![calibration {task}]({plots[task]})", ""]
+    if auc_plot:
+        md += ["## AUC per model", "", f"![AUC]({auc_plot})", ""]
+    md += [HOW_TO_READ.format(min_gap=result["min_gap"], batch_size=result["batch_size"]), "", "## Reproduce", ""]
+    if result.get("command"):
+        md += ["```", result["command"], "```", ""]
+    md += ["| model | export | sha256 | role | seed | parameters |", "|---|---|---|---|---|---|"]
+    for name, m in result["models"].items():
+        for e in m["exports"]:
+            md.append(f"| {name} | `{e['dir']}` | `{e['sha256']}` | {e['role']} | {e['seed']} | {e['parameters']:,} |")
+        if not m["exports"] and m.get("source"):
+            md.append(f"| {name} | eval columns {', '.join(m['source'])} of the logs | – | – | – | – |")
+    every = "every row" if result["curve_every"] == 1 else f"every {result['curve_every']}th row"
+    md += ["", f"torch {result['torch']}, {result['threads']} torch thread(s), batch size {result['batch_size']:,}; "
+               f"calibration curves over {every}. All numbers: `result.json`.", ""]
+    return "\n".join(md)
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write the PNG plots, result.json and report.md (last) into `out_dir`; returns report.md's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    for task in result["tasks"]:
+        plots[task] = f"calibration_{_slug(task)}.png"
+        plot_calibration(result, task, out / plots[task])
+    plot_auc(result, out / "auc.png")
+    _write_text(out / "result.json", json.dumps(_clean(result), indent=2))
+    path = out / "report.md"
+    _write_text(path, render_markdown(result, plots, "auc.png"))
+    return path

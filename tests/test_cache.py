@@ -1,0 +1,324 @@
+"""The logit cache on real Ray: build, verify, resume, refusals, and real faults.
+
+One embedded Ray session (num_cpus=2) serves the in-process builds; a Ray head started on
+127.0.0.1 serves the builds run through the command line with --ray-address / RAY_ADDRESS.
+Teachers are real exports of untrained models (fixed seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distkd.cache import CacheError, open_cache, read_manifest
+from distkd.cache.build import CacheJob, build, job_from_args
+from distkd.cache.lock import BuildLock
+from distkd.cache.pool import plan_pool
+from distkd.cache.verify import verify_cache
+from distkd.cli import main as cli_main
+from distkd.export import load_export, write_export
+from distkd.loader import LogLoader, split_files
+from distkd.models import ModelConfig, RankingModel
+from distkd.schema import load_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_CFG = dict(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
+
+
+def make_teacher(out: Path, schema, seed: int) -> str:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**TEACHER_CFG)
+    model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
+    return write_export(out, "teacher", schema, cfg, model.state_dict())["sha256"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, small_logs):
+    root = tmp_path_factory.mktemp("teachers")
+    schema = load_schema(small_logs)
+    return {i: (str(root / f"t{i}"), make_teacher(root / f"t{i}", schema, seed=i)) for i in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def built(ray_session, small_logs, teachers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c"
+    summary = build(CacheJob(teacher=teachers[0][0], logs=str(small_logs), out=str(out)))
+    return out, summary
+
+
+def _job(teachers, logs, out, i=0, **kw) -> CacheJob:
+    return CacheJob(teacher=teachers[i][0], logs=str(logs), out=str(out), **kw)
+
+
+def _copy_cache(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+# -- build, verify, read ------------------------------------------------------------------
+
+def test_build_then_verify(built, small_logs, teachers):
+    out, s = built
+    assert s["complete"] and s["rows"] == 40_000 and s["computed"] == 6 and s["skipped"] == 0
+    assert s["bytes_per_row_per_task"] <= 2.5
+    m = read_manifest(out)
+    assert m["teacher"]["sha256"] == teachers[0][1] and m["complete"]
+    for split in ("train", "valid", "test"):
+        for log in split_files(small_logs, split):
+            side = out / split / Path(log).name
+            with pq.ParquetFile(log) as a, pq.ParquetFile(side) as b:
+                assert [a.metadata.row_group(g).num_rows for g in range(a.num_row_groups)] == [
+                    b.metadata.row_group(g).num_rows for g in range(b.num_row_groups)]
+                assert b.schema_arrow.field("logits").type == pa.list_(pa.float16(), 2)
+    v = verify_cache(out, small_logs, teachers[0][0])
+    assert v["rows"] == 40_000 and v["shards"] == 6
+
+
+def test_cached_logits_are_the_teachers_forward(built, small_logs, teachers):
+    out, _ = built
+    model, meta = load_export(teachers[0][0])
+    schema = load_schema(small_logs)
+    aligned = open_cache(out, small_logs, "train", teacher_sha256=meta["sha256"])
+    loader = LogLoader(split_files(small_logs, "train"), schema, 3000, aligned=[aligned], shuffle=True, seed=3)
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            want = model(batch.sparse, batch.dense).logits
+            got = batch.extras["teacher.logits"]
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp16 rounding
+            seen += len(batch)
+    assert seen == 32_000
+
+
+def test_rerun_skips_everything(built, teachers, small_logs):
+    out, _ = built
+    before = read_manifest(out)["shards"]
+    s = build(_job(teachers, small_logs, out))  # no Ray needed: nothing to compute
+    assert s["computed"] == 0 and s["skipped"] == 6 and s["complete"]
+    assert read_manifest(out)["shards"] == before
+
+
+# -- refusals -----------------------------------------------------------------------------
+
+def test_other_teacher_is_refused(built, teachers, small_logs):
+    out, _ = built
+    with pytest.raises(CacheError, match=r"holds logits of teacher .*build into a new cache directory"):
+        build(_job(teachers, small_logs, out, i=1))
+    with pytest.raises(CacheError, match="expected teacher"):
+        open_cache(out, small_logs, "train", teacher_sha256=teachers[1][1])
+    with pytest.raises(CacheError, match="holds logits of teacher"):
+        verify_cache(out, small_logs, teachers[1][0])
+    with pytest.raises(CacheError, match="has dtype='fp16', this build asks dtype='fp32'"):
+        build(_job(teachers, small_logs, out, dtype="fp32"))
+    with pytest.raises(CacheError, match="built without the teacher's hidden layer"):
+        open_cache(out, small_logs, "train", hidden=True)
+
+
+def test_modified_log_shard_is_detected_and_refused(built, teachers, small_logs, tmp_path):
+    out, _ = built
+    logs = tmp_path / "logs"
+    shutil.copytree(small_logs, logs)
+    cache = _copy_cache(out, tmp_path / "cache")
+    victim = logs / "train" / "part-00001.parquet"
+    with pq.ParquetFile(victim) as pf:  # same rows and row groups; row group 1 in another order
+        groups = [pf.read_row_group(g) for g in range(pf.num_row_groups)]
+    groups[1] = groups[1].take(np.arange(groups[1].num_rows)[::-1])
+    with pq.ParquetWriter(victim, groups[0].schema, compression="zstd") as w:
+        for t in groups:
+            w.write_table(t, row_group_size=t.num_rows)
+    with pytest.raises(CacheError) as e:
+        verify_cache(cache, logs)
+    assert "part-00001" in str(e.value)
+    msgs = []
+    with pytest.raises(CacheError):
+        verify_cache(cache, logs, log=msgs.append)
+    assert any("row group 1: example_id checksum" in m for m in msgs), msgs
+    with pytest.raises(CacheError, match="part-00001.parquet changed since its logits were cached"):
+        build(_job(teachers, logs, cache))
+    with pytest.raises(CacheError, match="changed since its logits were cached"):
+        open_cache(cache, logs, "train")
+    # The per-row-group check the loader runs: a misaligned row group never passes.
+    aligned = open_cache(cache, small_logs, "train")
+    with pq.ParquetFile(small_logs / "train" / "part-00001.parquet") as pf:
+        table = pf.read_row_group(1)
+    aligned.check(table, table, str(small_logs / "train" / "part-00001.parquet"), 1)
+    with pytest.raises(CacheError, match="row group 1: example_id checksum"):
+        aligned.check(groups[1], table, str(small_logs / "train" / "part-00001.parquet"), 1)
+
+
+def test_concurrent_build_is_refused(built, teachers, small_logs):
+    out, _ = built
+    with BuildLock(out):  # another driver holds the directory
+        with pytest.raises(CacheError, match="a cache build is running in this directory"):
+            build(_job(teachers, small_logs, out))
+        with pytest.raises(CacheError, match="a cache build is running"):
+            verify_cache(out, small_logs)
+    assert build(_job(teachers, small_logs, out))["computed"] == 0
+
+
+def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
+    out, _ = built
+    cache = _copy_cache(out, tmp_path / "cache")
+    m = json.loads((cache / "manifest.json").read_text())
+    del m["shards"]["train/part-00002.parquet"]
+    m["complete"] = False
+    (cache / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match=r"incomplete: 1 of 4 shards of split 'train' are not committed"):
+        open_cache(cache, small_logs, "train")
+    assert open_cache(cache, small_logs, "valid").columns == ["logits"]
+    with pytest.raises(CacheError, match="train/part-00002.parquet: not committed"):
+        verify_cache(cache, small_logs)
+    with pytest.raises(CacheError, match="no split 'other'"):
+        open_cache(cache, small_logs, "other")
+
+
+# -- faults -------------------------------------------------------------------------------
+
+def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path, monkeypatch):
+    out, _ = built
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("DISTKD_CACHE_FAULT", f"kill-worker-once:{marker}")
+    logs: list[str] = []
+    s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), log=logs.append)
+    assert marker.exists(), "the fault hook never fired"
+    assert s["complete"] and s["computed"] == 4 and s["rows"] == 32_000
+    assert any("died on" in line and "retrying the shard" in line for line in logs), logs
+    m = read_manifest(tmp_path / "cache")
+    attempts = {rel: e["timings"]["attempt"] for rel, e in m["shards"].items()}
+    assert sorted(attempts.values()) == [1, 1, 1, 2], attempts
+    assert not list((tmp_path / "cache").glob("*/.*.tmp-*"))
+    verify_cache(tmp_path / "cache", small_logs)
+    # Every row exactly once: the same bytes as the clean build's files.
+    clean = read_manifest(out)["shards"]
+    for rel, e in m["shards"].items():
+        assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
+        assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1; stopped by signalling the `ray start --block` process we started."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    # A private temp dir (short: Ray's socket paths must fit 107 bytes), so that this head is
+    # never recorded as the machine's "current cluster" that other ray.init() calls would join.
+    temp_dir = tempfile.mkdtemp(prefix="distkd-ray-", dir="/tmp")
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}", "--block"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while "block forever" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield address
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session we started, nothing else
+        proc.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cli(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTKD_CACHE_FAULT")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-m", "distkd.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_logs, tmp_path, capsys):
+    out = tmp_path / "cache"
+    args = ["cache", "build", "--teacher", teachers[0][0], "--logs", str(small_logs), "--out", str(out),
+            "--splits", "train", "--dtype", "fp32", "--hidden"]
+    # 1: through --ray-address; the driver SIGKILLs itself right after its first commit.
+    r = _cli([*args, "--ray-address", ray_head], {"DISTKD_CACHE_FAULT": "kill-driver-after:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    m = read_manifest(out)
+    assert list(m["shards"]) == ["train/part-00000.parquet"] and not m["complete"]
+    first = m["shards"]["train/part-00000.parquet"]
+    # 2: through RAY_ADDRESS; resumes, computes only the three shards not committed.
+    r = _cli(args, {"RAY_ADDRESS": ray_head})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 already committed (skipped), 3 to compute" in r.stderr, r.stderr[-3000:]
+    m = read_manifest(out)
+    assert m["complete"] and m["builds"][-1]["computed"] == [f"train/part-0000{i}.parquet" for i in (1, 2, 3)]
+    assert m["shards"]["train/part-00000.parquet"] == first
+    verify_cache(out, small_logs, teachers[0][0])
+    rc = cli_main(["cache", "verify", "--cache", str(out), "--logs", str(small_logs), "--teacher", teachers[1][0]])
+    assert rc == 2 and "holds logits of teacher" in capsys.readouterr().err
+    # fp32 logits are the teacher's exactly; the hidden layer comes back as fp16-rounded float32.
+    model, _ = load_export(teachers[0][0])
+    aligned = open_cache(out, small_logs, "train", teacher_sha256=teachers[0][1], hidden=True)
+    loader = LogLoader(split_files(small_logs, "train"), load_schema(small_logs), 8192, aligned=[aligned])
+    with torch.no_grad():
+        for batch in loader:
+            o = model(batch.sparse, batch.dense)
+            torch.testing.assert_close(batch.extras["teacher.logits"], o.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batch.extras["teacher.hidden"], o.hidden, atol=2e-3, rtol=2e-3)
+
+
+# -- job and pool sizing ------------------------------------------------------------------
+
+def test_job_yaml_and_flags(tmp_path):
+    cfg = tmp_path / "cache.yaml"
+    cfg.write_text("teacher: t\nlogs: l\nout: o\ndtype: fp32\nworkers: 3\nsplits: [train]\n")
+    ns = Namespace(config=str(cfg), overrides=["batch_size=1024"], teacher=None, logs="L", out=None, ray_address=None,
+                   workers=None, threads_per_worker=2, device=None, dtype=None, hidden=True, batch_size=None,
+                   max_attempts=None, splits="train,valid")
+    job = job_from_args(ns)
+    assert (job.teacher, job.logs, job.dtype, job.workers, job.threads_per_worker, job.hidden, job.batch_size,
+            job.splits) == ("t", "L", "fp32", 3, 2, True, 1024, ["train", "valid"])
+
+
+def test_pool_sizing_leaves_a_cpu_free():
+    assert (plan_pool({"CPU": 2}, None, None).workers, plan_pool({"CPU": 2}, None, None).threads) == (1, 1)
+    assert plan_pool({"CPU": 1}, None, None).workers == 1
+    assert plan_pool({"CPU": 16}, None, None).workers == 15
+    p = plan_pool({"CPU": 16}, None, 4)
+    assert (p.workers, p.threads, p.num_cpus) == (3, 4, 4.0)
+    p = plan_pool({"CPU": 16}, 2, None)
+    assert (p.workers, p.threads) == (2, 7)
+    assert plan_pool({"CPU": 4}, 8, None).workers == 3
+    p = plan_pool({"CPU": 8, "GPU": 2}, None, None)
+    assert (p.workers, p.num_gpus, p.device) == (2, 1, "cuda") and p.workers * p.num_cpus <= 7
+    assert plan_pool({"CPU": 8, "GPU": 2}, None, None, device="cpu").device == "cpu"
