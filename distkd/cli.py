@@ -59,6 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=8192)
 
+    cache = top.add_parser("cache", help="build and verify the teacher logit cache (Ray)").add_subparsers(
+        dest="cache_command", required=True
+    )
+    p = _cmd(cache, "build", "distkd.cache.build:run", "run the teacher over every log shard once, on Ray, into a logit cache")
+    p.add_argument("--config", default=None, help="job YAML (e.g. jobs/demo/cache.yaml); flags below override it")
+    p.add_argument("--teacher", default=None, help="teacher export directory (export.json + model.pt)")
+    p.add_argument("--logs", default=None, help="logs directory (with schema.yaml)")
+    p.add_argument("--out", default=None, help="cache directory (created, or resumed)")
+    p.add_argument("--splits", default=None, help="comma-separated splits (default train,valid,test)")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="existing Ray cluster (default: $RAY_ADDRESS, else an embedded Ray sized to this machine)")
+    p.add_argument("--workers", type=int, default=None, help="actors (default: cluster CPUs less one, or one per GPU)")
+    p.add_argument("--threads-per-worker", dest="threads_per_worker", type=int, default=None, help="torch threads (= Ray CPUs) per actor")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["fp16", "fp32"], help="logit precision on disk (default fp16)")
+    p.add_argument("--hidden", default=None, action=argparse.BooleanOptionalAction,
+                   help="also cache the teacher's last hidden layer (fp16) for feature distillation")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--max-attempts", dest="max_attempts", type=int, default=None, help="per shard, counting worker deaths")
+    _overrides(p)
+
+    p = _cmd(cache, "verify", "distkd.cache.verify:run", "check a logit cache: complete, intact and aligned with the logs")
+    p.add_argument("--cache", required=True, help="cache directory")
+    p.add_argument("--logs", required=True, help="logs directory it was built from")
+    p.add_argument("--teacher", default=None, help="also require this teacher export's sha256")
+
     for role in ("teacher", "student"):
         group = top.add_parser(role, help=f"train the {role} model").add_subparsers(dest=f"{role}_command", required=True)
         p = _cmd(group, "train", "distkd.trainer:run", f"train the {role} on hard labels (DDP + TorchRec)")
@@ -67,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
         p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
         _overrides(p)
+
+    p = _cmd(top, "demo", "distkd.demo:run", "the whole pipeline on this machine: logs, teacher, cache, distill, eval")
+    p.add_argument("--jobs", default="jobs", help="folder holding demo/ and movielens/ job files")
+    p.add_argument("--seeds", type=int, default=1, help="students trained per setup (spread over seeds)")
+    p.add_argument("--skip-movielens", action="store_true", help="only the synthetic suite")
+
+    p = _cmd(top, "eval", "distkd.evaluate:run",
+             "compare teacher, student-KD and student-hard on a held-out split; write a report")
+    p.add_argument("--config", default=None, help="eval job YAML (fields logs, teacher, kd, hard, out, split, batch_size)")
+    p.add_argument("--logs", default=None, help="logs directory (with schema.yaml)")
+    p.add_argument("--teacher", default=None, help="teacher export directory (or its training run directory)")
+    p.add_argument("--kd", nargs="+", default=None, metavar="DIR", help="distilled student export(s), one per seed")
+    p.add_argument("--hard", nargs="+", default=None, metavar="DIR", help="hard-label student export(s), one per seed")
+    p.add_argument("--out", default=None, help="report directory (report.md, result.json, PNG plots)")
+    p.add_argument("--split", default=None, help="split to evaluate on (default test)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per forward pass (default 16384)")
+    _overrides(p)
+
+    p = _cmd(top, "distill", "distkd.trainer:run", "distill the student from cached teacher logits (DDP + TorchRec)")
+    p.set_defaults(role="student", distill_required=True)
+    p.add_argument("--config", default=None, help="job YAML with a distill: section (e.g. jobs/demo/distill.yaml)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+    _overrides(p)
 
     return parser
 

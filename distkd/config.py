@@ -136,11 +136,31 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "override") -
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{where}: '{key}': '{p}' is not a mapping")
-        node[parts[-1]] = value
+            node = _child(node, p, key, where)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key, where)] = value
+        else:
+            node[last] = value
     return data
+
+
+def _index(node: list, part: str, key: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: '{key}': '{part}' is not an index of a {len(node)}-item list")
+    return int(part)
+
+
+def _child(node: Any, part: str, key: str, where: str) -> Any:
+    """Step into `part` of a mapping (created if missing) or a list (by index)."""
+    if isinstance(node, list):
+        return node[_index(node, part, key, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: '{key}': '{part}' is not a mapping")
+    child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"{where}: '{key}': '{part}' is not a mapping")
+    return child
 
 
 def _deepcopy(d: Any) -> Any:

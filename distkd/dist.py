@@ -101,7 +101,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> list[Any]:
         nproc_per_node=nproc,
         run_id=f"distkd-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_endpoint="localhost:0",  # the c10d store picks a free port itself: no race
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",

@@ -254,6 +254,10 @@ def save(out: Path, dmp, optimizer, loader: LogLoader, state: TrainState, env: d
 def restore(path: Path, dmp, optimizer, loader: LogLoader, env: dist.Env) -> TrainState:
     saved = checkpoint.load(path, env.rank, env.world_size)
     dmp.load_state_dict(saved["model"])
+    # TorchRec's keyed optimizers load only into initialized state: take one zero-gradient
+    # step first (it leaves the weights as they are), then copy the saved state in.
+    optimizer.init_state()
+    optimizer.zero_grad()
     optimizer.load_state_dict(saved["optimizer"])
     loader.load_state_dict(saved["loader"])
     checkpoint.set_rng_state(saved["rng"])
