@@ -122,14 +122,17 @@ def run_suite(suite: Suite) -> dict[str, Any]:
                            f"student, hard labels, seed {seed}")
         hard.append(f"{student}/seed-{seed}/export")
 
+    # One cache directory per teacher: a retrained teacher gets a fresh cache, never a blend.
     cache_job = load(CacheJob, jobs / "cache.yaml")
-    say(f"cache: {cache_job.out} (teacher {teacher['sha256'][:12]}…)")
+    cache_job = replace(cache_job, out=f"{cache_job.out}/{teacher['sha256'][:12]}")
+    say(f"cache: {cache_job.out}")
     build(cache_job)
 
     kd = []
     for seed in suite.seeds:
         student = load_out(jobs / "distill.yaml")
         train_stage(jobs / "distill.yaml", [f"train.seed={seed}", f"out={student}/seed-{seed}",
+                                            f"distill.teachers.0.cache={cache_job.out}",
                                             f"distill.teachers.0.sha256={teacher['sha256']}"], fp,
                     f"student, distilled from the cache, seed {seed}")
         kd.append(f"{student}/seed-{seed}/export")

@@ -40,7 +40,7 @@ def quiet() -> None:
     import logging
     import warnings
 
-    for name in ("", "torchrec", "torch.distributed", "fbgemm_gpu"):
+    for name in ("", "torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

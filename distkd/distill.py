@@ -16,6 +16,7 @@ shows what the cache saves).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -115,6 +116,20 @@ class Distill:
             terms["hint"] = lw.hint * hint_mse(out.hint, batch.extras[f"{self.names[0]}.hidden"], rows)
         loss = torch.stack(list(terms.values())).sum()
         return loss, {k: v.item() for k, v in terms.items()}
+
+
+def preflight(raw: dict, logs: str) -> DistillConfig:
+    """Check the config and every teacher's cache against the logs before any rank starts,
+    so a wrong cache is a one-line error (exit 2), not a stack of rank tracebacks."""
+    from distkd.cache.reader import open_cache
+
+    cfg = parse(raw)
+    for i, t in enumerate(cfg.teachers):
+        if t.cache is not None:
+            open_cache(t.cache, logs, "train", teacher_sha256=t.sha256, hidden=i == 0 and bool(cfg.losses.hint))
+        elif not (Path(t.export) / "export.json").is_file():
+            raise ConfigError(f"distill.teachers[{i}].export: {t.export} is not an exported model directory")
+    return cfg
 
 
 def make_distill_objective(raw: dict, schema: Schema, model: ModelConfig, task_weights: list[float],

@@ -99,6 +99,7 @@ class RankingModel(nn.Module):
                  sparse_device: Optional[torch.device] = None):
         super().__init__()
         self.schema, self.cfg = schema, cfg
+        self.features = [f.name for f in schema.sparse]
         n_sparse, n_dense, n_tasks = len(schema.sparse), len(schema.dense), len(schema.tasks)
         self.ebc = EmbeddingBagCollection(
             tables=embedding_configs(schema, cfg),
@@ -124,9 +125,9 @@ class RankingModel(nn.Module):
         return self.cfg.deep_arch[-1]
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
-        pooled = self.ebc(sparse).values()  # [B, n_sparse * dim], features in schema order
-        b, dim = pooled.shape[0], self.cfg.embedding_dim
-        vectors = [pooled.view(b, -1, dim)]
+        # A sharded EBC orders its output by shard, not by feature: look features up by name.
+        pooled = self.ebc(sparse).to_dict()
+        vectors = [torch.stack([pooled[name] for name in self.features], dim=1)]  # [B, F, D]
         dense_emb = None
         if self.dense_arch is not None:
             dense_emb = self.dense_arch(dense)

@@ -179,6 +179,8 @@ def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
         "rows_per_s": progress.rate(),
         "loss_first": progress.first,
         "loss_last": progress.loss,
+        "parts_first": progress.parts_first,
+        "parts_last": progress.parts,
         "plan": describe_plan(dmp),
         "parameters": count_parameters(schema, model_cfg),
         "valid": valid,
@@ -294,6 +296,8 @@ class Progress:
         self.steps = 0
         self.loss: Optional[float] = None  # exponentially smoothed
         self.first: Optional[float] = None
+        self.parts_first: dict[str, float] = {}
+        self.parts: dict[str, float] = {}  # each loss term, exponentially smoothed
         self.bar = None
         if env.is_main:
             from tqdm import tqdm
@@ -306,7 +310,8 @@ class Progress:
         self.steps += 1
         self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
         if self.first is None:
-            self.first = loss
+            self.first, self.parts_first = loss, dict(parts)
+        self.parts = {k: v if k not in self.parts else 0.95 * self.parts[k] + 0.05 * v for k, v in parts.items()}
         step = self.step0 + self.steps
         if tb is not None:
             tb.add_scalar("train/loss", loss, step)
@@ -336,9 +341,9 @@ def run(args) -> int:
         raise ConfigError(f"{args.config or 'config'}: `distkd distill` needs a distill: section "
                           "(teachers, losses); see jobs/demo/distill.yaml")
     if job.distill is not None:
-        from distkd.distill import parse
+        from distkd.distill import preflight
 
-        parse(job.distill)  # fail here, with the file's name, not inside a rank
+        preflight(job.distill, job.logs)  # fail here, naming the file, not inside every rank
     if args.nproc is not None:
         job.nproc = args.nproc
     summary = dist.launch(train, job.nproc, job, args.resume)[0]
