@@ -55,11 +55,10 @@ def init(backend: str | None = None) -> Env:
     is the distributed one.
     """
     quiet()
-    if not under_launcher():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = under_launcher()
+    rank = int(os.environ["RANK"]) if launched else 0
+    world = int(os.environ["WORLD_SIZE"]) if launched else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -67,10 +66,17 @@ def init(backend: str | None = None) -> Env:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        if launched:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        else:
+            # A one-rank group of our own, leaving the environment as it was (a later
+            # launch() must not mistake this process for a launched rank).
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=0, world_size=1)
     return Env(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 

@@ -65,6 +65,10 @@ class DistillConfig:
             raise ConfigError("teachers: at least one teacher is required")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.aux_head and not self.losses.hard:
+            raise ConfigError("aux_head: the serving head learns from labels only, so losses.hard must be > 0")
+        if self.aux_head and not (self.losses.soft or self.losses.mse or self.losses.listwise):
+            raise ConfigError("aux_head: needs a teacher loss (soft, mse or listwise) to train it")
         if self.losses.hint and len(self.teachers) != 1:
             raise ConfigError("losses.hint needs exactly one teacher")
 

@@ -28,7 +28,7 @@ def teacher_and_cache(small_logs, tmp_path_factory):
     """A teacher trained for one epoch on one rank, and its logit cache (with hidden layer)."""
     root = tmp_path_factory.mktemp("kd")
     job = load(TrainJob, None, [f"logs={small_logs}", f"out={root / 'teacher'}", *COMMON, *MODEL,
-                                "model.embedding_dim=32", "train.epochs=1"])
+                                "model.embedding_dim=32", "model.deep_arch=[48,24]", "train.epochs=1"])
     dist.launch(train, 1, job, False)
     export = root / "teacher" / "export"
     build(CacheJob(teacher=str(export), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
@@ -60,28 +60,37 @@ def test_every_loss_term_trains_on_two_ranks(small_logs, teacher_and_cache, tmp_
     assert s["replica_drift"] == 0.0
     for term in ("hard", "soft", "mse", "listwise", "hint"):
         assert s["parts_last"][term] < s["parts_first"][term], (term, s["parts_first"], s["parts_last"])
-    # The hint projection maps the student's hidden layer onto the teacher's (32 units).
+    # The hint projection maps the student's hidden layer (16 units) onto the teacher's (24).
     state = torch.load(tmp_path / "kd" / "export" / "model.pt", weights_only=True)["state_dict"]
-    assert state["hint.weight"].shape == (32, 16)
+    assert state["hint.weight"].shape == (24, 16)
 
 
-def test_aux_head_two_teachers_and_teacher_only_rows(small_logs, teacher_and_cache, tmp_path):
-    """ExFM-style auxiliary head, two weighted caches, and a student that learns from the
-    teacher alone (no hard-label term): everything still trains and stays in sync."""
+def test_aux_head_with_two_weighted_teachers(small_logs, teacher_and_cache, tmp_path):
+    """ExFM-style auxiliary head (the serving head learns from labels, the aux head from
+    two weighted caches): everything trains and the replicas stay in sync."""
     _, cache, _ = teacher_and_cache
     second = tmp_path / "cache-copy"
     shutil.copytree(cache, second)
     cfg = {
         "teachers": [{"cache": str(cache), "weight": 3.0}, {"cache": str(second), "weight": 1.0}],
-        "losses": {"hard": 0.0, "soft": 1.0},
+        "losses": {"hard": 1.0, "soft": 1.0},
         "aux_head": True,
         "aux_grad_scale": 0.5,
     }
     s = dist.launch(train, 2, distill_job(small_logs, tmp_path / "kd", cache, "train.epochs=1", distill=cfg), False)[0]
     assert s["replica_drift"] == 0.0
     assert s["parts_last"]["soft"] < s["parts_first"]["soft"]
+    assert s["parts_last"]["hard"] < s["parts_first"]["hard"]
     state = torch.load(tmp_path / "kd" / "export" / "model.pt", weights_only=True)["state_dict"]
     assert "aux_head.weight" in state
+
+
+def test_teacher_only_student_learns_from_unlabeled_rows_too(small_logs, teacher_and_cache, tmp_path):
+    """No hard-label term: the student learns from the teacher alone, on every row."""
+    _, cache, _ = teacher_and_cache
+    cfg = {"teachers": [{"cache": str(cache)}], "losses": {"hard": 0.0, "soft": 0.0, "mse": 1.0}}
+    s = dist.launch(train, 1, distill_job(small_logs, tmp_path / "kd", cache, "train.epochs=1", distill=cfg), False)[0]
+    assert s["parts_last"]["mse"] < 0.5 * s["parts_first"]["mse"]
 
 
 def test_distillation_is_deterministic_for_a_seed(small_logs, teacher_and_cache, tmp_path):
