@@ -14,7 +14,6 @@ columns) give an "oracle" row: the best any model can score against these labels
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import sys
@@ -313,18 +312,6 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
 # -- command line -------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="eval job YAML (fields logs, teacher, kd, hard, out, split, batch_size)")
-    p.add_argument("--logs", default=None, help="logs directory (with schema.yaml)")
-    p.add_argument("--teacher", default=None, help="teacher export directory (or its training run directory)")
-    p.add_argument("--kd", nargs="+", default=None, metavar="DIR", help="distilled student export(s), one per seed")
-    p.add_argument("--hard", nargs="+", default=None, metavar="DIR", help="hard-label student export(s), one per seed")
-    p.add_argument("--out", default=None, help="report directory (report.md, result.json, PNG plots)")
-    p.add_argument("--split", default=None, help="split to evaluate on (default test)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per forward pass (default 16384)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override fields of the eval job (put them before --kd/--hard)")
-
-
 def job_from_args(args) -> EvalJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
     job = load(EvalJob, getattr(args, "config", None), list(getattr(args, "overrides", None) or []))
@@ -357,10 +344,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="distkd eval", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        sys.exit(run(parser.parse_args()))
-    except (ConfigError, LogsError) as e:
-        print(f"distkd: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from distkd.cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))

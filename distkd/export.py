@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from distkd.checkpoint import atomic_write_bytes

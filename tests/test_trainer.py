@@ -13,7 +13,7 @@ import torch
 
 from distkd import dist
 from distkd.config import load
-from distkd.export import load_export, read_meta
+from distkd.export import load_export
 from distkd.loader import LogLoader, split_files
 from distkd.metrics import TaskMetrics
 from distkd.schema import load_schema

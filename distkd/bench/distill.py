@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distkd.bench.train import cpu_model
+from distkd.bench import cpu_model
 from distkd.loader import split_files
 
 

@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from distkd.bench import cpu_model
 
 
 def pin_one_core() -> int:
@@ -114,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(
-        f"machine: {_cpu_model()}, 1 of {os.cpu_count()} cores (cpu {cpu}); "
+        f"machine: {cpu_model()}, 1 of {os.cpu_count()} cores (cpu {cpu}); "
         f"torch {torch.__version__}, pyarrow {pa.__version__}"
     )
     cols = schema.training_columns()
