@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from distkd.bench.loader import _cpu_model
+from distkd.bench import cpu_model
 
 
 def ensure_logs(logs: Path, rows: int) -> None:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ray_start = time.perf_counter() - t
     plan = plan_pool(ray.cluster_resources(), args.workers, args.threads_per_worker)
     threads = plan.workers * plan.threads
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
           f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, ray {ray.__version__}, "
           f"python {platform.python_version()}")
     print(f"Ray started in {ray_start:.1f}s (not timed); pool {plan.describe()}, so (a) runs {threads} torch thread(s)")
