@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _cmd(top, "demo", "distkd.demo:run", "the whole pipeline on this machine: logs, teacher, cache, distill, eval")
     p.add_argument("--jobs", default="jobs", help="folder holding demo/ and movielens/ job files")
-    p.add_argument("--seeds", type=int, default=1, help="students trained per setup (spread over seeds)")
+    p.add_argument("--seeds", type=int, default=3, help="students trained per setup (the report shows their spread)")
     p.add_argument("--skip-movielens", action="store_true", help="only the synthetic suite")
 
     p = _cmd(top, "eval", "distkd.evaluate:run",
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from distkd.dist import quiet
+
+    quiet()  # before torchrec is imported: its import logs warnings nobody can act on
     module, func = args._target.split(":")
     try:
         rc = getattr(importlib.import_module(module), func)(args)
