@@ -131,21 +131,26 @@ def evaluate_export(export_dir: Path, loader: LogLoader, stride: int = 1) -> tup
 
 
 def oracle_metrics(files: list[str], schema: Schema) -> Optional[dict[str, dict[str, float]]]:
-    """Metrics of the true probabilities (eval columns, in task order), or None without them."""
-    if not schema.eval_columns or len(schema.eval_columns) != len(schema.tasks):
+    """Metrics of the true probabilities, or None where the logs have none.
+
+    By convention the true probability of task T is the evaluation-only column `p_T`
+    (synthetic logs have them); other evaluation columns (MovieLens keeps `rating`) are not
+    probabilities and never make an oracle."""
+    oracle = [f"p_{task}" for task in schema.task_names]
+    if not set(oracle) <= set(schema.eval_columns):
         return None
     metrics = TaskMetrics(schema.task_names)
     for path in files:
         pf = pq.ParquetFile(path)
         try:
-            if any(pf.schema_arrow.get_field_index(c) < 0 for c in schema.eval_columns):
-                raise LogsError(f"{path}: missing eval column(s) {schema.eval_columns} named by the schema")
+            if any(pf.schema_arrow.get_field_index(c) < 0 for c in oracle):
+                raise LogsError(f"{path}: missing eval column(s) {oracle} named by the schema")
             for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=schema.label_columns + schema.eval_columns)
+                t = pf.read_row_group(g, columns=schema.label_columns + oracle)
                 y = np.stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
                               for c in schema.label_columns], 1)
                 p = np.stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                              for c in schema.eval_columns], 1).clip(1e-7, 1 - 1e-7)
+                              for c in oracle], 1).clip(1e-7, 1 - 1e-7)
                 metrics.update(torch.from_numpy(np.log(p) - np.log1p(-p)), torch.from_numpy(y))
         finally:
             pf.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from distkd.config import ConfigError
-from distkd.evaluate import (HARD, KD, ORACLE, TEACHER, add_arguments, calibration_curve, evaluate_models,
+from distkd.evaluate import (HARD, KD, ORACLE, TEACHER, calibration_curve, evaluate_models,
                              gap_recovered, job_from_args, run, seed_pairs)
 from distkd.export import load_export, write_export
 from distkd.loader import LogLoader, split_files
@@ -172,10 +171,10 @@ def test_bad_inputs_are_refused_naming_the_path(small_logs, exports, tmp_path):
 
 
 def test_cli_end_to_end(small_logs, exports, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    from distkd.cli import build_parser
+
     teacher_run = str(exports[TEACHER][0]).removesuffix("/export")  # a training run directory is accepted
-    args = parser.parse_args(["--logs", str(small_logs), "--teacher", teacher_run, "--kd", *exports[KD],
+    args = build_parser().parse_args(["eval", "--logs", str(small_logs), "--teacher", teacher_run, "--kd", *exports[KD],
                               "--hard", *exports[HARD], "--out", str(tmp_path / "r"), "--batch-size", "2000"])
     assert run(args) == 0
     out = capsys.readouterr().out
@@ -187,9 +186,24 @@ def test_cli_end_to_end(small_logs, exports, tmp_path, capsys):
     # A YAML job, overrides, then flags on top.
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"logs: {small_logs}\nteacher: {teacher_run}\nkd: {exports[KD]}\nhard: {exports[HARD]}\nout: x\n")
-    job = job_from_args(parser.parse_args(["--config", str(cfg), "batch_size=123", "--out", "y"]))
+    parser = build_parser()
+    job = job_from_args(parser.parse_args(["eval", "--config", str(cfg), "batch_size=123", "--out", "y"]))
     assert (job.kd, job.batch_size, job.out, job.split) == (exports[KD], 123, "y", "test")
     with pytest.raises(ConfigError, match="missing hard"):
-        job_from_args(parser.parse_args(["--logs", "l", "--teacher", "t", "--kd", "k", "--out", "o"]))
+        job_from_args(parser.parse_args(["eval", "--logs", "l", "--teacher", "t", "--kd", "k", "--out", "o"]))
     with pytest.raises(ConfigError, match="unknown field"):
-        job_from_args(parser.parse_args(["--config", str(cfg), "nope=1"]))
+        job_from_args(parser.parse_args(["eval", "--config", str(cfg), "nope=1"]))
+
+
+def test_no_oracle_from_columns_that_are_not_probabilities(small_logs):
+    """MovieLens keeps `rating` as an evaluation column: it must never pose as an oracle."""
+    import dataclasses
+
+    from distkd.evaluate import oracle_metrics
+    from distkd.loader import split_files
+    from distkd.schema import load_schema
+
+    schema = load_schema(small_logs)
+    rating_only = dataclasses.replace(schema, eval_columns=["rating"], tasks=schema.tasks[:1])
+    assert oracle_metrics(split_files(small_logs, "test"), rating_only) is None
+    assert oracle_metrics(split_files(small_logs, "test"), schema) is not None
