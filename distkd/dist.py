@@ -112,7 +112,13 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> list[Any]:
         monitor_interval=0.5,
         start_method="spawn",
     )
-    # One thread per rank unless the user said otherwise: ranks share the machine's cores.
+    # Ranks share the machine's cores: split them unless the user said otherwise. The children
+    # inherit the environment, so set it for the launch only.
+    before = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    results = elastic_launch(config, entrypoint=fn)(*args)
+    try:
+        results = elastic_launch(config, entrypoint=fn)(*args)
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return [results[r] for r in sorted(results)]
