@@ -160,7 +160,12 @@ def run(args) -> int:
     start = time.perf_counter()
     suites = [Suite("synthetic", Path(args.jobs) / "demo", seeds=list(range(args.seeds)))]
     if not args.skip_movielens:
-        suites.append(Suite("ml-latest-small", Path(args.jobs) / "movielens", seeds=list(range(args.seeds))))
+        ml = Suite("ml-latest-small", Path(args.jobs) / "movielens", seeds=list(range(args.seeds)))
+        path = load(DataJob, ml.jobs / "data.yaml").path
+        if path and Path(path).is_dir():
+            suites.append(ml)
+        else:
+            say(f"skipping {ml.name}: the MovieLens release {path!r} is not there (see jobs/movielens/data.yaml)")
     results = [run_suite(s) for s in suites]
     for r in results:
         print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")
