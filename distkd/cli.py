@@ -99,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="students trained per setup (the report shows their spread)")
     p.add_argument("--skip-movielens", action="store_true", help="only the synthetic suite")
 
+    submit = top.add_parser(
+        "submit", help="run a stage on a cluster: Ray Jobs API, or render the Slurm script / Kubernetes manifest"
+    ).add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in ("data", "teacher", "student", "cache", "distill", "eval"):
+        p = _cmd(submit, stage, "distkd.submit:run", f"submit the {stage} stage's job file to a cluster")
+        p.add_argument("--to", required=True, choices=["ray", "slurm", "k8s"], help="where the stage runs")
+        p.add_argument("--config", required=True, help=f"the stage's job YAML (e.g. jobs/demo/{stage}.yaml)")
+        p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                       help="print the rendered script/manifest (or the Ray entrypoint) and submit nothing")
+        p.add_argument("--ray-address", dest="ray_address", default=None,
+                       help="Ray Jobs API address, http://HOST:8265 (default: $RAY_ADDRESS)")
+        p.add_argument("--nodes", type=int, default=2, help="nodes (DDP stages: one pod/task each; cache: Ray workers)")
+        p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=1,
+                       help="GPUs (= torchrun ranks) per node; 0 for CPU nodes (one gloo rank each)")
+        p.add_argument("--image", default=None,
+                       help="container image (default registry.example.com/distkd:0.1.0-gpu, or -cpu with 0 GPUs)")
+        _overrides(p)
+
     p = _cmd(top, "eval", "distkd.evaluate:run",
              "compare teacher, student-KD and student-hard on a held-out split; write a report")
     p.add_argument("--config", default=None, help="eval job YAML (fields logs, teacher, kd, hard, out, split, batch_size)")

@@ -1,0 +1,149 @@
+"""`distkd submit STAGE --to ray|slurm|k8s`: run a stage's job file on a cluster.
+
+* ray: submits `python -m distkd.cli <stage> --config JOB ...` through the Ray Jobs API
+  (address from --ray-address or RAY_ADDRESS, e.g. http://127.0.0.1:8265 through a tunnel).
+* slurm: renders cluster/slurm/train.sbatch (multi-node torchrun).
+* k8s: renders cluster/k8s/pytorchjob.yaml (DDP stages) or cluster/kuberay/rayjob-cache.yaml (cache).
+
+The cluster/ files are the templates: their `{name}` fields are filled here (in YAML files the
+quoted form `"{name}"` is replaced by the value as a JSON scalar, list or mapping), so the files
+and what this command renders cannot drift. Nothing is executed for slurm/k8s: the rendered file
+is written to runs/submit/ and the `sbatch` / `kubectl apply` command to run is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+from distkd.config import ConfigError, apply_overrides, read_yaml
+
+STAGES = ("data", "teacher", "student", "cache", "distill", "eval")
+DDP_STAGES = ("teacher", "student", "distill")
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+TEMPLATES = {
+    "slurm": CLUSTER / "slurm" / "train.sbatch",
+    "pytorchjob": CLUSTER / "k8s" / "pytorchjob.yaml",
+    "rayjob": CLUSTER / "kuberay" / "rayjob-cache.yaml",
+}
+DEFAULT_IMAGE = "registry.example.com/distkd:0.1.0-{variant}"
+
+
+def stage_args(stage: str, config: str, overrides: list[str]) -> list[str]:
+    """The stage's command line after `python -m distkd.cli`, filled from the job file."""
+    job = apply_overrides(read_yaml(config), overrides, where=config)  # the file must load
+    if stage == "data":  # `distkd data` takes flags, not a job file: map the job's fields onto them
+        source = job.get("source", "synth")
+        if source == "movielens":
+            if not job.get("path"):
+                raise ConfigError(f"{config}: path: required for source: movielens")
+            args = ["data", "movielens", str(job["path"])]
+            names = ("out", "shards", "row_group_rows")
+        elif source == "synth":
+            args = ["data", "synth"]
+            names = ("out", "rows", "shards", "row_group_rows", "seed", "preset", "max_cardinality",
+                     "unlabeled_fraction")
+        else:
+            raise ConfigError(f"{config}: source: must be synth or movielens, got {source!r}")
+        for name in names:
+            if job.get(name) is not None:
+                args += ["--" + name.replace("_", "-"), str(job[name])]
+        return args
+    head = {"teacher": ["teacher", "train"], "student": ["student", "train"],
+            "cache": ["cache", "build"], "distill": ["distill"], "eval": ["eval"]}[stage]
+    return head + ["--config", config] + list(overrides)
+
+
+def render(template: Path, values: dict) -> str:
+    """Fill a cluster/ template: `"{k}"` -> JSON value (YAML), then bare `{k}` -> str(value)."""
+    text = template.read_text()
+
+    def field(m: re.Match, quoted: bool) -> str:
+        key = m.group(1)
+        if key not in values:
+            raise ConfigError(f"{template}: unknown template field {{{key}}}")
+        return json.dumps(values[key]) if quoted else str(values[key])
+
+    text = re.sub(r'"\{(\w+)\}"', lambda m: field(m, True), text)
+    return re.sub(r"(?<![$\w])\{(\w+)\}", lambda m: field(m, False), text)
+
+
+def _values(args, argv: list[str]) -> dict:
+    ddp = args.stage in DDP_STAGES
+    nodes = max(1, args.nodes) if ddp or args.stage == "cache" else 1
+    gpus = max(0, args.gpus_per_node)
+    nproc = max(1, gpus) if ddp else 1
+    image = args.image or DEFAULT_IMAGE.format(variant="gpu" if gpus else "cpu")
+    resources = {"limits": {"nvidia.com/gpu": gpus}} if gpus else {}
+    command = ["python", "-m", "distkd.cli", *argv]
+    return {
+        "name": f"distkd-{args.stage}",
+        "stage": args.stage,
+        "image": image,
+        "nodes": nodes,
+        # PyTorchJob: Master + nodes-1 Workers; RayJob (cache): a CPU-only head + nodes workers
+        "workers": nodes if args.stage == "cache" else nodes - 1,
+        "nproc_per_node": nproc if args.to == "slurm" else str(nproc),
+        "gpu_directive": f"SBATCH --gpus-per-node={gpus}" if gpus else " no GPUs requested: CPU nodes, gloo ranks",
+        "resources": resources,
+        "stage_args": shlex.join(argv),
+        "entrypoint": shlex.join(command),
+        # torchrun reads PET_NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT set by the training operator
+        "command": ["torchrun", "--nproc-per-node", str(nproc), "-m", "distkd.cli", *argv],
+    }
+
+
+def _submit_ray(args, entrypoint: str) -> int:
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("--to ray: no Ray Jobs API address: pass --ray-address http://HOST:8265 or set "
+                          "RAY_ADDRESS (reach a remote head through an SSH tunnel or kubectl port-forward)")
+    if args.dry_run:
+        print(f"address: {address}")
+        print(f"entrypoint: {entrypoint}")
+        return 0
+    if not address.startswith(("http://", "https://", "ray://")):
+        print(f"distkd: note: the Ray Jobs API usually lives at http://HOST:8265, got {address!r}")
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": ".", "excludes": ["runs/", ".venv/", ".git/"]},
+        metadata={"distkd_stage": args.stage, "distkd_config": args.config},
+    )
+    print(f"submitted {job_id} to {address}")
+    print(f"follow it: ray job logs --address {address} --follow {job_id}")
+    return 0
+
+
+def run(args) -> int:
+    if args.stage not in STAGES:
+        raise ConfigError(f"submit: stage must be one of {list(STAGES)}, got {args.stage!r}")
+    if not args.config:
+        raise ConfigError("submit: --config JOB.yaml is required")
+    if not Path(args.config).is_file():
+        raise ConfigError(f"{args.config}: job file not found")
+    argv = stage_args(args.stage, args.config, list(args.overrides or []))
+    values = _values(args, argv)
+    if args.to == "ray":
+        return _submit_ray(args, values["entrypoint"])
+    if args.to == "slurm":
+        template, ext = TEMPLATES["slurm"], "sbatch"
+    else:
+        template, ext = TEMPLATES["rayjob" if args.stage == "cache" else "pytorchjob"], "yaml"
+    text = render(template, values)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    out = Path("runs") / "submit" / f"{args.stage}.{ext}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out} (from {template.relative_to(CLUSTER.parent)})")
+    print(f"run: {'sbatch' if args.to == 'slurm' else 'kubectl apply -f'} {out}")
+    return 0
