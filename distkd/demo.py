@@ -1,7 +1,7 @@
 """`distkd demo` (`make demo`): the whole pipeline on one machine, from the job files.
 
-    logs (synthetic) -> teacher -> student on hard labels -> logit cache (embedded Ray)
-      -> student distilled from the cache -> evaluation report
+    logs -> teacher -> logit cache (embedded Ray) -> students on hard labels
+      -> students distilled from the cache -> evaluation report
 
 Every stage reads its YAML in `jobs/<suite>/`, exactly as it would on a cluster. A
 rerun reuses what is still valid: logs whose generation parameters match, exports
@@ -104,29 +104,35 @@ def train_stage(config: Path, overrides: list[str], logs_fp: str, label: str) ->
     return read_meta(out / "export")
 
 
-def run_suite(suite: Suite) -> dict[str, Any]:
+def teacher_and_cache(jobs: Path) -> tuple[DataJob, str, dict[str, Any], Any]:
+    """A suite's logs, teacher export and logit cache, each reused while still valid.
+    Returns the data job, the logs' fingerprint, the teacher's export metadata and the cache job."""
     from distkd.cache.build import CacheJob, build
-    from distkd.evaluate import EvalJob, evaluate_models
-    from distkd.report import format_comparison, write_report
 
-    jobs = suite.jobs
     data = load(DataJob, jobs / "data.yaml")
     make_logs(data)
     fp = logs_fingerprint(data.out)
-
     teacher = train_stage(jobs / "teacher.yaml", [], fp, "teacher")
-    hard = []
-    for seed in suite.seeds:
-        student = load_out(jobs / "student.yaml")
-        train_stage(jobs / "student.yaml", [f"train.seed={seed}", f"out={student}/seed-{seed}"], fp,
-                           f"student, hard labels, seed {seed}")
-        hard.append(f"{student}/seed-{seed}/export")
-
     # One cache directory per teacher: a retrained teacher gets a fresh cache, never a blend.
     cache_job = load(CacheJob, jobs / "cache.yaml")
     cache_job = replace(cache_job, out=f"{cache_job.out}/{teacher['sha256'][:12]}")
     say(f"cache: {cache_job.out}")
     build(cache_job)
+    return data, fp, teacher, cache_job
+
+
+def run_suite(suite: Suite) -> dict[str, Any]:
+    from distkd.evaluate import EvalJob, evaluate_models
+    from distkd.report import format_comparison, write_report
+
+    jobs = suite.jobs
+    _, fp, teacher, cache_job = teacher_and_cache(jobs)
+    hard = []
+    for seed in suite.seeds:
+        student = load_out(jobs / "student.yaml")
+        train_stage(jobs / "student.yaml", [f"train.seed={seed}", f"out={student}/seed-{seed}"], fp,
+                    f"student, hard labels, seed {seed}")
+        hard.append(f"{student}/seed-{seed}/export")
 
     kd = []
     for seed in suite.seeds:

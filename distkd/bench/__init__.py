@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 
@@ -15,3 +20,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cli_summary(args: list[str], steps: int) -> dict:
+    """Run `distkd ARGS` for `steps` optimizer steps in a fresh process, one torch thread per
+    rank and no checkpoints, and return the run's summary.json."""
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTKD_NO_PROGRESS": "1"}
+        cmd = [sys.executable, "-m", "distkd.cli", *args, f"out={out}", f"train.max_steps={steps}",
+               "train.checkpoint_every=1000000", "tensorboard=false"]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        return json.loads((Path(out) / "summary.json").read_text())

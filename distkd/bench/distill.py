@@ -10,26 +10,14 @@ the train split. Uses the demo's logs, teacher and cache (built first if missing
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distkd.bench import cpu_model
+from distkd.bench import cli_summary, cpu_model
 from distkd.loader import split_files
-
-
-def run_student(args: list[str], steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTKD_NO_PROGRESS": "1"}
-        cmd = [sys.executable, "-m", "distkd.cli", *args, f"out={out}", f"train.max_steps={steps}",
-               "train.checkpoint_every=1000000", "tensorboard=false"]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        return json.loads((Path(out) / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,25 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default="jobs/demo")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     a = p.parse_args(argv)
-    from distkd.cache.build import CacheJob, build
-    from distkd.config import load, read_yaml
-    from distkd.demo import DataJob, logs_fingerprint, make_logs, train_stage
+    from distkd.demo import teacher_and_cache
 
     jobs = Path(a.jobs)
-    data = load(DataJob, jobs / "data.yaml")
-    make_logs(data)
-    teacher = train_stage(jobs / "teacher.yaml", [], logs_fingerprint(data.out), "teacher")
-    cache = load(CacheJob, jobs / "cache.yaml")
-    cache.out = f"{cache.out}/{teacher['sha256'][:12]}"
-    build(cache)
-    export = read_yaml(jobs / "cache.yaml")["teacher"]
+    data, _, teacher, cache = teacher_and_cache(jobs)
+    export = cache.teacher
 
     student = ["student", "train", "--config", str(jobs / "student.yaml")]
     distill = ["distill", "--config", str(jobs / "distill.yaml")]
     runs = {
-        "a: hard labels": run_student(student, a.steps),
-        "b: distill from cache": run_student(distill + [f"distill.teachers.0.cache={cache.out}"], a.steps),
-        "c: distill online": run_student(distill + ["distill.teachers.0.cache=null",
+        "a: hard labels": cli_summary(student, a.steps),
+        "b: distill from cache": cli_summary(distill + [f"distill.teachers.0.cache={cache.out}"], a.steps),
+        "c: distill online": cli_summary(distill + ["distill.teachers.0.cache=null",
                                                     f"distill.teachers.0.export={export}"], a.steps),
     }
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(data.out, "train"))

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from distkd.bench import cpu_model
+from distkd.bench import cli_summary, cpu_model
 
 
 def ensure_logs(path: Path, rows: int) -> None:
@@ -24,18 +22,6 @@ def ensure_logs(path: Path, rows: int) -> None:
 
     print(f"generating {rows:,} rows of synthetic logs in {path} …", file=sys.stderr)
     generate(path, rows=rows, shards=4, seed=0, max_cardinality=100_000, force=True, workers=2)
-
-
-def train_rate(config: str, logs: Path, nproc: int, steps: int, extra: list[str], role: str = "teacher") -> dict:
-    """Run the real CLI in a fresh process (one thread per rank) and read its summary."""
-    import json
-
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTKD_NO_PROGRESS": "1"}
-        cmd = [sys.executable, "-m", "distkd.cli", role, "train", "--config", config, "--nproc", str(nproc), f"logs={logs}", f"out={out}",
-               f"train.max_steps={steps}", "train.checkpoint_every=1000000", "tensorboard=false", *extra]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        return json.loads((Path(out) / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(args.logs)
     ensure_logs(logs, args.rows)
 
-    results = {n: train_rate(args.config, logs, n, args.steps, args.overrides) for n in (1, 2)}
+    results = {n: cli_summary(["teacher", "train", "--config", args.config, "--nproc", str(n), f"logs={logs}",
+                               *args.overrides], args.steps) for n in (1, 2)}
     one, two = results[1]["rows_per_s"], results[2]["rows_per_s"]
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; one thread per rank; gloo on CPU")
     print(f"model: {args.config} ({results[1]['parameters']['total']:,} parameters), {args.steps} steps per run")
