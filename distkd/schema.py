@@ -123,9 +123,13 @@ class Schema:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
+        """Write the schema YAML atomically (temporary file, fsync, rename)."""
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
+        from distkd.checkpoint import atomic_write_bytes
+
+        text = yaml.safe_dump(to_dict(self), sort_keys=False)
+        atomic_write_bytes(Path(path), lambda fh: fh.write(text.encode()))
 
 
 def load_schema(path: str | Path) -> Schema:

@@ -13,7 +13,6 @@ use only ratings with a strictly earlier timestamp, so they never see the row's 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from distkd.checkpoint import atomic_write_bytes
 from distkd.config import ConfigError
 from distkd.schema import SCHEMA_FILE, SPLITS, DenseFeature, LogsError, Schema, SparseFeature, Task
 
@@ -144,12 +144,8 @@ def _prepare_out(src: Path, out: Path, force: bool, remove: bool) -> None:
 
 
 def _write_atomic(table: pa.Table, path: Path, row_group_rows: int) -> None:
-    """Write to a hidden temporary name, fsync, then rename: a crash never leaves a half file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_rows)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A crash never leaves a half file under the final name."""
+    atomic_write_bytes(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_rows))
 
 
 def convert(src_dir: str | Path, out_dir: str | Path, shards: int = 4, row_group_rows: int = 65_536,
@@ -257,9 +253,7 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force) -> tuple[Schema, d
                           row_group_rows)
         summary["splits"][split] = {"rows": int(b - a), "shards": int(nshards),
                                     "liked": float(liked[a:b].mean()), "from": int(ts[a]), "to": int(ts[b - 1])}
-    tmp = out / f".{SCHEMA_FILE}.tmp"
-    schema.save(tmp)
-    os.replace(tmp, out / SCHEMA_FILE)  # written last: a directory without it is incomplete
+    schema.save(out / SCHEMA_FILE)  # written last: a directory without it is incomplete
     return schema, summary
 
 

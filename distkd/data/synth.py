@@ -21,7 +21,6 @@ independent of how many processes write it.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distkd.checkpoint import atomic_write_bytes
 from distkd.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
 
 LATENT_DIM = 16
@@ -243,21 +243,21 @@ def _write_shard(job: _ShardJob) -> tuple[str, int]:
     truth = _truth(job.preset, job.seed, job.max_cardinality)
     schema = make_schema(job.preset, job.max_cardinality).arrow_schema()
     final = Path(job.out) / job.split / f"part-{job.shard:05d}.parquet"
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        done, rg = 0, 0
-        while done < job.rows:
-            n = min(job.row_group_rows, job.rows - done)
-            rng = np.random.default_rng([job.seed, job.split_idx, job.shard, rg])
-            table = truth.sample(n, rng, job.id0 + done)
-            if job.split == "train":
-                table = _mask_labels(table, rng, job.unlabeled_fraction)
-            writer.write_table(table.cast(schema), row_group_size=n)
-            done += n
-            rg += 1
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+
+    def write(fh) -> None:
+        with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+            done, rg = 0, 0
+            while done < job.rows:
+                n = min(job.row_group_rows, job.rows - done)
+                rng = np.random.default_rng([job.seed, job.split_idx, job.shard, rg])
+                table = truth.sample(n, rng, job.id0 + done)
+                if job.split == "train":
+                    table = _mask_labels(table, rng, job.unlabeled_fraction)
+                writer.write_table(table.cast(schema), row_group_size=n)
+                done += n
+                rg += 1
+
+    atomic_write_bytes(final, write)
     return str(final), job.rows
 
 
