@@ -11,7 +11,6 @@ cleaned up), so a crash mid-save never leaves a checkpoint a resume would trust.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -21,31 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distkd.storage import atomic_write_bytes
+
 MARKER = "COMMITTED"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(fileobj) on a temporary file next to `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

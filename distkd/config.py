@@ -106,9 +106,14 @@ def from_dict(cls: type[T], data: dict, where: str) -> T:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    """A YAML mapping from a local path or a storage URI (s3://…, see distkd.storage)."""
+    from distkd import storage
+
+    path = path if storage.is_remote(path) else Path(path)
     try:
-        text = path.read_text()
+        text = storage.read_text(path)
+    except storage.StorageError as e:
+        raise ConfigError(f"cannot read: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from distkd.checkpoint import atomic_write_bytes
+from distkd import storage
+from distkd.storage import atomic_write_bytes
 from distkd.config import from_dict, to_dict
 from distkd.models import ModelConfig, RankingModel
 from distkd.schema import Schema
@@ -42,8 +43,9 @@ def gather_state_dict(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor
 
 
 def sha256_file(path: str | Path) -> str:
+    """sha256 of a file (a path, or a storage URI such as s3://…)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with storage.open_input(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from distkd import storage
 from distkd.data.checks import check_row_group
 from distkd.loader_rows import Rows, decode, decode_extras
 from distkd.schema import LogsError, Schema, check_arrow_schema
@@ -81,9 +82,10 @@ class Aligned:
 
 
 def split_files(logs_dir: str | Path, split: str) -> list[str]:
-    """Sorted Parquet shard paths of `logs_dir/split`; LogsError if there are none."""
-    d = Path(logs_dir) / split
-    files = sorted(str(p) for p in d.glob("*.parquet"))
+    """Sorted Parquet shard paths (or URIs, see distkd.storage) of `logs_dir/split`; LogsError
+    if there are none."""
+    d = storage.join(logs_dir, split)
+    files = storage.list_files(d, ".parquet")
     if not files:
         raise LogsError(f"{d}: no Parquet shards (*.parquet) for split '{split}'")
     return files
@@ -91,7 +93,7 @@ def split_files(logs_dir: str | Path, split: str) -> list[str]:
 
 def _open(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return storage.open_parquet(path)
     except (OSError, pa.ArrowException) as e:
         raise LogsError(f"{path}: cannot read Parquet footer: {e}") from None
 

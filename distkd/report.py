@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from distkd.checkpoint import atomic_write_bytes
+from distkd.storage import atomic_write_bytes
 
 COLUMNS = [("auc", "AUC"), ("logloss", "logloss"), ("ne", "NE"), ("calibration", "calibration"),
            ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1")]

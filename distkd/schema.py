@@ -123,20 +123,27 @@ class Schema:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        """Write the schema YAML atomically (temporary file, fsync, rename)."""
+        """Write the schema YAML atomically, to a path or a storage URI (see distkd.storage)."""
         import yaml
 
-        from distkd.checkpoint import atomic_write_bytes
+        from distkd import storage
 
         text = yaml.safe_dump(to_dict(self), sort_keys=False)
-        atomic_write_bytes(Path(path), lambda fh: fh.write(text.encode()))
+        storage.write_atomic(path, lambda fh: fh.write(text.encode()))
 
 
 def load_schema(path: str | Path) -> Schema:
-    """Load a schema from a YAML file, or from `<dir>/schema.yaml` when given a logs directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SCHEMA_FILE
+    """Load a schema from a YAML file, or from `<dir>/schema.yaml` when given a logs directory
+    (a local path or a storage URI such as s3://bucket/logs)."""
+    from distkd import storage
+
+    if storage.is_remote(path):
+        if not storage.basename(path).endswith((".yaml", ".yml")):
+            path = storage.join(path, SCHEMA_FILE)
+    else:
+        path = Path(path)
+        if path.is_dir():
+            path = path / SCHEMA_FILE
     return from_dict(Schema, read_yaml(path), str(path))
 
 

@@ -10,7 +10,11 @@ manifest, atomically; a shard not in it is recomputed by the next run.
 On a cluster, workers open the teacher export and the log shards by the paths given here:
 both (and the cache directory) must be on storage every node sees at the same path (a
 shared filesystem, or object storage mounted at one path), and `distkd` must be installed
-in the workers' image.
+in the workers' image. Logs and cache may also be object-storage URIs (s3://bucket/logs,
+see distkd.storage): workers are given the URIs and resolve them with their own
+environment, so the endpoint and credentials (AWS_ENDPOINT_URL, …) must be set on every
+node, in the image or the job's runtime_env; Ray workers this driver starts on this machine
+inherit its environment. The teacher export stays a path.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
@@ -59,6 +64,9 @@ class CacheJob:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.batch_size < 1 or self.prefetch < 1 or self.max_attempts < 1:
             raise ConfigError("batch_size, prefetch and max_attempts must be >= 1")
+        if storage.is_remote(self.teacher):
+            raise ConfigError(f"teacher: {self.teacher}: the export must be a path every worker can open "
+                              "(a shared file system); copy it there from object storage")
 
 
 def _log(msg: str) -> None:
@@ -88,7 +96,7 @@ def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
         "teacher": teacher,
         "schema": {"fingerprint": schema.fingerprint(), "spec": to_dict(schema)},
         "content": {"dtype": job.dtype, "hidden": job.hidden, "hidden_dim": hidden_dim, "tasks": schema.task_names},
-        "logs": str(Path(job.logs).resolve()),
+        "logs": storage.absolute(job.logs),
         "splits": {},
         "shards": {},
         "builds": [],
@@ -97,12 +105,13 @@ def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
     return header, schema
 
 
-def _reconcile(job: CacheJob, out: Path, header: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _reconcile(job: CacheJob, out: str, header: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(manifest to continue, input fingerprints of the shards still to compute)."""
     plan = {s: [mf.input_fingerprint(job.logs, p) for p in split_files(job.logs, s)] for s in job.splits}
     old = mf.read_manifest(out)
     if old is None:
-        stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        stray = [storage.relative(out, f) for f in storage.list_files(out, recursive=True)
+                 if not storage.basename(f).startswith(".")]
         if stray:
             raise CacheError(f"{out}: exists, holds {sorted(stray)[:5]} but no {mf.MANIFEST}; not a cache directory "
                              "this build started, refusing to write into it")
@@ -119,7 +128,7 @@ def _reconcile(job: CacheJob, out: Path, header: dict[str, Any]) -> tuple[dict[s
             entry = manifest["shards"].get(fp["path"])
             if entry is not None:
                 f = mf.cache_file(out, fp["path"])
-                if f.is_file() and f.stat().st_size == entry["output"]["bytes"]:
+                if storage.size(f) == entry["output"]["bytes"]:
                     continue
                 _log(f"cache: {f} is missing or has the wrong size; recomputing that shard")
                 del manifest["shards"][fp["path"]]
@@ -145,7 +154,7 @@ class Progress:
              f"({100 * self.rows / max(self.total, 1):.0f}%) | {rate:,.0f} rows/s | ETA {eta:,.0f}s")
 
 
-def _totals(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _totals(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
     shards = [manifest["shards"][r] for r in mf.planned(manifest) if r in manifest["shards"]]
     rows = sum(s["output"]["rows"] for s in shards)
     size = sum(s["output"]["bytes"] for s in shards)
@@ -160,8 +169,10 @@ def build(job: CacheJob, log: Callable[[str], None] = _log) -> dict[str, Any]:
     fault = os.environ.get(FAULT_ENV)
     started = time.perf_counter()
     header, schema = _header(job)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = job.out
+    storage.makedirs(out)
+    if storage.is_remote(out):
+        log(f"cache: {out}: object storage has no build lock; run one build of this cache at a time")
     with BuildLock(out):
         for p in mf.remove_temp_files(out):
             log(f"cache: removed {p} (left by an interrupted build)")
@@ -195,7 +206,7 @@ def build(job: CacheJob, log: Callable[[str], None] = _log) -> dict[str, Any]:
     return summary
 
 
-def _compute(job: CacheJob, out: Path, manifest: dict[str, Any], run: dict[str, Any], todo: list[dict[str, Any]],
+def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, Any], todo: list[dict[str, Any]],
              fault: str | None, log: Callable[[str], None]) -> tuple[float, float]:
     """Run `todo` on the Ray pool, committing each shard to the manifest; (ray start s, compute s)."""
     import ray
@@ -214,8 +225,8 @@ def _compute(job: CacheJob, out: Path, manifest: dict[str, Any], run: dict[str, 
             f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
         pool = WorkerPool(plan, str(Path(job.teacher).resolve()), job.max_attempts, log)
         tasks = [
-            ShardTask(str(Path(job.logs).resolve()), str((Path(job.logs) / fp["path"]).resolve()),
-                      str(mf.cache_file(out, fp["path"]).resolve()), fp, manifest["teacher"]["sha256"],
+            ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp["path"])),
+                      storage.absolute(mf.cache_file(out, fp["path"])), fp, manifest["teacher"]["sha256"],
                       job.dtype, job.hidden, job.batch_size, job.prefetch,
                       fault=fault if fault and fault.startswith("kill-worker") else None)
             for fp in todo

@@ -4,6 +4,12 @@ The kernel drops the lock when the holder dies, however it dies, so a killed bui
 blocks the next one. flock is reliable on local filesystems and most NFSv4 setups; on a
 cluster run the driver (the only process that takes the lock) against a filesystem where
 it is.
+
+Object storage (s3://… caches) has no lock: flock needs a file system, and an object store
+offers no primitive here that a killed holder would release. There `BuildLock` does
+nothing and the build says so in its log: run one build per cache location at a time.
+(Two builds would not corrupt committed files, each is written whole, but they would redo
+each other's work and the last manifest written wins.)
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import socket
 from pathlib import Path
 
+from distkd import storage
 from distkd.cache.manifest import LOCK, CacheError
 
 
@@ -20,11 +27,14 @@ class BuildLock:
     """Exclusive (a build) or shared (a verify) lock; CacheError at once if it is taken."""
 
     def __init__(self, cache_dir: str | Path, shared: bool = False):
-        self.path = Path(cache_dir) / LOCK
+        # None on object storage: no lock there (see above)
+        self.path = None if storage.is_remote(cache_dir) else Path(storage.local_path(cache_dir)) / LOCK
         self.shared = shared
         self.fd: int | None = None
 
     def __enter__(self) -> "BuildLock":
+        if self.path is None:
+            return self
         if self.shared and not self.path.exists():
             return self  # nothing ever built here; a read-only directory needs no lock file
         flags = os.O_RDONLY if self.shared else os.O_RDWR | os.O_CREAT

@@ -1,8 +1,11 @@
 """The cache contract: what a logit cache directory holds and how it is checked.
 
     CACHE_DIR/manifest.json             written by the build driver only, atomically
-    CACHE_DIR/.lock                     flock held by the one build running
+    CACHE_DIR/.lock                     flock held by the one build running (local caches)
     CACHE_DIR/<split>/<shard>.parquet   one file per log shard, same relative path
+
+CACHE_DIR and the logs may be local paths or storage URIs (s3://…, see distkd.storage);
+every file is committed atomically either way (`storage.write_atomic`).
 
 A cache file has exactly the row groups of its log shard (same row counts, same order)
 and the columns
@@ -29,14 +32,15 @@ import hashlib
 import json
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distkd.checkpoint import atomic_write_bytes
+from distkd import storage
 from distkd.schema import LogsError
 
 FORMAT = 1
@@ -71,16 +75,16 @@ def combine_checksums(per_row_group: list[str]) -> str:
     return hashlib.blake2b("".join(per_row_group).encode(), digest_size=8).hexdigest()
 
 
-def footer_hash(path: str | Path) -> str:
-    """sha256 (16 hex) of a Parquet file's footer: changes with any rewrite of the file."""
-    with open(path, "rb") as fh:
-        fh.seek(-8, os.SEEK_END)
-        tail = fh.read(8)
-        if tail[4:] != b"PAR1":
-            raise LogsError(f"{path}: not a Parquet file (no PAR1 trailer)")
-        (length,) = struct.unpack("<i", tail[:4])
-        fh.seek(-8 - length, os.SEEK_END)
-        return hashlib.sha256(fh.read(length)).hexdigest()[:16]
+def footer_hash(fh, path: str | Path) -> str:
+    """sha256 (16 hex) of a Parquet file's footer (`fh`: the open file): changes with any
+    rewrite of the file."""
+    fh.seek(-8, os.SEEK_END)
+    tail = fh.read(8)
+    if tail[4:] != b"PAR1":
+        raise LogsError(f"{path}: not a Parquet file (no PAR1 trailer)")
+    (length,) = struct.unpack("<i", tail[:4])
+    fh.seek(-8 - length, os.SEEK_END)
+    return hashlib.sha256(fh.read(length)).hexdigest()[:16]
 
 
 def row_group_rows(pf: pq.ParquetFile) -> list[int]:
@@ -90,18 +94,19 @@ def row_group_rows(pf: pq.ParquetFile) -> list[int]:
 
 def input_fingerprint(logs_dir: str | Path, path: str | Path) -> dict[str, Any]:
     """The cheap fingerprint of one log shard (footer only, no data read)."""
-    path = Path(path)
     try:
-        with pq.ParquetFile(path) as pf:
-            counts = row_group_rows(pf)
+        with storage.open_input(path) as fh:  # one open (on S3: one HEAD, then ranged reads)
+            with pq.ParquetFile(fh) as pf:
+                counts = row_group_rows(pf)
+            size, footer = fh.size(), footer_hash(fh, path)
     except (OSError, pa.ArrowException) as e:
         raise LogsError(f"{path}: cannot read Parquet footer: {e}") from None
     return {
         "path": rel_path(logs_dir, path),
-        "size": path.stat().st_size,
+        "size": size,
         "rows": int(sum(counts)),
         "row_groups": counts,
-        "footer": footer_hash(path),
+        "footer": footer,
     }
 
 
@@ -125,30 +130,31 @@ def _short(counts: list[int] | None) -> str:
 
 
 def rel_path(logs_dir: str | Path, path: str | Path) -> str:
-    """`split/name.parquet`: a shard's path relative to its logs directory."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path(logs_dir).resolve()).as_posix()
-    except ValueError:
-        return f"{p.parent.name}/{p.name}"
+    """`split/name.parquet`: a shard's path relative to its logs directory (local or URI)."""
+    rel = storage.relative(logs_dir, path)
+    if rel is None:  # not under logs_dir: its folder and name
+        p = PurePosixPath(urlsplit(str(path)).path) if storage.is_remote(path) else Path(path)
+        rel = f"{p.parent.name}/{p.name}"
+    return rel
 
 
-def cache_file(cache_dir: str | Path, rel: str) -> Path:
-    return Path(cache_dir) / rel
+def cache_file(cache_dir: str | Path, rel: str) -> str:
+    """The location (path or URI) of the cache file of log shard `rel`."""
+    return storage.join(cache_dir, rel)
 
 
-def temp_name(final: Path, tag: str) -> Path:
-    """Temporary name beside `final`; never ends in .parquet, so no reader lists it."""
-    return final.with_name(f".{final.name}.tmp-{tag}")
+def temp_files(cache_dir: str | Path) -> list[str]:
+    """Leftovers of interrupted writes (`storage.temp_name`), at the top and one level down."""
+    return [f for f in storage.list_files(cache_dir, recursive=True)
+            if storage.is_temp(storage.basename(f)) and storage.relative(cache_dir, f).count("/") <= 1]
 
 
-def remove_temp_files(cache_dir: str | Path) -> list[Path]:
-    """Delete leftovers of interrupted writes (call only while holding the build lock)."""
-    removed = []
-    root = Path(cache_dir)
-    for p in [*root.glob(".*.tmp-*"), *root.glob("*/.*.tmp-*")]:
-        p.unlink(missing_ok=True)
-        removed.append(p)
+def remove_temp_files(cache_dir: str | Path) -> list[str]:
+    """Delete leftovers of interrupted writes (call only while holding the build lock; on object
+    storage, where there is no lock, only while no other build of this cache runs)."""
+    removed = temp_files(cache_dir)
+    for f in removed:
+        storage.delete(f)
     return removed
 
 
@@ -176,7 +182,7 @@ def file_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
 def read_file_meta(path: str | Path) -> tuple[dict[str, Any], list[int], pa.Schema]:
     """(metadata, row-group row counts, Arrow schema) of a cache file, from its footer."""
     try:
-        with pq.ParquetFile(path) as pf:
+        with storage.open_parquet(path) as pf:
             return file_meta(pf, str(path)), row_group_rows(pf), pf.schema_arrow
     except (OSError, pa.ArrowException) as e:
         raise CacheError(f"{path}: cannot read the cache file's Parquet footer: {e}") from None
@@ -186,11 +192,13 @@ def read_file_meta(path: str | Path) -> tuple[dict[str, Any], list[int], pa.Sche
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
     """The manifest, or None when the directory has none; CacheError if it is not ours."""
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        return None
+    path = storage.join(cache_dir, MANIFEST)
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        return None
+    except storage.StorageError as e:
+        raise CacheError(f"unreadable manifest: {e}") from None
     except (OSError, ValueError) as e:
         raise CacheError(f"{path}: unreadable manifest: {e}") from None
     if m.get("kind") != KIND:
@@ -202,7 +210,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
 
 def write_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
     blob = json.dumps(manifest, indent=1).encode()
-    atomic_write_bytes(Path(cache_dir) / MANIFEST, lambda fh: fh.write(blob))
+    storage.write_atomic(storage.join(cache_dir, MANIFEST), lambda fh: fh.write(blob))
 
 
 def planned(manifest: dict[str, Any], split: str | None = None) -> list[str]:

@@ -9,6 +9,12 @@ changed file) is not retried: it stops the build with its message.
 Sizing: one CPU of the cluster stays free for other Ray tasks (a pool that takes every CPU
 starves them; Ray Data reads deadlock), but there is always at least one worker. Where the
 cluster has GPUs each worker takes one.
+
+Storage: tasks carry locations as strings (paths or s3://… URIs) and each worker resolves
+them with its own environment (distkd.storage). An embedded Ray started by the driver
+passes the driver's environment (AWS_ENDPOINT_URL, credentials) on to its workers; on a
+cluster, set those in the nodes' image or the job's runtime_env (env_vars), since workers
+there never see the submitting shell.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Callable
 from distkd.cache.manifest import CacheError
 from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.schema import LogsError
+from distkd.storage import StorageError
 
 READY_TIMEOUT_S = 900.0
 
@@ -145,7 +152,7 @@ class WorkerPool:
                 result = ray.get(ref)
             except RayTaskError as e:
                 cause = _cause(e)
-                if isinstance(cause, LogsError):
+                if isinstance(cause, (LogsError, StorageError)):  # the user's to fix: one line
                     raise cause from None
                 raise
             except RayError as e:  # the worker died (SIGKILL, OOM, lost node): retry the shard

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.manifest import CacheError
 from distkd.loader import Aligned, split_files
@@ -84,10 +85,11 @@ def check_file(cache_dir: str | Path, manifest: dict[str, Any], rel: str) -> lis
     """Footer checks of one committed cache file; returns its per-row-group id checksums."""
     entry = manifest["shards"][rel]
     path = mf.cache_file(cache_dir, rel)
-    if not path.is_file():
+    size = storage.size(path)
+    if size is None:
         raise CacheError(f"{path}: missing (committed in {mf.MANIFEST})")
-    if path.stat().st_size != entry["output"]["bytes"]:
-        raise CacheError(f"{path}: {path.stat().st_size} bytes, {mf.MANIFEST} committed {entry['output']['bytes']}")
+    if size != entry["output"]["bytes"]:
+        raise CacheError(f"{path}: {size} bytes, {mf.MANIFEST} committed {entry['output']['bytes']}")
     meta, counts, schema = mf.read_file_meta(path)
     if counts != entry["input"]["row_groups"]:
         raise CacheError(f"{path}: row groups of {counts[:6]}… rows, its log shard has {entry['input']['row_groups'][:6]}…")
@@ -119,22 +121,22 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
         if not manifest["content"]["hidden"]:
             raise CacheError(f"{cache_dir}: was built without the teacher's hidden layer; rebuild with --hidden")
         columns.append("hidden")
-    side: dict[str, Path] = {}
+    side: dict[str, str] = {}
     expected: dict[str, list[str]] = {}
     for log_path, rel in check_split(cache_dir, manifest, logs_dir, split):
-        key = str(Path(log_path).resolve())
+        key = storage.absolute(log_path)
         expected[key] = check_file(cache_dir, manifest, rel)
         side[key] = mf.cache_file(cache_dir, rel)
     id_col = manifest["schema"]["spec"]["id"]
 
     def path_for(log_path: str) -> str:
         try:
-            return str(side[str(Path(log_path).resolve())])
+            return side[storage.absolute(log_path)]
         except KeyError:
             raise CacheError(f"{cache_dir}: no cached logits for {log_path} (split '{split}')") from None
 
     def check(log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
-        sums = expected[str(Path(log_path).resolve())]
+        sums = expected[storage.absolute(log_path)]
         got = mf.ids_checksum(log_table.column(id_col))
         if g >= len(sums) or got != sums[g]:
             raise CacheError(

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
@@ -33,7 +33,7 @@ def _log(msg: str) -> None:
 def check_ids(cache_dir: str | Path, log_path: str, rel: str, sums: list[str], id_col: str) -> None:
     """Every row group of the log shard hashes to the checksum stored in its cache file."""
     try:
-        with pq.ParquetFile(log_path) as pf:
+        with storage.open_parquet(log_path) as pf:
             if pf.num_row_groups != len(sums):
                 raise CacheError(f"{mf.cache_file(cache_dir, rel)}: {len(sums)} row groups, {log_path} has {pf.num_row_groups}")
             for g in range(pf.num_row_groups):
@@ -51,7 +51,7 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
                  log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Verify everything; return a summary, or raise CacheError after listing every problem."""
     start = time.perf_counter()
-    cache_dir = Path(cache_dir)
+    cache_dir = str(cache_dir)
     manifest = load_manifest(cache_dir)
     problems: list[str] = []
     rows = size = shards = 0
@@ -75,7 +75,8 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
                 pairs = check_split(cache_dir, manifest, logs_dir, split, complete=False, fingerprints=False)
             except LogsError as e:
                 problems.append(str(e))
-                pairs = [(str(Path(logs_dir) / rel), rel) for rel in planned if (Path(logs_dir) / rel).is_file()]
+                pairs = [(storage.join(logs_dir, rel), rel) for rel in planned
+                         if storage.size(storage.join(logs_dir, rel)) is not None]
             for log_path, rel in pairs:
                 if rel not in manifest["shards"]:
                     continue
@@ -99,11 +100,11 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
                 shards += 1
                 rows += entry["output"]["rows"]
                 size += entry["output"]["bytes"]
-        known = {mf.cache_file(cache_dir, rel).resolve() for rel in mf.planned(manifest)}
-        for p in sorted(cache_dir.glob("*/*.parquet")):
-            if p.resolve() not in known:
+        known = {storage.absolute(mf.cache_file(cache_dir, rel)) for rel in mf.planned(manifest)}
+        for p in storage.list_files(cache_dir, ".parquet", recursive=True):
+            if storage.relative(cache_dir, p).count("/") == 1 and storage.absolute(p) not in known:
                 problems.append(f"{p}: a Parquet file the manifest does not list")
-        temps = list(cache_dir.glob("*/.*.tmp-*"))
+        temps = mf.temp_files(cache_dir)
     if temps:
         log(f"cache verify: note: {len(temps)} temporary file(s) of an interrupted build (the next build removes them)")
     if problems:

@@ -3,8 +3,10 @@
 `compute_shard` streams a shard row group by row group: a background thread reads,
 checks and decodes the next row groups (at most `prefetch` ahead, so memory is bounded
 by a few row groups whatever the shard size) while the main thread runs the teacher
-and appends one output row group per input row group to a temporary file. The file is
-fsynced and renamed into place; the caller (the driver) records it in the manifest.
+and appends one output row group per input row group to a temporary file (or object),
+hashing the bytes as they are written. `storage.write_atomic` commits it whole (local:
+fsync and rename; object storage: a complete temporary object moved to the final key);
+the caller (the driver) records it in the manifest.
 
 `CacheWorker` is the Ray actor around it (the driver wraps it with `ray.remote`).
 """
@@ -20,7 +22,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distkd import storage
 from distkd.cache.manifest import (
     FILE_META_KEY, FORMAT, CacheError, combine_checksums, fingerprint_diff, ids_checksum, input_fingerprint,
-    output_schema, temp_name,
+    output_schema,
 )
-from distkd.checkpoint import fsync_dir
 from distkd.data.checks import check_row_group
 from distkd.loader import to_batch
 from distkd.loader_rows import decode
@@ -42,7 +43,7 @@ from distkd.schema import Schema
 @dataclass
 class ShardTask:
     logs_dir: str
-    log_path: str  # absolute (or as the driver sees it: shared storage)
+    log_path: str  # absolute path or URI (as the driver sees it: shared or object storage)
     out_path: str
     expected: dict[str, Any]  # the cheap input fingerprint the driver planned with
     teacher_sha256: str
@@ -54,12 +55,25 @@ class ShardTask:
     fault: str | None = None  # test hook, see `_maybe_fault`
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class _HashingSink:
+    """A write-only file for ParquetWriter: passes bytes on to `fh`, counting and hashing them."""
+
+    closed = False
+
+    def __init__(self, fh: Any):
+        self.fh, self.sha256, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        self.fh.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def flush(self) -> None:
+        pass
 
 
 def _maybe_fault(fault: str | None) -> None:
@@ -100,7 +114,7 @@ class _Reader:
         keys = [f.name for f in self.schema.sparse]
         cols = self.schema.training_columns()
         try:
-            with pq.ParquetFile(self.path) as pf:
+            with storage.open_parquet(self.path) as pf:
                 row0 = 0
                 for g in range(pf.num_row_groups):
                     t0 = time.perf_counter()
@@ -147,14 +161,15 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
     np_dtype = np.float16 if task.dtype == "fp16" else np.float32
     meta = {"format": FORMAT, "teacher_sha256": task.teacher_sha256, "tasks": schema.task_names,
             "dtype": task.dtype, "input": now}
-    out = Path(task.out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(out, f"{socket.gethostname()}-{os.getpid()}-{task.attempt}")
     checksums: list[str] = []
-    forward_s = write_s = wait_s = 0.0
+    forward_s = write_s = wait_s = written = 0.0
+    sink: _HashingSink | None = None
     reader = _Reader(task.log_path, schema, task.batch_size, task.prefetch)
-    try:
-        with pq.ParquetWriter(tmp, output_schema(n_tasks, task.dtype, hidden_dim), compression="zstd",
+
+    def write(fh: Any) -> None:
+        nonlocal forward_s, write_s, wait_s, written, sink
+        sink = _HashingSink(fh)
+        with pq.ParquetWriter(sink, output_schema(n_tasks, task.dtype, hidden_dim), compression="zstd",
                               use_dictionary=False, write_statistics=False) as writer:
             t0 = time.perf_counter()
             for g, n, checksum, batches in reader:
@@ -183,21 +198,19 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
                 t0 = time.perf_counter()
                 write_s += t0 - t2
             writer.add_key_value_metadata({FILE_META_KEY: json.dumps({**meta, "row_groups": checksums})})
-        t3 = time.perf_counter()
-        if len(checksums) != len(now["row_groups"]):
+        if len(checksums) != len(now["row_groups"]):  # raised before the commit: nothing is published
             raise CacheError(f"{task.log_path}: read {len(checksums)} row groups, the footer lists {len(now['row_groups'])}")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        digest = _sha256(tmp)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        write_s += time.perf_counter() - t3
+        written = time.perf_counter()
+
+    try:
+        storage.write_atomic(task.out_path, write, tag=f"{socket.gethostname()}-{os.getpid()}-{task.attempt}")
+        write_s += time.perf_counter() - written  # the commit: fsync + rename, or the object's upload + move
     finally:
         reader.close()
-        tmp.unlink(missing_ok=True)
     return {
         "input": {**now, "ids": combine_checksums(checksums)},
-        "output": {"file": out.name, "rows": now["rows"], "bytes": out.stat().st_size, "sha256": digest},
+        "output": {"file": storage.basename(task.out_path), "rows": now["rows"], "bytes": sink.bytes,
+                   "sha256": sink.sha256.hexdigest()},
         "timings": {
             "seconds": round(time.perf_counter() - start, 3),
             "read_decode_s": round(reader.busy, 3),

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from distkd.checkpoint import atomic_write_bytes
+from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError
 from distkd.schema import SCHEMA_FILE, SPLITS, DenseFeature, LogsError, Schema, SparseFeature, Task
 

@@ -21,6 +21,7 @@ independent of how many processes write it.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distkd.checkpoint import atomic_write_bytes
+from distkd import storage
 from distkd.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
 
 LATENT_DIM = 16
@@ -47,8 +48,12 @@ class Preset:
     request_features: tuple[int, ...]  # context features shared by all rows of a request
     zipf: float = 1.05
     head: int = 300  # ids past this popularity rank carry fading signal (the unlearnable tail)
+    fade_power: float = 1.0  # past `head`, an id's effect is scaled by (head / rank) ** fade_power
     pair_scale: float = 0.35
     max_list: int = 5
+    # Latent dimension k is scaled by latent_decay**k (pair-term variance kept): the truth's
+    # interactions have a decaying spectrum, as real ones do, rather than K equal directions.
+    latent_decay: float = 1.0
 
 
 PRESETS = {
@@ -114,12 +119,14 @@ class Truth:
             c /= c[-1]
         # Signal lives in the head: an id's effect fades past popularity rank `head`, so the
         # rarely seen tail is mostly noise and a model that sees enough rows can reach the oracle.
-        fade = [np.minimum(1.0, p.head / (np.arange(c) + 1.0)).astype(np.float32)[np.argsort(r)]
+        fade = [(np.minimum(1.0, p.head / (np.arange(c) + 1.0)) ** p.fade_power).astype(np.float32)[np.argsort(r)]
                 for c, r in zip(self.cards, self.rank_to_id)]
         self.first = [rng.normal(0, 0.4 / (1 + math.log10(c) / 3), size=c).astype(np.float32) * fd
                       for c, fd in zip(self.cards, fade)]
         in_pair = sorted({f for pair in p.pairs for f in pair})
-        self.latent = {f: rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)).astype(np.float32) * fade[f][:, None]
+        spectrum = p.latent_decay ** np.arange(LATENT_DIM)
+        spectrum *= (LATENT_DIM / (spectrum**4).sum()) ** 0.25  # keeps the variance of <u_f, u_g>
+        self.latent = {f: (rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)) * spectrum).astype(np.float32) * fade[f][:, None]
                        for f in in_pair}
         # Each pair interacts through the plain dot product of its latents (a factorization
         # machine), with a random sign: what a dot-interaction model of width >= K represents exactly.
@@ -242,7 +249,7 @@ def _truth(preset: str, seed: int, max_cardinality: int | None) -> Truth:
 def _write_shard(job: _ShardJob) -> tuple[str, int]:
     truth = _truth(job.preset, job.seed, job.max_cardinality)
     schema = make_schema(job.preset, job.max_cardinality).arrow_schema()
-    final = Path(job.out) / job.split / f"part-{job.shard:05d}.parquet"
+    final = storage.join(job.out, job.split, f"part-{job.shard:05d}.parquet")
 
     def write(fh) -> None:
         with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
@@ -257,8 +264,8 @@ def _write_shard(job: _ShardJob) -> tuple[str, int]:
                 done += n
                 rg += 1
 
-    atomic_write_bytes(final, write)
-    return str(final), job.rows
+    storage.write_atomic(final, write)
+    return final, job.rows
 
 
 def plan_shards(rows: int, shards: int) -> dict[str, list[int]]:
@@ -286,20 +293,26 @@ def generate(
     force: bool = False,
     progress: bool = False,
 ) -> Schema:
-    """Write `rows` rows of synthetic logs into `out` (schema.yaml + train/valid/test shards)."""
-    out = Path(out)
+    """Write `rows` rows of synthetic logs into `out` (schema.yaml + train/valid/test shards),
+    a local path or a storage URI (s3://bucket/logs, see distkd.storage)."""
+    out = os.fspath(out)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {sorted(PRESETS)})")
     if rows < 10 * (shards + 2):
         raise ValueError(f"--rows {rows} is too few for {shards} shards")
-    if out.exists() and any(out.iterdir()):
+    old = storage.list_files(out, recursive=True)
+    if old:
         if not force:
             raise FileExistsError(f"{out}: exists and is not empty (use --force to overwrite)")
-        shutil.rmtree(out)
+        # The schema goes first: without it the directory is visibly unfinished from here on.
+        for f in sorted(old, key=lambda f: storage.basename(f) != SCHEMA_FILE):
+            storage.delete(f)
+        if not storage.is_remote(out):
+            shutil.rmtree(out)
     schema = make_schema(preset, max_cardinality)
     jobs, id0 = [], 0
     for split_idx, (split, sizes) in enumerate(plan_shards(rows, shards).items()):
-        (out / split).mkdir(parents=True, exist_ok=True)
+        storage.makedirs(storage.join(out, split))
         for shard, n in enumerate(sizes):
             jobs.append(_ShardJob(str(out), split, split_idx, shard, n, id0, preset, seed,
                                   row_group_rows, max_cardinality, unlabeled_fraction))
@@ -322,7 +335,7 @@ def generate(
         for job in jobs:
             report(*_write_shard(job))
     # The schema goes last: a directory without it is visibly unfinished.
-    schema.save(out / SCHEMA_FILE)
+    schema.save(storage.join(out, SCHEMA_FILE))
     return schema
 
 
@@ -348,8 +361,9 @@ def summarize(out: str | Path, schema: Schema) -> str:
     lines.append(f"{'split':<6} {'shards':>6} {'rows':>12} {'MiB':>8}  " + "  ".join(
         f"{t.name + ' rate':>16} {t.name + ' oracle AUC':>22}" for t in schema.tasks))
     for split in SPLIT_SHARE:
-        files = sorted((Path(out) / split).glob("*.parquet"))
-        table = pq.ParquetDataset(files).read(columns=schema.label_columns + schema.eval_columns)
+        files = storage.list_files(storage.join(out, split), ".parquet")
+        columns = schema.label_columns + schema.eval_columns
+        table = pa.concat_tables(storage.open_parquet(f).read(columns=columns) for f in files)
         cells = []
         for t, oracle in zip(schema.tasks, schema.eval_columns):
             y = table.column(t.label).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -357,6 +371,6 @@ def summarize(out: str | Path, schema: Schema) -> str:
             keep = ~np.isnan(y)
             auc = binary_auroc(torch.from_numpy(p[keep]), torch.from_numpy(y[keep]).long()).item()
             cells.append(f"{np.mean(y[keep]):>16.4f} {auc:>22.4f}")
-        mib = sum(f.stat().st_size for f in files) / 2**20
+        mib = sum(storage.size(f) for f in files) / 2**20
         lines.append(f"{split:<6} {len(files):>6} {table.num_rows:>12,} {mib:>8.1f}  " + "  ".join(cells))
     return "\n".join(lines)
