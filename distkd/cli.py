@@ -1,7 +1,8 @@
 """`distkd` command line. Each subcommand is a thin shim over one module's `run(args)`.
 
-Errors a user can fix (bad config, bad logs, bad cache) print one line naming the
-file and problem and exit with status 2; anything else is a bug and keeps its traceback.
+Errors a user can fix (bad config, bad logs, bad cache, unreachable storage) print one line
+naming the file and problem and exit with status 2; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from distkd.config import ConfigError
 from distkd.schema import LogsError
+from distkd.storage import StorageError
 
 
 def _cmd(sub, name: str, target: str, help: str):
@@ -108,9 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help=f"the stage's job YAML (e.g. jobs/demo/{stage}.yaml)")
         p.add_argument("--dry-run", dest="dry_run", action="store_true",
                        help="print the rendered script/manifest (or the Ray entrypoint) and submit nothing")
-        p.add_argument("--ray-address", dest="ray_address", default=None,
+        p.add_argument("--ray-address", "--address", dest="ray_address", default=None,
                        help="Ray Jobs API address, http://HOST:8265 (default: $RAY_ADDRESS)")
-        p.add_argument("--nodes", type=int, default=2, help="nodes (DDP stages: one pod/task each; cache: Ray workers)")
+        p.add_argument("--wait", action="store_true",
+                       help="--to ray: stream the job's logs until it ends; exit with its status")
+        p.add_argument("--nodes", type=int, default=2,
+                       help="nodes (DDP stages: one pod/task each; cache: Ray workers on k8s, one node under Slurm)")
         p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=1,
                        help="GPUs (= torchrun ranks) per node; 0 for CPU nodes (one gloo rank each)")
         p.add_argument("--image", default=None,
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func = args._target.split(":")
     try:
         rc = getattr(importlib.import_module(module), func)(args)
-    except (ConfigError, LogsError) as e:
+    except (ConfigError, LogsError, StorageError) as e:
         print(f"distkd: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -37,6 +37,7 @@ class DataJob:
     max_cardinality: Optional[int] = 100_000
     unlabeled_fraction: float = 0.1
     row_group_rows: int = 65_536
+    workers: Optional[int] = None  # synth: processes writing shards (default 2)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def logs_fingerprint(logs: str | Path) -> str:
 def make_logs(job: DataJob) -> None:
     out = Path(job.out)
     stamp = out / "data-job.json"
-    want = to_dict(job)
+    want = {k: v for k, v in to_dict(job).items() if k != "workers"}  # the logs don't depend on it
     if (out / SCHEMA_FILE).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         say(f"logs: reusing {out} (same parameters)")
         return
@@ -80,7 +81,7 @@ def make_logs(job: DataJob) -> None:
 
         schema = generate(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset,
                           max_cardinality=job.max_cardinality, unlabeled_fraction=job.unlabeled_fraction,
-                          workers=2, force=True, progress=True)
+                          workers=job.workers or 2, force=True, progress=True)
         print(summarize(out, schema), file=sys.stderr)
     stamp.write_text(json.dumps(want, indent=2))
 

@@ -1,7 +1,8 @@
 """`distkd submit STAGE --to ray|slurm|k8s`: run a stage's job file on a cluster.
 
 * ray: submits `python -m distkd.cli <stage> --config JOB ...` through the Ray Jobs API
-  (address from --ray-address or RAY_ADDRESS, e.g. http://127.0.0.1:8265 through a tunnel).
+  (address from --ray-address/--address or RAY_ADDRESS, e.g. http://127.0.0.1:8265 through a
+  tunnel); with --wait it streams the job's logs and exits with the job's status.
 * slurm: renders cluster/slurm/train.sbatch (multi-node torchrun).
 * k8s: renders cluster/k8s/pytorchjob.yaml (DDP stages) or cluster/kuberay/rayjob-cache.yaml (cache).
 
@@ -17,13 +18,18 @@ import json
 import os
 import re
 import shlex
+import sys
+import time
 from pathlib import Path
 
 from distkd.config import ConfigError, apply_overrides, read_yaml
 
 STAGES = ("data", "teacher", "student", "cache", "distill", "eval")
 DDP_STAGES = ("teacher", "student", "distill")
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+# The templates: the copy a wheel installs inside the package (pyproject.toml maps cluster/ to
+# distkd/_cluster), else the checkout's cluster/ (a source tree or an editable install).
+_INSTALLED = Path(__file__).resolve().parent / "_cluster"
+CLUSTER = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parent.parent / "cluster"
 TEMPLATES = {
     "slurm": CLUSTER / "slurm" / "train.sbatch",
     "pytorchjob": CLUSTER / "k8s" / "pytorchjob.yaml",
@@ -45,7 +51,7 @@ def stage_args(stage: str, config: str, overrides: list[str]) -> list[str]:
         elif source == "synth":
             args = ["data", "synth"]
             names = ("out", "rows", "shards", "row_group_rows", "seed", "preset", "max_cardinality",
-                     "unlabeled_fraction")
+                     "unlabeled_fraction", "workers")
         else:
             raise ConfigError(f"{config}: source: must be synth or movielens, got {source!r}")
         for name in names:
@@ -73,7 +79,9 @@ def render(template: Path, values: dict) -> str:
 
 def _values(args, argv: list[str]) -> dict:
     ddp = args.stage in DDP_STAGES
-    nodes = max(1, args.nodes) if ddp or args.stage == "cache" else 1
+    # cache: N Ray workers of a RayJob on k8s; under Slurm one node's embedded Ray (N torchrun nodes
+    # would start N competing builds of the same cache)
+    nodes = max(1, args.nodes) if ddp or (args.stage == "cache" and args.to == "k8s") else 1
     gpus = max(0, args.gpus_per_node)
     nproc = max(1, gpus) if ddp else 1
     image = args.image or DEFAULT_IMAGE.format(variant="gpu" if gpus else "cpu")
@@ -107,6 +115,9 @@ def _submit_ray(args, entrypoint: str) -> int:
         return 0
     if not address.startswith(("http://", "https://", "ray://")):
         print(f"distkd: note: the Ray Jobs API usually lives at http://HOST:8265, got {address!r}")
+    if not Path(args.config).resolve().is_relative_to(Path.cwd().resolve()):
+        print(f"distkd: note: {args.config} is outside the working directory uploaded with the job; "
+              "the cluster must see it at that path", file=sys.stderr)
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -115,9 +126,42 @@ def _submit_ray(args, entrypoint: str) -> int:
         runtime_env={"working_dir": ".", "excludes": ["runs/", ".venv/", ".git/"]},
         metadata={"distkd_stage": args.stage, "distkd_config": args.config},
     )
-    print(f"submitted {job_id} to {address}")
-    print(f"follow it: ray job logs --address {address} --follow {job_id}")
-    return 0
+    print(f"submitted {job_id} to {address}", flush=True)
+    if not args.wait:
+        print(f"follow it: ray job logs --address {address} --follow {job_id}")
+        return 0
+    return wait(client, job_id, address)
+
+
+def wait(client, job_id: str, address: str, poll_s: float = 1.0) -> int:
+    """Stream the job's logs until it ends. Returns 0 if it succeeded, else the entrypoint's
+    exit status (2: an error the job file can fix), or 1 (stopped, or failed before it ran)."""
+    import asyncio
+
+    from ray.job_submission import JobStatus
+
+    async def follow() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        print(f"\ndistkd: stopped waiting; the job keeps running (ray job stop --address {address} {job_id})",
+              file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # the log stream closed early (dashboard restarted): fall back to polling
+        print(f"distkd: note: log stream ended early ({e}); polling the job's status", file=sys.stderr)
+    info = client.get_job_info(job_id)
+    while not info.status.is_terminal():  # the log stream ends with the job, its status may lag
+        time.sleep(poll_s)
+        info = client.get_job_info(job_id)
+    # The message of a failed job repeats the end of its logs, already printed above: its first part only.
+    why = (info.message or "").split(", last available logs")[0].splitlines()
+    print(f"job {job_id}: {info.status}" + (f" ({why[0]})" if why else ""), flush=True)
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    return info.driver_exit_code if info.driver_exit_code and info.driver_exit_code > 0 else 1
 
 
 def run(args) -> int:
@@ -127,6 +171,8 @@ def run(args) -> int:
         raise ConfigError("submit: --config JOB.yaml is required")
     if not Path(args.config).is_file():
         raise ConfigError(f"{args.config}: job file not found")
+    if getattr(args, "wait", False) and args.to != "ray":
+        raise ConfigError(f"submit: --wait is for --to ray; {args.to} jobs are submitted by the printed command")
     argv = stage_args(args.stage, args.config, list(args.overrides or []))
     values = _values(args, argv)
     if args.to == "ray":
@@ -144,6 +190,6 @@ def run(args) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)
-    print(f"wrote {out} (from {template.relative_to(CLUSTER.parent)})")
+    print(f"wrote {out} (from cluster/{template.relative_to(CLUSTER).as_posix()})")
     print(f"run: {'sbatch' if args.to == 'slurm' else 'kubectl apply -f'} {out}")
     return 0

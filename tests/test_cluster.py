@@ -9,6 +9,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,161 @@ def test_submit_through_python_m_distkd_cli():
     out = subprocess.run([sys.executable, "-m", "distkd.cli", "submit", "eval", "--to", "slurm", "--config",
                           "jobs/missing/eval.yaml"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "jobs/missing/eval.yaml" in out.stderr
+
+
+# -- job files: every suite loads, its stages agree, and criteo-large renders -------------------
+
+JOBS = ROOT / "jobs"
+SUITES = sorted(p for p in JOBS.iterdir() if p.is_dir())
+STAGE_NAMES = ("data", "teacher", "student", "cache", "distill", "eval")
+
+
+def job_class(stage: str):
+    from distkd.cache.build import CacheJob
+    from distkd.demo import DataJob
+    from distkd.evaluate import EvalJob
+    from distkd.trainer import TrainJob
+
+    return {"data": DataJob, "teacher": TrainJob, "student": TrainJob, "cache": CacheJob, "distill": TrainJob,
+            "eval": EvalJob}[stage]
+
+
+def load_job(path: Path):
+    from distkd.config import load
+
+    job = load(job_class(path.stem), path)
+    if path.stem == "distill":
+        from distkd.distill import parse
+
+        assert job.distill, f"{path}: no distill: section"
+        parse(job.distill)
+    return job
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(JOBS)))
+def test_job_file_loads(path):
+    assert path.stem in STAGE_NAMES, f"{path}: not a stage's job file"
+    job = load_job(path)
+    if path.stem in ("teacher", "student", "distill"):
+        assert job.role == ("teacher" if path.stem == "teacher" else "student"), path
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.name)
+def test_job_suite_is_consistent(suite):
+    """The stages of a suite hand over through the same paths; the student and the distilled
+    student differ only in the teacher; the student has at most a tenth of the teacher's parameters."""
+    assert sorted(p.stem for p in suite.glob("*.yaml")) == sorted(STAGE_NAMES), suite
+    j = {stage: load_job(suite / f"{stage}.yaml") for stage in STAGE_NAMES}
+    from distkd.distill import parse
+
+    logs, export = j["teacher"].logs, f"{j['teacher'].out}/export"
+    for stage in ("student", "cache", "distill", "eval"):
+        assert j[stage].logs == logs, (suite.name, stage)
+    assert logs == j["data"].out, suite.name
+    assert j["cache"].teacher == export and "train" in j["cache"].splits
+    assert j["eval"].teacher in (export, j["teacher"].out)
+    assert [t.cache for t in parse(j["distill"].distill).teachers] == [j["cache"].out]
+    assert j["eval"].kd and all(k.startswith(j["distill"].out + "/") for k in j["eval"].kd)
+    assert j["eval"].hard and all(h.startswith(j["student"].out + "/") for h in j["eval"].hard)
+    assert j["student"].model == j["distill"].model and j["student"].train == j["distill"].train
+    if j["data"].source == "synth":  # the schema follows from the data job (MovieLens' from its files)
+        from distkd.data.synth import make_schema
+        from distkd.models import count_parameters
+
+        schema = make_schema(j["data"].preset, j["data"].max_cardinality)
+        teacher = count_parameters(schema, j["teacher"].model)["total"]
+        student = count_parameters(schema, j["student"].model)["total"]
+        assert student * 10 <= teacher, (suite.name, student, teacher)
+
+
+def test_criteo_large_is_full_size():
+    j = {stage: load_job(JOBS / "criteo-large" / f"{stage}.yaml") for stage in STAGE_NAMES}
+    assert j["data"].preset == "criteo" and j["data"].max_cardinality is None and j["data"].rows >= 10**9
+    assert j["teacher"].model.embedding_dim >= 128
+    # the bulk (logs, cache) in object storage; exports and checkpoints on shared storage
+    assert j["cache"].logs.startswith("s3://") and j["cache"].out.startswith("s3://")
+    assert j["data"].out == j["cache"].logs
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+@pytest.mark.parametrize("to", ["slurm", "k8s"])
+def test_submit_renders_criteo_large(stage, to):
+    config = f"jobs/criteo-large/{stage}.yaml"
+    out = submit(stage, "--to", to, "--config", config, "--dry-run", "--nodes", "4", "--gpus-per-node", "8")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert not re.search(r"(?<![$\w])\{\w+\}", text), text  # every template field filled
+    ddp = stage in ("teacher", "student", "distill")
+    if to == "k8s":
+        (job,) = yaml.safe_load_all(text)
+        if stage == "cache":
+            assert job["kind"] == "RayJob"
+            assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
+            argv = shlex.split(job["spec"]["entrypoint"])[3:]  # after python -m distkd.cli
+        else:
+            assert job["kind"] == "PyTorchJob"
+            specs = job["spec"]["pytorchReplicaSpecs"]
+            assert specs["Worker"]["replicas"] == (3 if ddp else 0)
+            assert job["spec"]["nprocPerNode"] == ("8" if ddp else "1")
+            command = specs["Master"]["template"]["spec"]["containers"][0]["command"]
+            argv = command[command.index("distkd.cli") + 1:]
+    else:
+        # DDP stages on 4 nodes; the others on one (cache: that node's embedded Ray takes its GPUs)
+        assert re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1) == ("4" if ddp else "1")
+        assert "#SBATCH --gpus-per-node=8" in text
+        (arr,) = re.findall(r"^STAGE_ARGS=\((.*)\)$", text, re.M)
+        argv = shlex.split(arr)
+        check = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    if stage == "data":
+        assert argv[:4] == ["data", "synth", "--out", "s3://YOUR-BUCKET/distkd/criteo-large/logs"], argv
+        flags = dict(zip(argv[2::2], argv[3::2]))
+        assert flags["--rows"] == "1000000000" and flags["--workers"] == "32" and flags["--preset"] == "criteo"
+        assert "--max-cardinality" not in flags  # the synth default: no cap
+    else:
+        assert argv[-2:] == ["--config", config], argv
+
+
+# -- packaging: the templates travel with the package -----------------------------------------
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {"distkd._cluster": "cluster"}
+    want = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "distkd").rglob("__init__.py")}
+    want |= {"distkd._cluster"} | {f"distkd._cluster.{d.name}" for d in CLUSTER.iterdir() if d.is_dir()}
+    assert set(setup["packages"]) == want
+
+
+def test_wheel_carries_the_templates(tmp_path):
+    """A wheel built from this tree holds cluster/ byte for byte, and `distkd submit` installed
+    from it (no checkout around) renders what the checkout renders."""
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info next to its sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("distkd", "cluster"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-q", str(src), "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("distkd-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        for f in CLUSTER.rglob("*"):
+            if f.is_file():
+                name = f"distkd/_cluster/{f.relative_to(CLUSTER).as_posix()}"
+                assert name in names and z.read(name) == f.read_bytes(), name
+        z.extractall(site)
+    argv = ["submit", "distill", "--to", "slurm", "--config", str(ROOT / "jobs/demo/distill.yaml"), "--dry-run"]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(site)}
+    r = subprocess.run([sys.executable, "-c", "import sys, distkd.cli as c; print(c.__file__, file=sys.stderr); "
+                        "sys.exit(c.main(sys.argv[1:]))", *argv],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert str(site) in r.stderr  # the installed copy ran, not the checkout
+    assert r.stdout == submit(*argv[1:]).stdout

@@ -1,0 +1,185 @@
+"""`distkd submit cache --to ray --wait` against a real Ray head and its Jobs API.
+
+The head (with its dashboard, which serves the Jobs API) is started here on loopback only,
+in a private temp dir, on ports picked free; the job runs the cache stage through
+`jobs/demo/cache.yaml` with overrides, the way a user submits it, and the cache it wrote is
+checked with `distkd cache verify`. The head is torn down by signalling the `ray start
+--block` process this test started, then killing whatever is left of its session by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distkd.cli import main as cli_main
+from distkd.export import write_export
+from distkd.models import ModelConfig, RankingModel
+from distkd.schema import load_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (the head we started with start_new_session, and its children)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # after "(comm)": state ppid pgrp session
+                pids.append(int(d.name))
+    return pids
+
+
+def listening(pids: list[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket these processes listen on (from /proc)."""
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = pid
+        except OSError:
+            continue
+    found = []
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in owner:  # 0A: LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints the address as 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+            addr = socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6, raw)
+            found.append((addr, int(hexport, 16), owner[f[9]]))
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_jobs_head(tmp_path_factory):
+    """A one-node Ray head with its dashboard (the Jobs API), loopback only; yields the Jobs
+    API address and the head's session id."""
+    log = tmp_path_factory.mktemp("ray-jobs-head") / "head.log"
+    temp_dir = tempfile.mkdtemp(prefix="dkj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = free_port()
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
+           "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+           # Ray's fixed default ports (52365, 10001, 44217, 44227) would collide with another head
+           # on this machine: every port is picked free here, workers get random ones.
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({
+        # Ray rewrites 127.0.0.1 to the machine's outside address and binds GCS, raylet and agents
+        # on every interface; in single-node mode (the one it uses on macOS) it keeps to loopback.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "DASHBOARD_METRIC_PORT": str(free_port()),
+        "AUTOSCALER_METRIC_PORT": str(free_port()),
+        # the job's entrypoint runs `python -m distkd.cli ...`: this interpreter, as on a cluster image
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "block forever" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{dashboard}", proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 10
+        while (left := [p for p in session_pids(proc.pid) if p != os.getpid()]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in left:  # stragglers of this head's session only, by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def teacher(small_logs, tmp_path_factory):
+    """An untrained teacher's export (fixed seed): the cache only needs a deterministic forward."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
+    model = RankingModel(load_schema(small_logs), cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
+    out = tmp_path_factory.mktemp("teacher") / "export"
+    write_export(out, "teacher", load_schema(small_logs), cfg, model.state_dict())
+    return out
+
+
+def submit(address: str, *overrides: str) -> subprocess.Popen:
+    """`distkd submit cache --to ray --wait` with jobs/demo/cache.yaml, started in the background."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "distkd.cli", "submit", "cache", "--to", "ray", "--address", address,
+                             "--config", "jobs/demo/cache.yaml", "--wait", *overrides],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """Exit status, stdout (the job's logs, then its status line) and stderr of a submit."""
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err[-3000:]
+
+
+def test_cache_stage_through_the_jobs_api(ray_jobs_head, small_logs, teacher, tmp_path):
+    """Two jobs at once: the cache stage, and one whose job file is wrong. Each `--wait` streams
+    its own job's logs and exits with its status; the cache verifies."""
+    address, sid = ray_jobs_head
+    good, bad = tmp_path / "cache", tmp_path / "bad"
+    jobs = [submit(address, f"teacher={teacher}", f"logs={small_logs}", f"out={good}", "splits=[train,valid]",
+                   "batch_size=4096"),
+            submit(address, f"teacher={teacher}", f"logs={small_logs}", f"out={bad}", "dtype=fp8")]
+    (rc, out, err), (bad_rc, bad_out, bad_err) = finish(jobs[0]), finish(jobs[1])
+
+    assert rc == 0, out + err
+    assert out.startswith("submitted raysubmit_") and "SUCCEEDED" in out.splitlines()[-1], out + err
+    assert "cache: Ray cluster 2 CPU" in out, out  # the job's own logs came back
+    assert cli_main(["cache", "verify", "--cache", str(good), "--logs", str(small_logs), "--teacher", str(teacher)]) == 0
+
+    # a job file error found inside the job: exit status 2, as `distkd cache build` itself gives
+    assert bad_rc == 2, bad_out + bad_err
+    assert "dtype: must be one of" in bad_out and "FAILED" in bad_out.splitlines()[-1], bad_out + bad_err
+    assert not bad.exists()
+
+    # Nothing of the head (GCS, raylet, dashboard, agents, the jobs' workers) listens beyond loopback.
+    ports = listening(session_pids(sid))
+    assert any(port == int(address.rsplit(":", 1)[1]) for _, port, _ in ports), ports
+    assert all(addr in LOOPBACK for addr, _, _ in ports), ports

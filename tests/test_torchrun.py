@@ -1,0 +1,82 @@
+"""Distillation as two nodes on this machine: two `torchrun --nnodes 2` agents, started as
+separate processes, meet through the c10d rendezvous and run `distkd distill` as one job
+(one gloo rank each), the way the Slurm and PyTorchJob templates launch it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+import yaml
+
+from distkd.cache.build import CacheJob, build
+from distkd.checkpoint import latest
+from distkd.dist import free_port
+from distkd.export import write_export
+from distkd.models import ModelConfig, RankingModel
+from distkd.schema import load_schema
+
+
+@pytest.fixture(scope="module")
+def cache(small_logs, tmp_path_factory):
+    """An untrained teacher's export (fixed seed) and its logit cache of the train split,
+    built on an embedded Ray with one worker."""
+    root = tmp_path_factory.mktemp("torchrun-kd")
+    torch.manual_seed(0)
+    schema = load_schema(small_logs)
+    cfg = ModelConfig(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
+    model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
+    sha = write_export(root / "teacher", "teacher", schema, cfg, model.state_dict())["sha256"]
+    build(CacheJob(teacher=str(root / "teacher"), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
+                   workers=1, batch_size=8192), log=lambda m: None)
+    return root / "cache", sha
+
+
+def test_distill_on_two_torchrun_nodes(small_logs, cache, tmp_path):
+    cache_dir, sha = cache
+    out = tmp_path / "kd"
+    job = tmp_path / "distill.yaml"
+    job.write_text(yaml.safe_dump({
+        "logs": str(small_logs), "out": str(out), "role": "student", "tensorboard": False,
+        "model": {"embedding_dim": 8, "dense_arch": [16], "cross_layers": 0, "deep_arch": [32, 16]},
+        "optim": {"embedding_lr": 0.2, "dense_lr": 0.01},
+        "train": {"batch_size": 512, "max_steps": 12, "checkpoint_every": 5, "seed": 0},
+        "distill": {"teachers": [{"cache": str(cache_dir), "sha256": sha}], "losses": {"hard": 1.0, "mse": 1.0}},
+    }))
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"distkd-{uuid.uuid4().hex[:8]}",
+           "--local-addr", "127.0.0.1", "--max-restarts", "0", "--monitor-interval", "0.5",
+           "-m", "distkd.cli", "distill", "--config", str(job)]
+    env = {**os.environ, "DISTKD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    nodes = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # no --node-rank: the rendezvous orders the nodes
+    logs = []
+    for p in nodes:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in nodes:
+                q.kill()
+            pytest.fail("torchrun nodes did not finish:\n" + "\n".join(q.communicate()[0][-3000:] for q in nodes))
+    for p, log in zip(nodes, logs):
+        assert p.returncode == 0, log[-4000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12
+    assert summary["replica_drift"] == 0.0  # the dense layers stayed identical on both nodes
+    assert summary["parts_last"]["mse"] < summary["parts_first"]["mse"]
+    assert summary["test"]["click"]["rows"] == 4_000  # evaluation covered the split once, over both nodes
+    assert (out / "export" / "model.pt").is_file() and (out / "export" / "export.json").is_file()
+    last = latest(out / "checkpoints")
+    assert last is not None and last.name.endswith("12")
+    assert sorted(p.name for p in last.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    # exactly one node logged as rank 0 (it wrote the export); the other trained silently
+    assert sum("export: " in log for log in logs) == 1, logs
