@@ -8,6 +8,8 @@ and the training loop see a single object.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -41,6 +43,36 @@ class OptimConfig:
     dense_lr: float = 1e-3
     weight_decay: float = 0.0
     eps: float = 1e-8
+    # Both learning rates follow one schedule over the run's steps: a linear warmup, then
+    # constant, or a linear/cosine decay to zero (a one-pass model ends on an annealed iterate
+    # instead of a noisy one).
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+class LRSchedule:
+    """Sets every param group's lr (the fused tables read theirs at each step) from the step."""
+
+    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int):
+        self.groups = list(optimizer.param_groups)
+        self.base = [g["lr"] for g in self.groups]  # before any checkpoint restores scaled ones
+        self.cfg, self.total = cfg, max(total_steps, 1)
+
+    def factor(self, step: int) -> float:
+        warm = self.cfg.warmup_steps
+        if warm and step < warm:
+            return (step + 1) / warm
+        if self.cfg.schedule == "constant":
+            return 1.0
+        done = min(1.0, (step - warm) / max(self.total - warm, 1))
+        return 1.0 - done if self.cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def set(self, step: int) -> float:
+        """Set the learning rates for the optimizer step that follows `step` steps taken."""
+        f = self.factor(step)
+        for g, base in zip(self.groups, self.base):
+            g["lr"] = base * f
+        return f
 
 
 def allowed_sharding_types(cfg: ShardingConfig, device: torch.device) -> Optional[list[str]]:

@@ -121,3 +121,48 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert str(bad) in r.stderr and "embeding_dim" in r.stderr
     r = cli("teacher", "train", "train.batch_size=lots")
     assert r.returncode == 2 and "train.batch_size" in r.stderr
+
+
+def test_heads_start_at_the_base_rates(small_logs):
+    """The heads' bias starts at the log-odds of each task's rate among labeled rows (first row
+    group of each train shard), so an untrained model already predicts the base rate."""
+    import pyarrow.parquet as pq
+
+    from distkd.models import ModelConfig, RankingModel
+    from distkd.trainer import label_rates, set_prior
+
+    schema = load_schema(small_logs)
+    files = split_files(small_logs, "train")
+    rates = label_rates(schema, files)
+    for task, rate in zip(schema.tasks, rates):
+        labels = [pq.ParquetFile(f).read_row_group(0, columns=[task.label]).column(0).drop_null().to_pylist()
+                  for f in files]
+        flat = [y for ys in labels for y in ys]
+        assert 0 < rate < 1 and rate == pytest.approx(sum(flat) / len(flat)), task.name
+    model = RankingModel(schema, ModelConfig(embedding_dim=8, dense_arch=[8], cross_layers=0, deep_arch=[16],
+                                             aux_head=True))
+    set_prior(model, rates)
+    for head in (model.head, model.aux_head):
+        torch.testing.assert_close(torch.sigmoid(head.bias.detach()), torch.tensor(rates))
+
+
+def test_lr_schedule_through_a_combined_optimizer():
+    """Warmup, then linear or cosine decay to zero, set on every group of a CombinedOptimizer
+    (what the trainer builds: the fused tables' optimizer reads its group's lr at each step)."""
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+    from distkd.sharding import LRSchedule, OptimConfig
+
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    opt = CombinedOptimizer([
+        ("a", KeyedOptimizerWrapper(dict(a.named_parameters()), lambda p: torch.optim.Adam(p, lr=0.01))),
+        ("b", KeyedOptimizerWrapper(dict(b.named_parameters()), lambda p: torch.optim.SGD(p, lr=0.1))),
+    ])
+    sched = LRSchedule(opt, OptimConfig(schedule="linear", warmup_steps=10), total_steps=110)
+    assert [sched.set(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert sched.set(60) == pytest.approx(0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
+    assert sched.set(110) == 0.0
+    cosine = LRSchedule(opt, OptimConfig(schedule="cosine"), total_steps=100)
+    assert [cosine.factor(s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    assert LRSchedule(opt, OptimConfig(), total_steps=100).factor(99) == 1.0
