@@ -66,6 +66,11 @@ def make_logs(job: DataJob) -> None:
     out = Path(job.out)
     stamp = out / "data-job.json"
     want = {k: v for k, v in to_dict(job).items() if k != "workers"}  # the logs don't depend on it
+    if job.source == "synth":
+        from distkd.data.synth import PRESETS
+
+        if job.preset in PRESETS:  # the truth's parameters live in code: a change there means new logs
+            want["truth"] = repr(PRESETS[job.preset])
     if (out / SCHEMA_FILE).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         say(f"logs: reusing {out} (same parameters)")
         return
