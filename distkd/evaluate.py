@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from distkd import storage
 from distkd.config import ConfigError, load, to_dict
 from distkd.export import META_FILE, load_export, read_meta
 from distkd.loader import LogLoader, split_files
@@ -141,7 +141,7 @@ def oracle_metrics(files: list[str], schema: Schema) -> Optional[dict[str, dict[
         return None
     metrics = TaskMetrics(schema.task_names)
     for path in files:
-        pf = pq.ParquetFile(path)
+        pf = storage.open_parquet(path)
         try:
             if any(pf.schema_arrow.get_field_index(c) < 0 for c in oracle):
                 raise LogsError(f"{path}: missing eval column(s) {oracle} named by the schema")

@@ -131,6 +131,8 @@ def test_synth_writes_logs_to_s3(s3, tmp_path, capsys):
     args = ["data", "synth", "--preset", "small", "--rows", "3000", "--shards", "2", "--workers", "1"]
     assert cli_main(args + ["--out", uri]) == 0
     assert "oracle AUC" in capsys.readouterr().out  # the summary read the shards back from S3
+    assert cli_main(["data", "validate", uri]) == 0  # every shard and row group, read from S3
+    assert "3,000 rows checked" in capsys.readouterr().out
     generate(tmp_path / "local", 3000, shards=2, preset="small")
     keys = _keys("synth")
     assert keys == ["synth/schema.yaml", "synth/test/part-00000.parquet", "synth/train/part-00000.parquet",

@@ -16,15 +16,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distkd import storage
 from distkd.data.checks import check_row_group
 from distkd.schema import SPLITS, LogsError, Schema, check_arrow_schema, load_schema
 
 
-def shard_paths(split_dir: Path) -> list[Path]:
-    """The Parquet shards of one split, in name order (hidden and temporary files skipped)."""
-    if not split_dir.is_dir():
+def shard_paths(split_dir: str | Path) -> list[str]:
+    """The Parquet shards of one split (a path or a storage URI), in name order (hidden and
+    temporary files skipped)."""
+    if not storage.is_remote(split_dir) and not Path(split_dir).is_dir():
         raise LogsError(f"{split_dir}: split directory is missing")
-    paths = sorted(p for p in split_dir.glob("*.parquet") if not p.name.startswith(".") and p.is_file())
+    paths = [p for p in storage.list_files(split_dir, ".parquet") if not storage.basename(p).startswith(".")]
     if not paths:
         raise LogsError(f"{split_dir}: split directory holds no Parquet shards (*.parquet)")
     return paths
@@ -34,14 +36,14 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def _open(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return storage.open_parquet(path)
     except (pa.ArrowException, OSError) as e:
         raise LogsError(f"{path}: not a readable Parquet file (corrupt or truncated?): {_one_line(e)}") from None
 
 
-def _check_shard(path: Path, schema: Schema, stats: dict) -> np.ndarray:
+def _check_shard(path: str, schema: Schema, stats: dict) -> np.ndarray:
     """Check one shard; add to `stats`; return its example ids (int64)."""
     pf = _open(path)
     check_arrow_schema(schema, pf.schema_arrow, str(path))
@@ -70,7 +72,7 @@ def _check_shard(path: Path, schema: Schema, stats: dict) -> np.ndarray:
     return np.concatenate(ids) if ids else np.empty(0, np.int64)
 
 
-def _check_unique(ids: list[np.ndarray], paths: list[Path], logs_dir: Path) -> None:
+def _check_unique(ids: list[np.ndarray], paths: list[str], logs_dir: str) -> None:
     """Sort all ids; on an adjacent duplicate, name the id and every file and row it is in."""
     if not ids:
         return
@@ -93,8 +95,8 @@ def _check_unique(ids: list[np.ndarray], paths: list[Path], logs_dir: Path) -> N
 def validate_logs(logs_dir: str | Path) -> dict:
     """Check a whole logs directory; return a summary (per split: rows, shards, row groups,
     per-task labeled rows, positives and positive rate). Raises LogsError on the first problem."""
-    logs_dir = Path(logs_dir)
-    if not logs_dir.is_dir():
+    logs_dir = str(logs_dir)
+    if not storage.is_remote(logs_dir) and not Path(logs_dir).is_dir():
         raise LogsError(f"{logs_dir}: logs directory not found")
     schema = load_schema(logs_dir)
     summary = {"logs": str(logs_dir), "schema": schema.fingerprint(), "rows": 0, "splits": {}}
@@ -102,7 +104,7 @@ def validate_logs(logs_dir: str | Path) -> dict:
     for split in SPLITS:
         stats = {"rows": 0, "shards": 0, "row_groups": 0,
                  "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.tasks}}
-        for path in shard_paths(logs_dir / split):
+        for path in shard_paths(storage.join(logs_dir, split)):
             ids.append(_check_shard(path, schema, stats))
             paths.append(path)
             stats["shards"] += 1
