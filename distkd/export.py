@@ -18,7 +18,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from distkd import storage
 from distkd.storage import atomic_write_bytes
-from distkd.config import from_dict, to_dict
+from distkd.config import ConfigError, from_dict, to_dict
 from distkd.models import ModelConfig, RankingModel
 from distkd.schema import Schema
 
@@ -81,7 +81,7 @@ def write_export(out_dir: str | Path, role: str, schema: Schema, cfg: ModelConfi
 def read_meta(export_dir: str | Path) -> dict[str, Any]:
     path = Path(export_dir) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{export_dir}: no {META_FILE}; is this an exported model directory?")
+        raise ConfigError(f"{export_dir}: no {META_FILE}; is this an exported model directory?")
     return json.loads(path.read_text())
 
 

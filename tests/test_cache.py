@@ -183,6 +183,13 @@ def test_concurrent_build_is_refused(built, teachers, small_logs):
     assert build(_job(teachers, small_logs, out))["computed"] == 0
 
 
+def test_missing_teacher_export_is_a_clear_error(small_logs, tmp_path, capsys):
+    rc = cli_main(["cache", "build", "--teacher", str(tmp_path / "no-export"), "--logs", str(small_logs),
+                   "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no-export: no export.json" in err and "Traceback" not in err
+
+
 def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
     out, _ = built
     cache = _copy_cache(out, tmp_path / "cache")
