@@ -126,12 +126,13 @@ def preflight(raw: dict, logs: str) -> DistillConfig:
     """Check the config and every teacher's cache against the logs before any rank starts,
     so a wrong cache is a one-line error (exit 2), not a stack of rank tracebacks."""
     from distkd.cache.reader import open_cache
+    from distkd.export import META_FILE
 
     cfg = parse(raw)
     for i, t in enumerate(cfg.teachers):
         if t.cache is not None:
             open_cache(t.cache, logs, "train", teacher_sha256=t.sha256, hidden=i == 0 and bool(cfg.losses.hint))
-        elif not (Path(t.export) / "export.json").is_file():
+        elif not (Path(t.export) / META_FILE).is_file():
             raise ConfigError(f"distill.teachers[{i}].export: {t.export} is not an exported model directory")
     return cfg
 

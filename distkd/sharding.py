@@ -9,7 +9,6 @@ and the training loop see a single object.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Literal, Optional
 

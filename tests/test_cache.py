@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from distkd.cache.build import CacheJob, build, job_from_args
 from distkd.cache.lock import BuildLock
 from distkd.cache.pool import plan_pool
 from distkd.cache.verify import verify_cache
+from distkd.dist import free_port
 from distkd.cli import main as cli_main
 from distkd.export import load_export, write_export
 from distkd.loader import LogLoader, split_files
@@ -229,16 +229,10 @@ def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tm
         assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1; stopped by signalling the `ray start --block` process we started."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     # A private temp dir (short: Ray's socket paths must fit 107 bytes), so that this head is
     # never recorded as the machine's "current cluster" that other ray.init() calls would join.

@@ -23,18 +23,13 @@ import pytest
 import torch
 
 from distkd.cli import main as cli_main
+from distkd.dist import free_port
 from distkd.export import write_export
 from distkd.models import ModelConfig, RankingModel
 from distkd.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_pids(sid: int) -> list[int]:

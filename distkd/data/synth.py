@@ -315,9 +315,11 @@ def generate(
         if not force:
             raise FileExistsError(f"{out}: exists and is not empty (use --force to overwrite)")
         # The schema goes first: without it the directory is visibly unfinished from here on.
-        for f in sorted(old, key=lambda f: storage.basename(f) != SCHEMA_FILE):
-            storage.delete(f)
-        if not storage.is_remote(out):
+        storage.delete(storage.join(out, SCHEMA_FILE))
+        if storage.is_remote(out):
+            for f in old:
+                storage.delete(f)  # nothing there (the schema) is no error
+        else:
             shutil.rmtree(out)
     schema = make_schema(preset, max_cardinality)
     jobs, id0 = [], 0
