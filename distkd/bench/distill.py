@@ -5,12 +5,17 @@
 Each trains the same student for the same steps on two gloo ranks (one thread each);
 the time per epoch is the loop's rows/s (start-up and evaluation excluded) scaled to
 the train split. Uses the demo's logs, teacher and cache (built first if missing).
+
+A shared two-core machine drifts by several percent between runs a minute apart, as
+much as b and a differ, so a and b run `--repeats` times each in the order a b b a
+a b b a ... (a drift linear in time weighs on both alike) and the ratio is of medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,31 +28,40 @@ from distkd.loader import split_files
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", default="jobs/demo")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    p.add_argument("--repeats", type=int, default=2, help="runs of a and of b each (c runs once)")
     a = p.parse_args(argv)
     from distkd.demo import teacher_and_cache
 
     jobs = Path(a.jobs)
     data, _, teacher, cache = teacher_and_cache(jobs)
-    export = cache.teacher
-
-    student = ["student", "train", "--config", str(jobs / "student.yaml")]
     distill = ["distill", "--config", str(jobs / "distill.yaml")]
-    runs = {
-        "a: hard labels": cli_summary(student, a.steps),
-        "b: distill from cache": cli_summary(distill + [f"distill.teachers.0.cache={cache.out}"], a.steps),
-        "c: distill online": cli_summary(distill + ["distill.teachers.0.cache=null",
-                                                    f"distill.teachers.0.export={export}"], a.steps),
+    commands = {
+        "a: hard labels": ["student", "train", "--config", str(jobs / "student.yaml")],
+        "b: distill from cache": distill + [f"distill.teachers.0.cache={cache.out}"],
+        "c: distill online": distill + ["distill.teachers.0.cache=null", f"distill.teachers.0.export={cache.teacher}"],
     }
+    names = list(commands)
+    order = [n for r in range(a.repeats) for n in (names[:2] if r % 2 == 0 else names[1::-1])] + [names[2]]
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    parameters = 0
+    for i, name in enumerate(order, 1):
+        print(f"[{i}/{len(order)}] {name} ({a.steps} steps)", file=sys.stderr, flush=True)
+        s = cli_summary(commands[name], a.steps)
+        rates[name].append(s["rows_per_s"])
+        parameters = s["parameters"]["total"]
+
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(data.out, "train"))
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; 2 gloo ranks, one thread each")
-    print(f"student {runs['a: hard labels']['parameters']['total']:,} parameters; teacher "
-          f"{teacher['parameters']:,}; {a.steps} steps per run; epoch = {rows:,} train rows")
-    print(f"{'run':<24} {'rows/s':>10} {'epoch s':>9}")
+    print(f"student {parameters:,} parameters; teacher {teacher['parameters']:,}; {a.steps} steps per run; "
+          f"epoch = {rows:,} train rows; order {' '.join(n[0] for n in order)}")
+    print(f"{'run':<24} {'rows/s (median)':>16} {'epoch s':>9}  each run, rows/s")
     epoch = {}
-    for name, s in runs.items():
-        epoch[name] = rows / s["rows_per_s"]
-        print(f"{name:<24} {s['rows_per_s']:>10,.0f} {epoch[name]:>9.1f}")
+    for name in names:
+        med = statistics.median(rates[name])
+        epoch[name] = rows / med
+        each = ", ".join(f"{r:,.0f}" for r in rates[name])
+        print(f"{name:<24} {med:>16,.0f} {epoch[name]:>9.1f}  {each}")
     a_, b_, c_ = epoch.values()
     print(f"b/a = {b_ / a_:.3f} (goal <= 1.05): reading cached logits costs {100 * (b_ / a_ - 1):+.1f}% epoch time")
     print(f"c/b = {c_ / b_:.2f}: running the teacher in the loop instead of reading the cache")
