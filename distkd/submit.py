@@ -38,6 +38,46 @@ TEMPLATES = {
 DEFAULT_IMAGE = "registry.example.com/distkd:0.1.0-{variant}"
 
 
+def load_job(stage: str, config: str | Path, overrides: list[str] = ()) -> object:
+    """The stage's job, loaded and checked as the stage itself will (dataclass fields, types,
+    a distill: section's teachers and losses), so that a typo fails here with exit 2, not
+    on the cluster after the job waited in a queue. Paths are not checked: they are the
+    cluster's."""
+    from distkd.config import load
+
+    overrides = list(overrides)
+    if stage == "data":
+        from distkd.demo import DataJob
+
+        return load(DataJob, config, overrides)
+    if stage == "cache":
+        from distkd.cache.build import CacheJob
+
+        return load(CacheJob, config, overrides)
+    if stage == "eval":
+        from distkd.evaluate import EvalJob
+
+        job = load(EvalJob, config, overrides)
+        try:
+            job.check()
+        except ConfigError as e:
+            raise ConfigError(f"{config}: {e}") from None
+        return job
+    from distkd.trainer import TrainJob
+
+    job = load(TrainJob, config, [f"role={'teacher' if stage == 'teacher' else 'student'}", *overrides])
+    if stage == "distill":
+        from distkd.distill import parse
+
+        if not job.distill:
+            raise ConfigError(f"{config}: `distkd distill` needs a distill: section (teachers, losses)")
+        try:
+            parse(job.distill)
+        except ConfigError as e:
+            raise ConfigError(f"{config}: {e}") from None
+    return job
+
+
 def stage_args(stage: str, config: str, overrides: list[str]) -> list[str]:
     """The stage's command line after `python -m distkd.cli`, filled from the job file."""
     job = apply_overrides(read_yaml(config), overrides, where=config)  # the file must load
@@ -173,6 +213,7 @@ def run(args) -> int:
         raise ConfigError(f"{args.config}: job file not found")
     if getattr(args, "wait", False) and args.to != "ray":
         raise ConfigError(f"submit: --wait is for --to ray; {args.to} jobs are submitted by the printed command")
+    load_job(args.stage, args.config, list(args.overrides or []))
     argv = stage_args(args.stage, args.config, list(args.overrides or []))
     values = _values(args, argv)
     if args.to == "ray":

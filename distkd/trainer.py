@@ -374,7 +374,10 @@ def run(args) -> int:
     if job.distill is not None:
         from distkd.distill import preflight
 
-        preflight(job.distill, job.logs)  # fail here, naming the file, not inside every rank
+        try:  # fail here, naming the file, not inside every rank
+            preflight(job.distill, job.logs)
+        except ConfigError as e:
+            raise ConfigError(f"{args.config or 'config'}: {e}") from None
     if args.nproc is not None:
         job.nproc = args.nproc
     summary = dist.launch(train, job.nproc, job, args.resume)[0]
