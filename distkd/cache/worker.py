@@ -35,7 +35,7 @@ from distkd.cache.manifest import (
     output_schema,
 )
 from distkd.data.checks import check_row_group
-from distkd.loader import to_batch
+from distkd.batch import to_batch
 from distkd.loader_rows import decode
 from distkd.schema import Schema
 
