@@ -155,13 +155,13 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def test_cache_stage_through_the_jobs_api(ray_jobs_head, small_logs, teacher, tmp_path):
-    """Two jobs at once: the cache stage, and one whose job file is wrong. Each `--wait` streams
+    """Two jobs at once: the cache stage, and one whose teacher is not there. Each `--wait` streams
     its own job's logs and exits with its status; the cache verifies."""
     address, sid = ray_jobs_head
     good, bad = tmp_path / "cache", tmp_path / "bad"
     jobs = [submit(address, f"teacher={teacher}", f"logs={small_logs}", f"out={good}", "splits=[train,valid]",
                    "batch_size=4096"),
-            submit(address, f"teacher={teacher}", f"logs={small_logs}", f"out={bad}", "dtype=fp8")]
+            submit(address, f"teacher={tmp_path / 'no-such-teacher'}", f"logs={small_logs}", f"out={bad}")]
     (rc, out, err), (bad_rc, bad_out, bad_err) = finish(jobs[0]), finish(jobs[1])
 
     assert rc == 0, out + err
@@ -169,9 +169,10 @@ def test_cache_stage_through_the_jobs_api(ray_jobs_head, small_logs, teacher, tm
     assert "cache: Ray cluster 2 CPU" in out, out  # the job's own logs came back
     assert cli_main(["cache", "verify", "--cache", str(good), "--logs", str(small_logs), "--teacher", str(teacher)]) == 0
 
-    # a job file error found inside the job: exit status 2, as `distkd cache build` itself gives
+    # an error only the cluster can see (submit checks the job file, not the cluster's paths):
+    # exit status 2, as `distkd cache build` itself gives
     assert bad_rc == 2, bad_out + bad_err
-    assert "dtype: must be one of" in bad_out and "FAILED" in bad_out.splitlines()[-1], bad_out + bad_err
+    assert "no-such-teacher: no export.json" in bad_out and "FAILED" in bad_out.splitlines()[-1], bad_out + bad_err
     assert not bad.exists()
 
     # Nothing of the head (GCS, raylet, dashboard, agents, the jobs' workers) listens beyond loopback.
