@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from distkd.config import ConfigError, apply_overrides, read_yaml
 
@@ -38,7 +39,7 @@ TEMPLATES = {
 DEFAULT_IMAGE = "registry.example.com/distkd:0.1.0-{variant}"
 
 
-def load_job(stage: str, config: str | Path, overrides: list[str] = ()) -> object:
+def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> object:
     """The stage's job, loaded and checked as the stage itself will (dataclass fields, types,
     a distill: section's teachers and losses), so that a typo fails here with exit 2, not
     on the cluster after the job waited in a queue. Paths are not checked: they are the

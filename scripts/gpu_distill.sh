@@ -16,7 +16,7 @@ ROWS=${ROWS:-200000}
 STEPS=${STEPS:-300}
 
 # Fail in one line, before any stage, if the stack is not there or not the CUDA one.
-read -r NGPU BACKEND < <("$PY" - <<'EOF'
+probe=$("$PY" - <<'EOF'
 import sys
 try:
     import torch, fbgemm_gpu, torchrec  # noqa: F401
@@ -31,6 +31,7 @@ if n:
 print(n or 2, "nccl" if n else "gloo")  # one rank per GPU; two CPU ranks otherwise
 EOF
 )
+read -r NGPU BACKEND <<< "$probe"
 BATCH=${BATCH:-$([ "$BACKEND" = nccl ] && echo 4096 || echo 1024)}
 echo "gpu_distill: $BACKEND, $NGPU ranks, $ROWS rows, $STEPS steps of $BATCH rows per rank -> $OUT"
 
