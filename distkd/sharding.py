@@ -1,9 +1,11 @@
 """Shard a RankingModel with DistributedModelParallel and build its optimizers.
 
-Embedding tables get a fused rowwise-Adagrad optimizer applied in the backward pass
-(FBGEMM's TBE updates rows in place, no dense gradient is ever built); the dense
-layers get Adam. The two are combined into one keyed optimizer so checkpointing
-and the training loop see a single object.
+Embedding tables get rowwise Adagrad at `embedding_lr` whatever the plan: sharded tables
+(table-, column-, row-wise) have it fused into the backward pass (FBGEMM's TBE updates rows
+in place, no dense gradient is ever built); data-parallel tables are DDP replicas, which
+TorchRec leaves to the dense optimizer, so they get the same rowwise Adagrad here, stepped
+after DDP's all-reduce. The dense layers get Adam. All are combined into one keyed optimizer
+so checkpointing, the LR schedule and the training loop see a single object.
 """
 
 from __future__ import annotations
@@ -100,12 +102,17 @@ def shard(model: RankingModel, env: Env, sharding: ShardingConfig, optim: OptimC
     )
     plan = plan_for(model, env, sharding)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense = KeyedOptimizerWrapper(
-        dense_params,
-        lambda params: torch.optim.Adam(params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
-    )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+    # What the fused optimizer does not step: the dense layers and any data-parallel table.
+    rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    tables = {n: p for n, p in rest.items() if n.startswith("ebc.")}
+    dense = {n: p for n, p in rest.items() if n not in tables}
+    optimizers = [dmp.fused_optimizer]
+    if tables:
+        optimizers.append(KeyedOptimizerWrapper(
+            tables, lambda params: RowWiseAdagrad(params, lr=optim.embedding_lr, eps=optim.eps)))
+    optimizers.append(KeyedOptimizerWrapper(
+        dense, lambda params: torch.optim.Adam(params, lr=optim.dense_lr, weight_decay=optim.weight_decay)))
+    return dmp, CombinedOptimizer(optimizers)
 
 
 def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
