@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", default="jobs/demo")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    p.add_argument("--repeats", type=int, default=2, help="runs of a and of b each (c runs once)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of a and of b each (c runs once)")
     a = p.parse_args(argv)
     from distkd.demo import teacher_and_cache
 
