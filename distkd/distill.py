@@ -122,19 +122,28 @@ class Distill:
         return loss, {k: v.item() for k, v in terms.items()}
 
 
-def preflight(raw: dict, logs: str) -> DistillConfig:
-    """Check the config and every teacher's cache against the logs before any rank starts,
-    so a wrong cache is a one-line error (exit 2), not a stack of rank tracebacks."""
+def parse_section(raw: Optional[dict], where: str) -> DistillConfig:
+    """A job file's distill: section, checked (no paths); errors name the job file `where`."""
+    if not raw:
+        raise ConfigError(f"{where}: `distkd distill` needs a distill: section (teachers, losses); "
+                          "see jobs/demo/distill.yaml")
+    try:
+        return parse(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def preflight(cfg: DistillConfig, logs: str, where: str) -> None:
+    """Check every teacher's cache against the logs (or its export) before any rank starts, so
+    a wrong cache is a one-line error (exit 2), not a stack of rank tracebacks."""
     from distkd.cache.reader import open_cache
     from distkd.export import META_FILE
 
-    cfg = parse(raw)
     for i, t in enumerate(cfg.teachers):
         if t.cache is not None:
             open_cache(t.cache, logs, "train", teacher_sha256=t.sha256, hidden=i == 0 and bool(cfg.losses.hint))
         elif not (Path(t.export) / META_FILE).is_file():
-            raise ConfigError(f"distill.teachers[{i}].export: {t.export} is not an exported model directory")
-    return cfg
+            raise ConfigError(f"{where}: distill.teachers[{i}].export: {t.export} is not an exported model directory")
 
 
 def make_distill_objective(raw: dict, schema: Schema, model: ModelConfig, task_weights: list[float],

@@ -68,14 +68,9 @@ def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> o
 
     job = load(TrainJob, config, [f"role={'teacher' if stage == 'teacher' else 'student'}", *overrides])
     if stage == "distill":
-        from distkd.distill import parse
+        from distkd.distill import parse_section
 
-        if not job.distill:
-            raise ConfigError(f"{config}: `distkd distill` needs a distill: section (teachers, losses)")
-        try:
-            parse(job.distill)
-        except ConfigError as e:
-            raise ConfigError(f"{config}: {e}") from None
+        parse_section(job.distill, str(config))
     return job
 
 

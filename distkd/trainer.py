@@ -368,16 +368,11 @@ def run(args) -> int:
     from distkd.config import load
 
     job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))
-    if getattr(args, "distill_required", False) and not job.distill:
-        raise ConfigError(f"{args.config or 'config'}: `distkd distill` needs a distill: section "
-                          "(teachers, losses); see jobs/demo/distill.yaml")
-    if job.distill is not None:
-        from distkd.distill import preflight
+    if getattr(args, "distill_required", False) or job.distill is not None:
+        from distkd.distill import parse_section, preflight
 
-        try:  # fail here, naming the file, not inside every rank
-            preflight(job.distill, job.logs)
-        except ConfigError as e:
-            raise ConfigError(f"{args.config or 'config'}: {e}") from None
+        where = args.config or "config"  # fail here, naming the file, not inside every rank
+        preflight(parse_section(job.distill, where), job.logs, where)
     if args.nproc is not None:
         job.nproc = args.nproc
     summary = dist.launch(train, job.nproc, job, args.resume)[0]
