@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from distkd.config import ConfigError
-from distkd.schema import LogsError
+from distkd.data.schema import LogsError
 from distkd.storage import StorageError
 
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for role in ("teacher", "student"):
         group = top.add_parser(role, help=f"train the {role} model").add_subparsers(dest=f"{role}_command", required=True)
-        p = _cmd(group, "train", "distkd.trainer:run", f"train the {role} on hard labels (DDP + TorchRec)")
+        p = _cmd(group, "train", "distkd.train.trainer:run", f"train the {role} on hard labels (DDP + TorchRec)")
         p.set_defaults(role=role)
         p.add_argument("--config", default=None, help=f"job YAML (e.g. jobs/demo/{role}.yaml); defaults if omitted")
         p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per forward pass (default 16384)")
     _overrides(p)
 
-    p = _cmd(top, "distill", "distkd.trainer:run", "distill the student from cached teacher logits (DDP + TorchRec)")
+    p = _cmd(top, "distill", "distkd.train.trainer:run", "distill the student from cached teacher logits (DDP + TorchRec)")
     p.set_defaults(role="student", distill_required=True)
     p.add_argument("--config", default=None, help="job YAML with a distill: section (e.g. jobs/demo/distill.yaml)")
     p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distkd.config import ConfigError, load, to_dict
-from distkd.schema import SCHEMA_FILE, SPLITS
+from distkd.data.schema import SCHEMA_FILE, SPLITS
 
 
 @dataclass
@@ -94,8 +94,8 @@ def make_logs(job: DataJob) -> None:
 def train_stage(config: Path, overrides: list[str], logs_fp: str, label: str) -> dict[str, Any]:
     """Train (or reuse) one model; returns its export metadata."""
     from distkd import dist
-    from distkd.export import read_meta
-    from distkd.trainer import TrainJob, train
+    from distkd.models.export import read_meta
+    from distkd.train.trainer import TrainJob, train
 
     job = load(TrainJob, config, overrides)
     out = Path(job.out)

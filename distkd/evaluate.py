@@ -27,11 +27,11 @@ import torch
 
 from distkd import storage
 from distkd.config import ConfigError, load, to_dict
-from distkd.export import META_FILE, load_export, read_meta
-from distkd.loader import LogLoader, split_files
+from distkd.models.export import META_FILE, load_export, read_meta
+from distkd.data.loader import LogLoader, split_files
 from distkd.metrics import METRICS, TaskMetrics
 from distkd.report import format_comparison, write_report
-from distkd.schema import LogsError, Schema, load_schema
+from distkd.data.schema import LogsError, Schema, load_schema
 
 TEACHER, KD, HARD, ORACLE = "teacher", "student-KD", "student-hard", "oracle"
 MIN_GAP = 1e-4  # |teacher − hard| below this: η is undefined, not a huge number

@@ -64,11 +64,11 @@ def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> o
         except ConfigError as e:
             raise ConfigError(f"{config}: {e}") from None
         return job
-    from distkd.trainer import TrainJob
+    from distkd.train.trainer import TrainJob
 
     job = load(TrainJob, config, [f"role={'teacher' if stage == 'teacher' else 'student'}", *overrides])
     if stage == "distill":
-        from distkd.distill import parse_section
+        from distkd.objectives.ctr_kd import parse_section
 
         parse_section(job.distill, str(config))
     return job

@@ -31,10 +31,10 @@ from distkd.cache.pool import plan_pool
 from distkd.cache.verify import verify_cache
 from distkd.dist import free_port
 from distkd.cli import main as cli_main
-from distkd.export import load_export, write_export
-from distkd.loader import LogLoader, split_files
-from distkd.models import ModelConfig, RankingModel
-from distkd.schema import load_schema
+from distkd.models.export import load_export, write_export
+from distkd.data.loader import LogLoader, split_files
+from distkd.models.ranking import ModelConfig, RankingModel
+from distkd.data.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CFG = dict(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])

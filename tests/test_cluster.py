@@ -293,7 +293,7 @@ def test_job_suite_is_consistent(suite):
     student differ only in the teacher; the student has at most a tenth of the teacher's parameters."""
     assert sorted(p.stem for p in suite.glob("*.yaml")) == sorted(STAGE_NAMES), suite
     j = {stage: load_job(suite / f"{stage}.yaml") for stage in STAGE_NAMES}
-    from distkd.distill import parse
+    from distkd.objectives.ctr_kd import parse
 
     logs, export = j["teacher"].logs, f"{j['teacher'].out}/export"
     for stage in ("student", "cache", "distill", "eval"):
@@ -307,7 +307,7 @@ def test_job_suite_is_consistent(suite):
     assert j["student"].model == j["distill"].model and j["student"].train == j["distill"].train
     if j["data"].source == "synth":  # the schema follows from the data job (MovieLens' from its files)
         from distkd.data.synth import make_schema
-        from distkd.models import count_parameters
+        from distkd.models.ranking import count_parameters
 
         schema = make_schema(j["data"].preset, j["data"].max_cardinality)
         teacher = count_parameters(schema, j["teacher"].model)["total"]

@@ -15,8 +15,8 @@ import torch
 from distkd import dist
 from distkd.cache.build import CacheJob, build
 from distkd.config import load
-from distkd.export import read_meta
-from distkd.trainer import TrainJob, train
+from distkd.models.export import read_meta
+from distkd.train.trainer import TrainJob, train
 
 MODEL = ["model.embedding_dim=16", "model.cross_layers=0", "model.deep_arch=[32,16]", "model.dense_arch=[16]"]
 COMMON = ["tensorboard=false", "train.batch_size=512", "optim.dense_lr=0.01", "optim.embedding_lr=0.2"]

@@ -13,12 +13,12 @@ from torchmetrics.functional.classification import binary_auroc
 from distkd.config import ConfigError
 from distkd.evaluate import (HARD, KD, ORACLE, TEACHER, calibration_curve, evaluate_models,
                              gap_recovered, job_from_args, run, seed_pairs)
-from distkd.export import load_export, write_export
-from distkd.loader import LogLoader, split_files
+from distkd.models.export import load_export, write_export
+from distkd.data.loader import LogLoader, split_files
 from distkd.metrics import METRICS, TaskMetrics
-from distkd.models import ModelConfig, RankingModel
+from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.report import format_comparison, write_report
-from distkd.schema import load_schema
+from distkd.data.schema import load_schema
 
 CPU = torch.device("cpu")
 STUDENT = ModelConfig(embedding_dim=4, dense_arch=[8], cross_layers=0, deep_arch=[8])
@@ -200,8 +200,8 @@ def test_no_oracle_from_columns_that_are_not_probabilities(small_logs):
     import dataclasses
 
     from distkd.evaluate import oracle_metrics
-    from distkd.loader import split_files
-    from distkd.schema import load_schema
+    from distkd.data.loader import split_files
+    from distkd.data.schema import load_schema
 
     schema = load_schema(small_logs)
     rating_only = dataclasses.replace(schema, eval_columns=["rating"], tasks=schema.tasks[:1])

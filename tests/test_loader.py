@@ -15,8 +15,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from distkd.loader import Aligned, LogLoader, split_files
-from distkd.schema import DenseFeature, LogsError, Schema, SparseFeature, Task
+from distkd.data.loader import Aligned, LogLoader, split_files
+from distkd.data.schema import DenseFeature, LogsError, Schema, SparseFeature, Task
 
 SCHEMA = Schema(
     sparse=[
@@ -416,7 +416,7 @@ def test_batch_to(logs):
 
 
 def test_synthetic_logs_exactly_once(small_logs):
-    from distkd.schema import load_schema
+    from distkd.data.schema import load_schema
 
     schema = load_schema(small_logs)
     files = split_files(small_logs, "train")

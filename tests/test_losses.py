@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from distkd.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
+from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
 
 torch.manual_seed(0)
 B, T = 12, 2

@@ -16,7 +16,7 @@ import pytest
 from distkd.config import ConfigError
 from distkd.data.movielens import convert
 from distkd.data.validate import validate_logs
-from distkd.schema import SPLITS, LogsError, load_schema
+from distkd.data.schema import SPLITS, LogsError, load_schema
 
 ML_SMALL = Path(__file__).resolve().parents[2] / "shared/data/ml-latest-small"
 

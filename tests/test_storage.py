@@ -24,10 +24,10 @@ from distkd.cache.build import CacheJob, build
 from distkd.cache.verify import verify_cache
 from distkd.cli import main as cli_main
 from distkd.config import ConfigError
-from distkd.export import write_export
-from distkd.loader import LogLoader, split_files
-from distkd.models import ModelConfig, RankingModel
-from distkd.schema import load_schema
+from distkd.models.export import write_export
+from distkd.data.loader import LogLoader, split_files
+from distkd.models.ranking import ModelConfig, RankingModel
+from distkd.data.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "distkd-test"

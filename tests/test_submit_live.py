@@ -24,9 +24,9 @@ import torch
 
 from distkd.cli import main as cli_main
 from distkd.dist import free_port
-from distkd.export import write_export
-from distkd.models import ModelConfig, RankingModel
-from distkd.schema import load_schema
+from distkd.models.export import write_export
+from distkd.models.ranking import ModelConfig, RankingModel
+from distkd.data.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")

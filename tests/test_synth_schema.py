@@ -10,8 +10,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from distkd.config import ConfigError, apply_overrides, load
 from distkd.data.synth import generate
-from distkd.schema import load_schema
-from distkd.trainer import TrainJob
+from distkd.data.schema import load_schema
+from distkd.train.trainer import TrainJob
 
 
 def _read(logs, split):

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from distkd.cache.build import CacheJob, build
-from distkd.checkpoint import latest
+from distkd.train.checkpoint import latest
 from distkd.dist import free_port
-from distkd.export import write_export
-from distkd.models import ModelConfig, RankingModel
-from distkd.schema import load_schema
+from distkd.models.export import write_export
+from distkd.models.ranking import ModelConfig, RankingModel
+from distkd.data.schema import load_schema
 
 
 @pytest.fixture(scope="module")

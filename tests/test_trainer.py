@@ -13,11 +13,11 @@ import torch
 
 from distkd import dist
 from distkd.config import load
-from distkd.export import load_export
-from distkd.loader import LogLoader, split_files
+from distkd.models.export import load_export
+from distkd.data.loader import LogLoader, split_files
 from distkd.metrics import TaskMetrics
-from distkd.schema import load_schema
-from distkd.trainer import TrainJob, train
+from distkd.data.schema import load_schema
+from distkd.train.trainer import TrainJob, train
 
 SMALL_MODEL = [
     "model.embedding_dim=16", "model.cross_layers=1", "model.cross_rank=8",
@@ -57,9 +57,9 @@ def test_two_ranks_loss_falls_with_each_plan(small_logs, tmp_path, types):
 def _moves(job: TrainJob) -> tuple[float, float]:
     """Rank worker: the largest change of any embedding table and of any dense parameter over
     three training steps (a data-parallel plan: every table is a plain replicated tensor)."""
-    from distkd.models import RankingModel
-    from distkd.sharding import shard
-    from distkd.trainer import make_loader, make_objective
+    from distkd.models.ranking import RankingModel
+    from distkd.train.sharding import shard
+    from distkd.train.trainer import make_loader, make_objective
 
     env = dist.init()
     schema = load_schema(job.logs)
@@ -164,8 +164,8 @@ def test_heads_start_at_the_base_rates(small_logs):
     group of each train shard), so an untrained model already predicts the base rate."""
     import pyarrow.parquet as pq
 
-    from distkd.models import ModelConfig, RankingModel
-    from distkd.trainer import label_rates, set_prior
+    from distkd.models.ranking import ModelConfig, RankingModel
+    from distkd.train.trainer import label_rates, set_prior
 
     schema = load_schema(small_logs)
     files = split_files(small_logs, "train")
@@ -187,7 +187,7 @@ def test_lr_schedule_through_a_combined_optimizer():
     (what the trainer builds: the fused tables' optimizer reads its group's lr at each step)."""
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-    from distkd.sharding import LRSchedule, OptimConfig
+    from distkd.train.sharding import LRSchedule, OptimConfig
 
     a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     opt = CombinedOptimizer([

@@ -18,7 +18,7 @@ import pytest
 
 from distkd.config import ConfigError
 from distkd.data.validate import validate_logs
-from distkd.schema import DenseFeature, LogsError, Schema, SparseFeature, Task
+from distkd.data.schema import DenseFeature, LogsError, Schema, SparseFeature, Task
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = Schema(

@@ -29,7 +29,7 @@ from distkd.bench import cpu_model
 
 
 def ensure_logs(logs: Path, rows: int) -> None:
-    from distkd.schema import SCHEMA_FILE
+    from distkd.data.schema import SCHEMA_FILE
 
     if (logs / SCHEMA_FILE).exists():
         return
@@ -41,18 +41,18 @@ def ensure_logs(logs: Path, rows: int) -> None:
 
 
 def ensure_teacher(export: Path, logs: Path) -> None:
-    from distkd.export import META_FILE, write_export
-    from distkd.schema import load_schema
+    from distkd.models.export import META_FILE, write_export
+    from distkd.data.schema import load_schema
 
     schema = load_schema(logs)
     if (export / META_FILE).exists():
-        from distkd.export import read_meta
+        from distkd.models.export import read_meta
 
         if read_meta(export).get("schema_fingerprint") == schema.fingerprint():
             return
     import torch
 
-    from distkd.models import ModelConfig, RankingModel
+    from distkd.models.ranking import ModelConfig, RankingModel
 
     print(f"writing an untrained default-size teacher export to {export} ...", flush=True)
     torch.manual_seed(0)
@@ -65,9 +65,9 @@ def forward_rate(export: Path, logs: Path, splits: list[str], batch_size: int, t
     """(rows/s, rows): best of `passes` forward passes over pre-decoded batches."""
     import torch
 
-    from distkd.export import load_export
-    from distkd.loader import LogLoader, split_files
-    from distkd.schema import load_schema
+    from distkd.models.export import load_export
+    from distkd.data.loader import LogLoader, split_files
+    from distkd.data.schema import load_schema
 
     torch.set_num_threads(threads)
     schema = load_schema(logs)

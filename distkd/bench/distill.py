@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distkd.bench import cli_summary, cpu_model
-from distkd.loader import split_files
+from distkd.data.loader import split_files
 
 
 def main(argv: list[str] | None = None) -> int:

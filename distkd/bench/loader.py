@@ -54,7 +54,7 @@ def raw_pass(files: list[str], columns: list[str]) -> int:
 
 
 def loader_pass(files: list[str], schema, batch_size: int) -> int:
-    from distkd.loader import LogLoader
+    from distkd.data.loader import LogLoader
 
     rows = 0
     for batch in LogLoader(files, schema, batch_size, check=True):
@@ -77,7 +77,7 @@ def best_of(passes: int, runs: dict) -> dict:
 
 
 def ensure_logs(logs: Path, rows: int) -> None:
-    from distkd.schema import SCHEMA_FILE
+    from distkd.data.schema import SCHEMA_FILE
 
     if (logs / SCHEMA_FILE).exists() and any((logs / "train").glob("*.parquet")):
         return
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     ensure_logs(args.logs, args.rows)
-    from distkd.loader import split_files
-    from distkd.schema import load_schema
+    from distkd.data.loader import split_files
+    from distkd.data.schema import load_schema
 
     schema = load_schema(args.logs)
     files = split_files(args.logs, "train")

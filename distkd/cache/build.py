@@ -33,8 +33,8 @@ from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
 from distkd.cache.worker import ShardTask
 from distkd.config import ConfigError, to_dict
-from distkd.loader import split_files
-from distkd.schema import SPLITS, load_schema
+from distkd.data.loader import split_files
+from distkd.data.schema import SPLITS, load_schema
 
 FAULT_ENV = "DISTKD_CACHE_FAULT"  # test hook: kill-worker-once:<marker> | kill-driver-after:<shards>
 MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
@@ -75,7 +75,7 @@ def _log(msg: str) -> None:
 
 def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
     """The manifest's identity part for this job (teacher, schema, content), and the schema."""
-    from distkd.export import read_meta, sha256_file
+    from distkd.models.export import read_meta, sha256_file
 
     schema = load_schema(job.logs)
     meta = read_meta(job.teacher)

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
-from distkd.schema import LogsError
+from distkd.data.schema import LogsError
 
 FORMAT = 1
 KIND = "distkd-logit-cache"

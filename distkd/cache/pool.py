@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from distkd.cache.manifest import CacheError
 from distkd.cache.worker import CacheWorker, ShardTask
-from distkd.schema import LogsError
+from distkd.data.schema import LogsError
 from distkd.storage import StorageError
 
 READY_TIMEOUT_S = 900.0

@@ -23,8 +23,8 @@ import pyarrow as pa
 from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.manifest import CacheError
-from distkd.loader import Aligned, split_files
-from distkd.schema import load_schema
+from distkd.data.loader import Aligned, split_files
+from distkd.data.schema import load_schema
 
 
 def load_manifest(cache_dir: str | Path) -> dict[str, Any]:

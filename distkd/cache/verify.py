@@ -22,8 +22,8 @@ from distkd.cache import manifest as mf
 from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
 from distkd.cache.reader import check_file, check_identity, check_input, check_split, load_manifest
-from distkd.export import read_meta, sha256_file
-from distkd.schema import LogsError
+from distkd.models.export import read_meta, sha256_file
+from distkd.data.schema import LogsError
 
 
 def _log(msg: str) -> None:

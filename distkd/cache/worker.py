@@ -35,9 +35,9 @@ from distkd.cache.manifest import (
     output_schema,
 )
 from distkd.data.checks import check_row_group
-from distkd.batch import to_batch
-from distkd.loader_rows import decode
-from distkd.schema import Schema
+from distkd.data.batch import to_batch
+from distkd.data.rows import decode
+from distkd.data.schema import Schema
 
 
 @dataclass
@@ -229,7 +229,7 @@ class CacheWorker:
 
     def __init__(self, export_dir: str, device: str, threads: int):
         from distkd.dist import quiet
-        from distkd.export import load_export
+        from distkd.models.export import load_export
 
         quiet()
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distkd.schema import LogsError, Schema
+from distkd.data.schema import LogsError, Schema
 
 
 def _first_true(mask: pa.Array | np.ndarray) -> int:

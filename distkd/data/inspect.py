@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from distkd.loader import LogLoader, split_files
-from distkd.schema import load_schema
+from distkd.data.loader import LogLoader, split_files
+from distkd.data.schema import load_schema
 
 
 def inspect_split(logs: str, split: str = "train", batch_size: int = 8192, progress: bool = True) -> dict:

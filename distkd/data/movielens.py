@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError
-from distkd.schema import SCHEMA_FILE, SPLITS, DenseFeature, LogsError, Schema, SparseFeature, Task
+from distkd.data.schema import SCHEMA_FILE, SPLITS, DenseFeature, LogsError, Schema, SparseFeature, Task
 
 RATINGS = {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
 MOVIES = {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}

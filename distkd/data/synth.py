@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
-from distkd.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
+from distkd.data.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
 
 LATENT_DIM = 16
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from distkd import storage
 from distkd.data.checks import check_row_group
-from distkd.schema import SPLITS, LogsError, Schema, check_arrow_schema, load_schema
+from distkd.data.schema import SPLITS, LogsError, Schema, check_arrow_schema, load_schema
 
 
 def shard_paths(split_dir: str | Path) -> list[str]:

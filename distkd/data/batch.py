@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from distkd.loader_rows import Rows
+from distkd.data.rows import Rows
 
 __all__ = ["Batch", "to_batch"]
 

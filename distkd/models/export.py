@@ -19,8 +19,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from distkd import storage
 from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError, from_dict, to_dict
-from distkd.models import ModelConfig, RankingModel
-from distkd.schema import Schema
+from distkd.models.ranking import ModelConfig, RankingModel
+from distkd.data.schema import Schema
 
 EXPORT_FORMAT = 1
 MODEL_FILE = "model.pt"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from distkd.schema import LogsError, Schema
+from distkd.data.schema import LogsError, Schema
 
 # A sparse feature: (values int64, offsets int64 [n+1] starting at 0), or offsets None
 # when every row holds exactly one id (single-valued, no nulls: the fast path).

@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
-from distkd.batch import Batch, to_batch
+from distkd.data.batch import Batch, to_batch
 from distkd.data.checks import check_row_group
-from distkd.loader_rows import Rows, decode, decode_extras
-from distkd.schema import LogsError, Schema, check_arrow_schema
+from distkd.data.rows import Rows, decode, decode_extras
+from distkd.data.schema import LogsError, Schema, check_arrow_schema
 
 __all__ = ["Aligned", "Batch", "LogLoader", "split_files"]
 

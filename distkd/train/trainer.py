@@ -19,14 +19,15 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from distkd import checkpoint, dist
+from distkd import dist
+from distkd.train import checkpoint
 from distkd.config import ConfigError, to_dict
-from distkd.export import gather_state_dict, write_export
-from distkd.loader import LogLoader, split_files
+from distkd.models.export import gather_state_dict, write_export
+from distkd.data.loader import LogLoader, split_files
 from distkd.metrics import TaskMetrics, format_table
-from distkd.models import ModelConfig, RankingModel, count_parameters
-from distkd.schema import Schema, load_schema
-from distkd.sharding import LRSchedule, OptimConfig, ShardingConfig, describe_plan, shard
+from distkd.models.ranking import ModelConfig, RankingModel, count_parameters
+from distkd.data.schema import Schema, load_schema
+from distkd.train.sharding import LRSchedule, OptimConfig, ShardingConfig, describe_plan, shard
 
 
 @dataclass
@@ -76,10 +77,10 @@ def make_objective(job: TrainJob, schema: Schema) -> tuple[Callable, list, Model
     if len(weights) != len(schema.tasks):
         raise ConfigError(f"train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
     if job.distill is None:
-        from distkd.losses import HardLabel
+        from distkd.objectives.losses import HardLabel
 
         return HardLabel(weights), [], job.model
-    from distkd.distill import make_distill_objective
+    from distkd.objectives.ctr_kd import make_distill_objective
 
     return make_distill_objective(job.distill, schema, job.model, weights, job.logs)
 
@@ -369,7 +370,7 @@ def run(args) -> int:
 
     job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))
     if getattr(args, "distill_required", False) or job.distill is not None:
-        from distkd.distill import parse_section, preflight
+        from distkd.objectives.ctr_kd import parse_section, preflight
 
         where = args.config or "config"  # fail here, naming the file, not inside every rank
         preflight(parse_section(job.distill, where), job.logs, where)

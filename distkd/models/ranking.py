@@ -27,7 +27,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 
-from distkd.schema import Schema
+from distkd.data.schema import Schema
 
 
 @dataclass

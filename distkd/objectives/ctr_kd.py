@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 
 from distkd.config import ConfigError, from_dict
-from distkd.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
-from distkd.models import ModelConfig, ModelOutput
-from distkd.schema import Schema
+from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
+from distkd.models.ranking import ModelConfig, ModelOutput
+from distkd.data.schema import Schema
 
 
 @dataclass
@@ -137,7 +137,7 @@ def preflight(cfg: DistillConfig, logs: str, where: str) -> None:
     """Check every teacher's cache against the logs (or its export) before any rank starts, so
     a wrong cache is a one-line error (exit 2), not a stack of rank tracebacks."""
     from distkd.cache.reader import open_cache
-    from distkd.export import META_FILE
+    from distkd.models.export import META_FILE
 
     for i, t in enumerate(cfg.teachers):
         if t.cache is not None:
@@ -151,7 +151,7 @@ def make_distill_objective(raw: dict, schema: Schema, model: ModelConfig, task_w
     """The objective, the cache columns to align with the train split, and the student's
     model config extended with what the losses need (aux head, hint projection)."""
     from distkd.cache.reader import load_manifest, open_cache
-    from distkd.export import load_export
+    from distkd.models.export import load_export
 
     cfg = parse(raw)
     if cfg.losses.listwise and schema.request_id is None:

@@ -26,7 +26,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from distkd.config import ConfigError
 from distkd.dist import Env
-from distkd.models import RankingModel, table_name
+from distkd.models.ranking import RankingModel, table_name
 
 # What runs on gloo/CPU. Row-wise (and the grid/table-row-wise variants) need GPUs.
 CPU_SHARDING = [ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value, ShardingType.COLUMN_WISE.value]
