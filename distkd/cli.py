@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from distkd.config import ConfigError
+from distkd.errors import CheckpointError, ProcessGroupError, RankFailure
 from distkd.data.schema import LogsError
 from distkd.storage import StorageError
 
@@ -25,6 +26,13 @@ def _cmd(sub, name: str, target: str, help: str):
 
 def _overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override fields of the job config")
+
+
+def _launch_flags(p) -> None:
+    p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
+    p.add_argument("--max-restarts", dest="max_restarts", type=int, default=None,
+                   help="local ranks: restart a failed rank group this often, resuming from the last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for role in ("teacher", "student"):
         group = top.add_parser(role, help=f"train the {role} model").add_subparsers(dest=f"{role}_command", required=True)
-        p = _cmd(group, "train", "distkd.train.trainer:run", f"train the {role} on hard labels (DDP + TorchRec)")
+        p = _cmd(group, "train", "distkd.launch:run", f"train the {role} (DDP + TorchRec; hard labels by default)")
         p.set_defaults(role=role)
         p.add_argument("--config", default=None, help=f"job YAML (e.g. jobs/demo/{role}.yaml); defaults if omitted")
-        p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
-        p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+        _launch_flags(p)
         _overrides(p)
 
     p = _cmd(top, "demo", "distkd.demo:run", "the whole pipeline on this machine: logs, teacher, cache, distill, eval")
@@ -134,11 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per forward pass (default 16384)")
     _overrides(p)
 
-    p = _cmd(top, "distill", "distkd.train.trainer:run", "distill the student from cached teacher logits (DDP + TorchRec)")
+    p = _cmd(top, "distill", "distkd.launch:run", "distill the student from cached teacher logits (DDP + TorchRec)")
     p.set_defaults(role="student", distill_required=True)
-    p.add_argument("--config", default=None, help="job YAML with a distill: section (e.g. jobs/demo/distill.yaml)")
-    p.add_argument("--nproc", type=int, default=None, help="local ranks (ignored under torchrun)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+    p.add_argument("--config", default=None, help="job YAML with a distilling objective (e.g. jobs/demo/distill.yaml)")
+    _launch_flags(p)
     _overrides(p)
 
     return parser
@@ -152,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     module, func = args._target.split(":")
     try:
         rc = getattr(importlib.import_module(module), func)(args)
-    except (ConfigError, LogsError, StorageError) as e:
+    except (ConfigError, LogsError, StorageError, CheckpointError, ProcessGroupError) as e:
         print(f"distkd: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # the ranks printed their own tracebacks; say what ended the launch
+        print(f"distkd: error: {e}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

@@ -33,6 +33,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _by_kind([a for a in args if a is not type(None)])
+        if tagged:  # a section whose `kind:` says which dataclass it is (e.g. objective:)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            kind = value.get("kind", next(iter(tagged)))
+            if kind not in tagged:
+                raise ConfigError(f"{where}.kind: must be one of {list(tagged)}, got {kind!r}")
+            return _coerce(value, tagged[kind], where)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -80,6 +88,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _by_kind(options: list) -> dict[str, type]:
+    """{kind: dataclass} when every option is a dataclass with a `kind: Literal[...]` field
+    (the first option's kind is the default), else {}."""
+    out: dict[str, type] = {}
+    for tp in options:
+        if not dataclasses.is_dataclass(tp):
+            return {}
+        hint = typing.get_type_hints(tp).get("kind")
+        if typing.get_origin(hint) is not typing.Literal:
+            return {}
+        out.update({k: tp for k in typing.get_args(hint)})
+    return out
 
 
 def from_dict(cls: type[T], data: dict, where: str) -> T:

@@ -93,9 +93,9 @@ def make_logs(job: DataJob) -> None:
 
 def train_stage(config: Path, overrides: list[str], logs_fp: str, label: str) -> dict[str, Any]:
     """Train (or reuse) one model; returns its export metadata."""
-    from distkd import dist
+    from distkd.launch import run_job
     from distkd.models.export import read_meta
-    from distkd.train.trainer import TrainJob, train
+    from distkd.train.job import TrainJob
 
     job = load(TrainJob, config, overrides)
     out = Path(job.out)
@@ -105,7 +105,7 @@ def train_stage(config: Path, overrides: list[str], logs_fp: str, label: str) ->
         say(f"{label}: reusing {out / 'export'} (same job, same logs)")
         return read_meta(out / "export")
     say(f"{label}: training ({config}{' ' + ' '.join(overrides) if overrides else ''})")
-    dist.launch(train, job.nproc, job, False)
+    run_job(job, where=str(config))  # the same preflight and launcher as `distkd distill`
     stamp.write_text(json.dumps(want, indent=2))
     return read_meta(out / "export")
 
@@ -144,8 +144,8 @@ def run_suite(suite: Suite) -> dict[str, Any]:
     for seed in suite.seeds:
         student = load_out(jobs / "distill.yaml")
         train_stage(jobs / "distill.yaml", [f"train.seed={seed}", f"out={student}/seed-{seed}",
-                                            f"distill.teachers.0.cache={cache_job.out}",
-                                            f"distill.teachers.0.sha256={teacher['sha256']}"], fp,
+                                            f"objective.teachers.0.cache={cache_job.out}",
+                                            f"objective.teachers.0.sha256={teacher['sha256']}"], fp,
                     f"student, distilled from the cache, seed {seed}")
         kd.append(f"{student}/seed-{seed}/export")
 

@@ -1,21 +1,32 @@
-"""Process groups and launching: torchrun-compatible, or N local ranks without torchrun.
+"""The process group a rank trains in, built from whatever launched it.
 
-Under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR) a stage's
-worker runs directly. Locally, `launch(fn, nproc, ...)` starts `nproc` real
-processes through torch.distributed's elastic launcher, the way TorchRec's own
-multi-rank tests do.
+Launchers (torchrun, the in-process elastic launcher, Slurm's srun + torchrun, Kubeflow's
+PyTorchJob) set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; Ray Train builds the group
+itself. A process with no launcher gets a one-rank gloo group of its own, so every code
+path is the distributed one.
+
+Restarts. torchrun's agent keeps its TCPStore (the rendezvous store, shared with the
+workers: TORCHELASTIC_USE_AGENT_STORE) across worker restarts. `init_process_group` on that
+store under its default prefix makes a restarted generation read the keys the dead one
+left (gloo's peer addresses): the new ranks dial ports of dead processes ("Connection
+refused" in connectFullMesh) or wait for keys that never change. So the group is built on
+that store under a prefix per run and restart generation (TORCHELASTIC_RUN_ID,
+TORCHELASTIC_RESTART_COUNT). Every wait is bounded by `timeout_s`.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
-import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from distkd.errors import ProcessGroupError
+
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -25,6 +36,7 @@ class Env:
     local_rank: int
     device: torch.device
     backend: str
+    restart: int = 0  # the launcher's restart generation (0: the first start)
 
     @property
     def is_main(self) -> bool:
@@ -33,6 +45,11 @@ class Env:
 
 def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def restart_generation() -> int:
+    """How many times the launcher restarted this worker group (torchrun and the local launcher)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def quiet() -> None:
@@ -47,20 +64,40 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def init(backend: str | None = None) -> Env:
-    """Initialize the default process group from the launcher's environment (idempotent).
+def _store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store (agent-hosted under torchrun, else hosted by rank 0), prefixed by
+    run and restart generation."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=not agent and rank == 0, timeout=timeout,
+                              wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        raise ProcessGroupError(
+            f"rank {rank}/{world}: cannot reach the rendezvous store at {addr}:{port} within "
+            f"{timeout.total_seconds():.0f}s ({' '.join(str(e).split())[:300]})"
+        ) from None
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return dist.PrefixStore(f"distkd/{run}/gen{restart_generation()}/", store)
 
-    nccl with one GPU per local rank where CUDA is available, gloo on CPU. A single
-    process with no launcher still gets a (one-rank) gloo group, so every code path
-    is the distributed one.
+
+def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Env:
+    """Join (or create) the default process group; idempotent.
+
+    nccl with one GPU per local rank where CUDA is available, gloo on CPU. A rendezvous or a
+    collective that cannot complete fails after `timeout_s` with a message, never hangs.
     """
     quiet()
     launched = under_launcher()
-    rank = int(os.environ["RANK"]) if launched else 0
-    world = int(os.environ["WORLD_SIZE"]) if launched else 1
+    if dist.is_initialized():  # Ray Train (or a caller) built it
+        rank, world = dist.get_rank(), dist.get_world_size()
+        backend = dist.get_backend()
+    else:
+        rank = int(os.environ["RANK"]) if launched else 0
+        world = int(os.environ["WORLD_SIZE"]) if launched else 1
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -70,19 +107,34 @@ def init(backend: str | None = None) -> Env:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         if launched:
-            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            store = _store(rank, world, timeout)
         else:
             # A one-rank group of our own, leaving the environment as it was (a later
-            # launch() must not mistake this process for a launched rank).
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                    rank=0, world_size=1)
-    return Env(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+            # launch must not mistake this process for a launched rank).
+            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
+        try:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise ProcessGroupError(
+                f"rank {rank}/{world} (restart {restart_generation()}): the {backend} process group did not form "
+                f"within {timeout_s:.0f}s: {' '.join(str(e).split())[:400]}"
+            ) from None
+    return Env(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+               restart=restart_generation())
 
 
 def shutdown() -> None:
+    """Leave the group together (a barrier first)."""
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
+
+
+def abandon() -> None:
+    """Leave the group on an error, without waiting for ranks that may never come."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -90,35 +142,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> list[Any]:
-    """Run `fn(*args)` in `nproc` local processes (ranks); return each rank's result.
-
-    Already under a launcher, or with nproc == 1, `fn` runs in this process.
-    """
-    if under_launcher() or nproc <= 1:
-        return [fn(*args)]
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"distkd-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # the c10d store picks a free port itself: no race
-        max_restarts=0,
-        monitor_interval=0.5,
-        start_method="spawn",
-    )
-    # Ranks share the machine's cores: split them unless the user said otherwise. The children
-    # inherit the environment, so set it for the launch only.
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        results = elastic_launch(config, entrypoint=fn)(*args)
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-    return [results[r] for r in sorted(results)]

@@ -41,7 +41,7 @@ DEFAULT_IMAGE = "registry.example.com/distkd:0.1.0-{variant}"
 
 def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> object:
     """The stage's job, loaded and checked as the stage itself will (dataclass fields, types,
-    a distill: section's teachers and losses), so that a typo fails here with exit 2, not
+    the objective's teachers and losses), so that a typo fails here with exit 2, not
     on the cluster after the job waited in a queue. Paths are not checked: they are the
     cluster's."""
     from distkd.config import load
@@ -64,13 +64,12 @@ def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> o
         except ConfigError as e:
             raise ConfigError(f"{config}: {e}") from None
         return job
-    from distkd.train.trainer import TrainJob
+    from distkd import objectives
+    from distkd.train.job import TrainJob
 
     job = load(TrainJob, config, [f"role={'teacher' if stage == 'teacher' else 'student'}", *overrides])
     if stage == "distill":
-        from distkd.objectives.ctr_kd import parse_section
-
-        parse_section(job.distill, str(config))
+        objectives.require_distilling(job.objective, str(config))
     return job
 
 

@@ -35,6 +35,7 @@ from distkd.models.export import load_export, write_export
 from distkd.data.loader import LogLoader, split_files
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import load_schema
+from tests.faults.cache import kill_worker_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CFG = dict(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
@@ -208,13 +209,12 @@ def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
 
 # -- faults -------------------------------------------------------------------------------
 
-def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path, monkeypatch):
+def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path):
     out, _ = built
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("DISTKD_CACHE_FAULT", f"kill-worker-once:{marker}")
     logs: list[str] = []
-    s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), log=logs.append)
-    assert marker.exists(), "the fault hook never fired"
+    s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), log=logs.append,
+              worker=kill_worker_class(tmp_path))
+    assert (tmp_path / "killed-0").exists(), "the fault never fired"
     assert s["complete"] and s["computed"] == 4 and s["rows"] == 32_000
     assert any("died on" in line and "retrying the shard" in line for line in logs), logs
     m = read_manifest(tmp_path / "cache")
@@ -260,10 +260,10 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _cli(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTKD_CACHE_FAULT")}
+def _cli(args: list[str], env_extra: dict[str, str], module: str = "distkd.cli") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "distkd.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -272,7 +272,7 @@ def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_l
     args = ["cache", "build", "--teacher", teachers[0][0], "--logs", str(small_logs), "--out", str(out),
             "--splits", "train", "--dtype", "fp32", "--hidden"]
     # 1: through --ray-address; the driver SIGKILLs itself right after its first commit.
-    r = _cli([*args, "--ray-address", ray_head], {"DISTKD_CACHE_FAULT": "kill-driver-after:1"})
+    r = _cli(["--kill-driver-after", "1", "--", *args, "--ray-address", ray_head], {}, module="tests.faults.cache")
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     m = read_manifest(out)
     assert list(m["shards"]) == ["train/part-00000.parquet"] and not m["complete"]

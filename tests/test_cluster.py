@@ -108,8 +108,11 @@ def test_pytorchjob_template():
     assert job["apiVersion"].startswith("kubeflow.org/") and job["kind"] == "PyTorchJob"
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert set(specs) == {"Master", "Worker"}
-    text = (CLUSTER / "k8s" / "pytorchjob.yaml").read_text()
-    assert "distkd" in text
+    for role in ("Master", "Worker"):
+        (c,) = specs[role]["template"]["spec"]["containers"]
+        assert c["command"] == "{command}" and c["image"] == "{image}", c  # filled by distkd submit
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/workspace/runs" in mounts and c["workingDir"] == "/workspace"
 
 
 def test_nothing_exposed_beyond_the_cluster():
@@ -140,10 +143,35 @@ def test_sbatch_template():
     assert all(i < first_cmd for i, ln in enumerate(lines) if ln.startswith("#SBATCH"))
 
 
+DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
+                       "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+
+
+def dockerfile(text: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) of each Dockerfile line, continuations joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    return [(ln.split(None, 1)[0], ln.split(None, 1)[1] if " " in ln.strip() else "")
+            for ln in joined.splitlines() if ln.strip()]
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_dockerfile_pins_the_stack(variant):
     text = (CLUSTER / "docker" / f"Dockerfile.{variant}").read_text()
-    assert text.lstrip("# \n").startswith("distkd") or "FROM " in text
+    steps = dockerfile(text)
+    assert steps and all(op in DOCKER_INSTRUCTIONS for op, _ in steps), [op for op, _ in steps]
+    assert steps[0][0] == "FROM" and ("python:3.11" in steps[0][1] or "cuda" in steps[0][1]), steps[0]
+    order = [op + " " + args for op, args in steps]
+
+    def at(pattern: str) -> int:
+        hits = [i for i, line in enumerate(order) if re.search(pattern, line)]
+        assert hits, f"Dockerfile.{variant}: nothing matches {pattern!r}"
+        return hits[0]
+
+    # the stack is installed from requirements.txt before the package's code is copied (its own layer)
+    assert at(r"^COPY .*requirements\.txt") < at(r"^RUN .*pip install .*-r requirements\.txt") < at(r"^COPY distkd ")
+    assert at(r"^COPY distkd ") < at(r"^RUN .*pip install --no-deps -e \.")
+    assert re.search(r"import torch, torchrec, fbgemm_gpu, ray, distkd", order[at(r"pip install --no-deps -e \.")])
+    assert steps[-1][0] in ("CMD", "ENTRYPOINT")
     torch_at = text.index("torch==2.13.0")
     torchrec = re.search(r"pip install --no-deps torchrec==1\.8\.0", text)
     assert torchrec and torchrec.start() > torch_at
@@ -238,9 +266,9 @@ def test_submit_bad_override_exits_2():
 
 
 @pytest.mark.parametrize("stage,text,expect", [
-    ("distill", "logs: l\nout: o\nrole: student\ndistill:\n  teachers: [{cache: c}]\n  losses: {hardd: 1.0}\n",
-     "unknown field(s) ['hardd']"),
-    ("distill", "logs: l\nout: o\nrole: student\n", "needs a distill: section"),
+    ("distill", "logs: l\nout: o\nrole: student\nobjective:\n  kind: ctr_kd\n  teachers: [{cache: c}]\n"
+                "  losses: {hardd: 1.0}\n", "unknown field(s) ['hardd']"),
+    ("distill", "logs: l\nout: o\nrole: student\n", "needs an objective that learns from a teacher"),
     ("teacher", "logs: l\nout: o\ntrain: {batch_size: many}\n", "train.batch_size: expected an integer"),
     ("cache", "teacher: t\nlogs: l\nout: o\ndtype: fp8\n", "dtype: must be one of"),
     ("eval", "logs: l\nteacher: t\nout: o\n", "missing kd, hard"),
@@ -293,15 +321,13 @@ def test_job_suite_is_consistent(suite):
     student differ only in the teacher; the student has at most a tenth of the teacher's parameters."""
     assert sorted(p.stem for p in suite.glob("*.yaml")) == sorted(STAGE_NAMES), suite
     j = {stage: load_job(suite / f"{stage}.yaml") for stage in STAGE_NAMES}
-    from distkd.objectives.ctr_kd import parse
-
     logs, export = j["teacher"].logs, f"{j['teacher'].out}/export"
     for stage in ("student", "cache", "distill", "eval"):
         assert j[stage].logs == logs, (suite.name, stage)
     assert logs == j["data"].out, suite.name
     assert j["cache"].teacher == export and "train" in j["cache"].splits
     assert j["eval"].teacher in (export, j["teacher"].out)
-    assert [t.cache for t in parse(j["distill"].distill).teachers] == [j["cache"].out]
+    assert [t.cache for t in j["distill"].objective.teachers] == [j["cache"].out]
     assert j["eval"].kd and all(k.startswith(j["distill"].out + "/") for k in j["eval"].kd)
     assert j["eval"].hard and all(h.startswith(j["student"].out + "/") for h in j["eval"].hard)
     assert j["student"].model == j["distill"].model and j["student"].train == j["distill"].train

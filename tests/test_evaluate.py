@@ -19,43 +19,43 @@ from distkd.metrics import METRICS, TaskMetrics
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.report import format_comparison, write_report
 from distkd.data.schema import load_schema
+from tests.support import job_for, train
 
 CPU = torch.device("cpu")
 STUDENT = ModelConfig(embedding_dim=4, dense_arch=[8], cross_layers=0, deep_arch=[8])
 TEACHER_CFG = ModelConfig(embedding_dim=8, dense_arch=[8], cross_layers=1, cross_rank=4, deep_arch=[16])
 
 
-def _model(schema, cfg, seed: int, logs=None, steps: int = 0) -> RankingModel:
-    """A real model; with `steps`, a few plain Adam steps on the train split so it beats chance."""
+def _model(schema, cfg, seed: int) -> RankingModel:
+    """A real, untrained model of `cfg` (seeded)."""
     torch.manual_seed(seed)
-    model = RankingModel(schema, cfg, device=CPU, sparse_device=CPU)
-    if steps:
-        opt = torch.optim.Adam(model.parameters(), lr=0.02)
-        loader = LogLoader(split_files(logs, "train"), schema, 1024, shuffle=True, seed=seed)
-        for step, batch in zip(range(steps), loader):
-            keep = ~torch.isnan(batch.labels)
-            logits = model(batch.sparse, batch.dense).logits
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[keep], batch.labels[keep])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return RankingModel(schema, cfg, device=CPU, sparse_device=CPU).eval()
 
 
 def _export(d, role, schema, cfg, model, seed):
     return write_export(d, role, schema, cfg, model.state_dict(), extra={"job": {"train": {"seed": seed}}})
 
 
+def _trained(logs, out, role, cfg: ModelConfig, seed: int, steps: int) -> str:
+    """A model trained by the real trainer (one rank, `steps` steps, seeded); its export."""
+    arch = [f"model.embedding_dim={cfg.embedding_dim}", f"model.dense_arch={cfg.dense_arch}",
+            f"model.cross_layers={cfg.cross_layers}", f"model.cross_rank={cfg.cross_rank}",
+            f"model.deep_arch={cfg.deep_arch}"]
+    train(job_for(logs, out, f"role={role}", *arch, f"train.seed={seed}", f"train.max_steps={steps}",
+                  "train.batch_size=1024", "optim.dense_lr=0.02", "optim.embedding_lr=0.1"), 1)
+    return str(out / "export")
+
+
 @pytest.fixture(scope="module")
 def exports(small_logs, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     schema = load_schema(small_logs)
-    dirs = {TEACHER: [root / "teacher" / "export"], KD: [root / "kd0", root / "kd1"], HARD: [root / "hard0", root / "hard1"]}
-    _export(dirs[TEACHER][0], "teacher", schema, TEACHER_CFG, _model(schema, TEACHER_CFG, 0, small_logs, 30), 0)
+    dirs = {TEACHER: [_trained(small_logs, root / "teacher", "teacher", TEACHER_CFG, 0, 30)],
+            KD: [_trained(small_logs, root / f"kd{s}", "student", STUDENT, s, 8) for s in (0, 1)],
+            HARD: [str(root / "hard0"), str(root / "hard1")]}
     for s in (0, 1):
-        _export(dirs[KD][s], "student", schema, STUDENT, _model(schema, STUDENT, s, small_logs, 8), s)
         _export(dirs[HARD][s], "student", schema, STUDENT, _model(schema, STUDENT, 10 + s), s)
-    return {k: [str(d) for d in v] for k, v in dirs.items()}
+    return dirs
 
 
 @pytest.fixture(scope="module")

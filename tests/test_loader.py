@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from distkd.data.loader import Aligned, LogLoader, split_files
+from distkd.data.loader import LogLoader, SideFiles, split_files
 from distkd.data.schema import DenseFeature, LogsError, Schema, SparseFeature, Task
 
 SCHEMA = Schema(
@@ -268,14 +268,14 @@ def test_resume_equals_uninterrupted_epoch(logs, shuffle, k):
     head = [next(it).example_id.numpy() for _ in range(k)]
     sd = first.state_dict()
     it.close()
-    assert sd == {"epoch": 1, "step": k}
+    assert sd == {"epoch": 1, "generations": [[2, k]]}
     second = make()
     second.load_state_dict(sd)
     second.set_epoch(1)  # the same epoch keeps the pending resume
     rest = run_epoch(second)
     assert len(head) + len(rest) == len(first)
     assert np.concatenate(head + rest).tolist() == full
-    assert second.state_dict() == {"epoch": 1, "step": len(second)}
+    assert second.state_dict() == {"epoch": 1, "generations": [[2, len(second)]]}
 
 
 def test_resume_does_not_decode_skipped_row_groups(tmp_path):
@@ -284,7 +284,7 @@ def test_resume_does_not_decode_skipped_row_groups(tmp_path):
     with pytest.raises(LogsError, match="row group 0"):
         run_epoch(LogLoader(files, SCHEMA, 20))
     ld = LogLoader(files, SCHEMA, 20)
-    ld.load_state_dict({"epoch": 0, "step": 2})  # rows 40.. : row group 0 is never read
+    ld.load_state_dict({"epoch": 0, "generations": [[1, 2]]})  # rows 40.. : row group 0 is never read
     assert np.concatenate(run_epoch(ld)).tolist() == list(range(40, 120))
 
 
@@ -359,7 +359,7 @@ def _same_ids(log: pa.Table, side: pa.Table, path: str, g: int) -> None:
 def test_aligned_side_files(tmp_path):
     files = write_logs(tmp_path, AWKWARD)
     _write_side(files)
-    al = Aligned("teacher", _side_path, ["logit", "hidden"], check=_same_ids, check_columns=["example_id"])
+    al = SideFiles("teacher", _side_path, ["logit", "hidden"], check_fn=_same_ids, check_columns=["example_id"])
     ids = []
     for r in range(2):
         for b in LogLoader(files, SCHEMA, 40, rank=r, world_size=2, shuffle=True, aligned=[al]):
@@ -374,7 +374,7 @@ def test_aligned_side_files(tmp_path):
 def test_misaligned_side_files_are_rejected(tmp_path):
     files = write_logs(tmp_path, AWKWARD)
     _write_side(files, sizes=[[101, 36, 64], [1], [50, 50, 23]])
-    al = Aligned("teacher", _side_path, ["logit"])
+    al = SideFiles("teacher", _side_path, ["logit"])
     with pytest.raises(LogsError) as e:
         LogLoader(files, SCHEMA, 40, aligned=[al])
     assert _side_path(files[0]) in str(e.value) and files[0] in str(e.value)
@@ -385,11 +385,11 @@ def test_misaligned_side_files_are_rejected(tmp_path):
     with pq.ParquetWriter(_side_path(files[2]), bad.schema) as w:
         for a, n in [(0, 50), (50, 50), (100, 23)]:
             w.write_table(bad.slice(a, n))
-    al = Aligned("teacher", _side_path, ["logit"], check=_same_ids, check_columns=["example_id"])
+    al = SideFiles("teacher", _side_path, ["logit"], check_fn=_same_ids, check_columns=["example_id"])
     with pytest.raises(LogsError, match="do not match"):
         run_epoch(LogLoader(files, SCHEMA, 40, aligned=[al]))
     with pytest.raises(LogsError, match="missing column"):
-        LogLoader(files, SCHEMA, 40, aligned=[Aligned("teacher", _side_path, ["nope"])])
+        LogLoader(files, SCHEMA, 40, aligned=[SideFiles("teacher", _side_path, ["nope"])])
 
 
 # -- prefetch thread ---------------------------------------------------------------------
@@ -432,3 +432,52 @@ def test_synthetic_logs_exactly_once(small_logs):
         assert multi and all(b.sparse[multi[0]].lengths().sum() > 0 for b in batches)
     ids = torch.cat(ids)
     assert len(steps) == 1 and len(ids) == total == len(set(ids.tolist()))
+
+
+def _take(loaders, steps: int) -> tuple[list[np.ndarray], dict]:
+    """`steps` batches from each rank's loader; returns their ids and the (shared) state."""
+    ids = []
+    for ld in loaders:
+        it = iter(ld)
+        ids += [next(it).example_id.numpy() for _ in range(steps)]
+        it.close()
+    states = [ld.state_dict() for ld in loaders]
+    assert all(s == states[0] for s in states)
+    return ids, states[0]
+
+
+@pytest.mark.parametrize("shuffle,keep", [(False, False), (True, False), (True, True)])
+def test_resume_at_other_world_sizes_reads_every_row_once(logs, shuffle, keep):
+    """2 ranks take 2 steps, 3 ranks resume and take 1, then 1 rank finishes the epoch:
+    every row of the epoch exactly once, and the step count matches on every rank."""
+    files = split_files(logs, "train")
+
+    def make(world):
+        lds = [LogLoader(files, SCHEMA, 16, rank=r, world_size=world, shuffle=shuffle, seed=5, keep_requests=keep,
+                         shuffle_window_row_groups=2) for r in range(world)]
+        for ld in lds:
+            ld.set_epoch(2)
+        return lds
+
+    first, sd = _take(make(2), 2)
+    assert sd == {"epoch": 2, "generations": [[2, 2]]}
+    three = make(3)
+    for ld in three:
+        ld.load_state_dict(sd)
+    assert {len(ld) for ld in three} == {len(three[0])} and three[0].step == 2
+    second, sd = _take(three, 1)
+    assert sd == {"epoch": 2, "generations": [[2, 2], [3, 1]]}
+    one = make(1)[0]
+    one.load_state_dict(sd)
+    rest = run_epoch(one)
+    ids = np.concatenate(first + second + rest)
+    assert len(ids) == 325 and sorted(ids.tolist()) == list(range(325))
+    assert one.step == len(one) and one.state_dict()["generations"][-1] == [1, len(rest)]
+
+
+def test_resume_at_the_same_world_size_continues_in_place(logs):
+    files = split_files(logs, "train")
+    full = run_epoch(LogLoader(files, SCHEMA, 16, rank=1, world_size=3, shuffle=True, seed=1))
+    ld = LogLoader(files, SCHEMA, 16, rank=1, world_size=3, shuffle=True, seed=1)
+    ld.load_state_dict({"epoch": 0, "generations": [[3, 4]]})
+    assert [b.tolist() for b in run_epoch(ld)] == [b.tolist() for b in full[4:]]

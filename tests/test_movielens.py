@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distkd.config import ConfigError
+from distkd import storage
 from distkd.data.movielens import convert
 from distkd.data.validate import validate_logs
 from distkd.data.schema import SPLITS, LogsError, load_schema
@@ -48,7 +49,9 @@ def test_rows_add_up_and_shards(ml):
     assert sum(rows.values()) == csv.num_rows == 100_836
     assert 0.78 < rows["train"] / 100_836 < 0.82 and 0.08 < rows["valid"] / 100_836 < 0.12
     assert {s: len(list((out / s).glob("*.parquet"))) for s in SPLITS} == {"train": 4, "valid": 1, "test": 1}
-    assert not list(out.rglob(".*.tmp"))
+    # temporary names are `.<name>.tmp-<tag>` (distkd.storage.temp_name): none may be left
+    assert storage.is_temp(storage.temp_name("part-00000.parquet"))
+    assert not [p for p in out.rglob("*") if storage.is_temp(p.name)]
     ids = np.concatenate([splits[s].column("example_id").to_numpy() for s in SPLITS])
     assert (ids == np.arange(100_836)).all()  # unique, and in time order across shards and splits
 

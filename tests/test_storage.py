@@ -209,9 +209,9 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     args = ["cache", "build", "--teacher", teacher[0], "--logs", s3_logs, "--out", cache, "--splits", "train"]
     local = read_manifest(local_cache)["shards"]
     # 1: the real command line, on this Ray session; the driver SIGKILLs itself after its first commit.
-    env = {**os.environ, "RAY_ADDRESS": ray_session, "DISTKD_CACHE_FAULT": "kill-driver-after:1"}
-    r = subprocess.run([sys.executable, "-m", "distkd.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    r = subprocess.run([sys.executable, "-m", "tests.faults.cache", "--kill-driver-after", "1", "--", *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "object storage has no build lock" in r.stderr
     m = read_manifest(cache)

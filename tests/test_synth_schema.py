@@ -11,7 +11,7 @@ from torchmetrics.functional.classification import binary_auroc
 from distkd.config import ConfigError, apply_overrides, load
 from distkd.data.synth import generate
 from distkd.data.schema import load_schema
-from distkd.train.trainer import TrainJob
+from distkd.train.job import TrainJob
 
 
 def _read(logs, split):
@@ -95,9 +95,15 @@ def test_schema_errors_name_the_file_and_field(tmp_path, text, match):
 
 def test_overrides_reach_nested_fields_and_list_items(tmp_path):
     job = load(TrainJob, None, ["train.batch_size=64", "model.deep_arch=[8, 4]",
-                                "distill={teachers: [{cache: a}, {cache: b}]}", "distill.teachers.1.weight=3"])
+                                "objective={kind: ctr_kd, teachers: [{cache: a}, {cache: b}]}",
+                                "objective.teachers.1.weight=3"])
     assert job.train.batch_size == 64 and job.model.deep_arch == [8, 4]
-    assert job.distill["teachers"][1] == {"cache": "b", "weight": 3}
+    assert job.objective.kind == "ctr_kd" and job.objective.teachers[1].cache == "b"
+    assert job.objective.teachers[1].weight == 3.0
+    with pytest.raises(ConfigError, match=r"objective\.kind: must be one of \['hard', 'ctr_kd'\], got 'kd'"):
+        load(TrainJob, None, ["objective={kind: kd}"])
+    with pytest.raises(ConfigError, match=r"objective: unknown field\(s\) \['teachers'\]"):
+        load(TrainJob, None, ["objective={teachers: [{cache: a}]}"])  # kind: hard, the default, has none
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides({"a": [1]}, ["a.5=2"])
     with pytest.raises(ConfigError, match="not key=value"):

@@ -46,7 +46,8 @@ def test_distill_on_two_torchrun_nodes(small_logs, cache, tmp_path):
         "model": {"embedding_dim": 8, "dense_arch": [16], "cross_layers": 0, "deep_arch": [32, 16]},
         "optim": {"embedding_lr": 0.2, "dense_lr": 0.01},
         "train": {"batch_size": 512, "max_steps": 12, "checkpoint_every": 5, "seed": 0},
-        "distill": {"teachers": [{"cache": str(cache_dir), "sha256": sha}], "losses": {"hard": 1.0, "mse": 1.0}},
+        "objective": {"kind": "ctr_kd", "teachers": [{"cache": str(cache_dir), "sha256": sha}],
+                      "losses": {"hard": 1.0, "mse": 1.0}},
     }))
     endpoint = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -72,11 +73,12 @@ def test_distill_on_two_torchrun_nodes(small_logs, cache, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12
     assert summary["replica_drift"] == 0.0  # the dense layers stayed identical on both nodes
-    assert summary["parts_last"]["mse"] < summary["parts_first"]["mse"]
+    assert summary["loss"]["last"]["mse"] < summary["loss"]["first"]["mse"]
     assert summary["test"]["click"]["rows"] == 4_000  # evaluation covered the split once, over both nodes
     assert (out / "export" / "model.pt").is_file() and (out / "export" / "export.json").is_file()
     last = latest(out / "checkpoints")
     assert last is not None and last.name.endswith("12")
-    assert sorted(p.name for p in last.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in last.glob("rank-*.json")) == ["rank-00000.json", "rank-00001.json"]
+    assert json.loads((last / "COMMITTED").read_text())["world_size"] == 2
     # exactly one node logged as rank 0 (it wrote the export); the other trained silently
     assert sum("export: " in log for log in logs) == 1, logs

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     distill = ["distill", "--config", str(jobs / "distill.yaml")]
     commands = {
         "a: hard labels": ["student", "train", "--config", str(jobs / "student.yaml")],
-        "b: distill from cache": distill + [f"distill.teachers.0.cache={cache.out}"],
-        "c: distill online": distill + ["distill.teachers.0.cache=null", f"distill.teachers.0.export={cache.teacher}"],
+        "b: distill from cache": distill + [f"objective.teachers.0.cache={cache.out}"],
+        "c: distill online": distill + ["objective.teachers.0.cache=null", f"objective.teachers.0.export={cache.teacher}"],
     }
     names = list(commands)
     order = [n for r in range(a.repeats) for n in (names[:2] if r % 2 == 0 else names[1::-1])] + [names[2]]

@@ -19,8 +19,6 @@ inherit its environment. The teacher export stays a path.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,12 +29,11 @@ from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
-from distkd.cache.worker import ShardTask
+from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.config import ConfigError, to_dict
 from distkd.data.loader import split_files
 from distkd.data.schema import SPLITS, load_schema
 
-FAULT_ENV = "DISTKD_CACHE_FAULT"  # test hook: kill-worker-once:<marker> | kill-driver-after:<shards>
 MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
 
 
@@ -164,9 +161,12 @@ def _totals(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
             "bytes_per_row_per_task": size / rows / tasks if rows else 0.0}
 
 
-def build(job: CacheJob, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Build (or finish) the cache of `job`; return the summary of this run."""
-    fault = os.environ.get(FAULT_ENV)
+def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[[str, int], None] | None = None,
+          worker: type = CacheWorker) -> dict[str, Any]:
+    """Build (or finish) the cache of `job`; return the summary of this run.
+
+    Seams for tests: `on_commit(rel, shards committed by this run)` runs in the driver after
+    each shard is recorded; `worker` is the actor class (a CacheWorker subclass)."""
     started = time.perf_counter()
     header, schema = _header(job)
     out = job.out
@@ -189,7 +189,7 @@ def build(job: CacheJob, log: Callable[[str], None] = _log) -> dict[str, Any]:
         ray_s = compute_s = 0.0
         try:
             if todo:
-                ray_s, compute_s = _compute(job, out, manifest, run, todo, fault, log)
+                ray_s, compute_s = _compute(job, out, manifest, run, todo, log, on_commit, worker)
         finally:  # what committed so far is recorded even when the build fails
             run["seconds"] = round(time.perf_counter() - started, 3)
             manifest["complete"] = not mf.missing_shards(manifest)
@@ -207,7 +207,7 @@ def build(job: CacheJob, log: Callable[[str], None] = _log) -> dict[str, Any]:
 
 
 def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, Any], todo: list[dict[str, Any]],
-             fault: str | None, log: Callable[[str], None]) -> tuple[float, float]:
+             log: Callable[[str], None], on_commit, worker: type) -> tuple[float, float]:
     """Run `todo` on the Ray pool, committing each shard to the manifest; (ray start s, compute s)."""
     import ray
 
@@ -223,16 +223,14 @@ def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, A
         run["pool"] = plan.describe()
         log(f"cache: Ray cluster {ray.cluster_resources().get('CPU', 0):.0f} CPU / "
             f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
-        pool = WorkerPool(plan, str(Path(job.teacher).resolve()), job.max_attempts, log)
+        pool = WorkerPool(plan, str(Path(job.teacher).resolve()), job.max_attempts, log, worker)
         tasks = [
             ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp["path"])),
                       storage.absolute(mf.cache_file(out, fp["path"])), fp, manifest["teacher"]["sha256"],
-                      job.dtype, job.hidden, job.batch_size, job.prefetch,
-                      fault=fault if fault and fault.startswith("kill-worker") else None)
+                      job.dtype, job.hidden, job.batch_size, job.prefetch)
             for fp in todo
         ]
         progress = Progress(sum(fp["rows"] for fp in todo), len(todo))
-        kill_after = int(fault.split(":", 1)[1]) if fault and fault.startswith("kill-driver-after:") else None
         last_write = time.monotonic()
 
         def commit(task: ShardTask, result: dict[str, Any]) -> None:
@@ -243,12 +241,11 @@ def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, A
             run["computed"].append(rel)
             run["rows_computed"] += result["output"]["rows"]
             progress.update(rel, result)
-            if kill_after is not None or time.monotonic() - last_write >= MANIFEST_EVERY_S:
+            if time.monotonic() - last_write >= MANIFEST_EVERY_S:
                 mf.write_manifest(out, manifest)
                 last_write = time.monotonic()
-            if kill_after is not None and len(run["computed"]) >= kill_after:
-                log(f"cache: {FAULT_ENV}: killing the driver after {kill_after} committed shard(s)")
-                os.kill(os.getpid(), signal.SIGKILL)
+            if on_commit is not None:
+                on_commit(rel, len(run["computed"]))
 
         pool.run(tasks, commit)
         run["workers_start_s"] = round(pool.first_ready - pool.created, 3) if pool.first_ready else None

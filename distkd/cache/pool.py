@@ -91,11 +91,12 @@ def _last_line(e: BaseException) -> str:
 
 
 class WorkerPool:
-    def __init__(self, plan: PoolPlan, export_dir: str, max_attempts: int, log: Callable[[str], None]):
+    def __init__(self, plan: PoolPlan, export_dir: str, max_attempts: int, log: Callable[[str], None],
+                 worker: type = CacheWorker):
         import ray
 
         self.plan, self.max_attempts, self.log = plan, max_attempts, log
-        actor = ray.remote(CacheWorker).options(
+        actor = ray.remote(worker).options(
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=max_attempts, max_task_retries=0,
         )
         self.actors = [actor.remote(export_dir, plan.device, plan.threads) for _ in range(plan.workers)]

@@ -1,4 +1,4 @@
-"""Reading a cache from the distillation stage: `open_cache` -> an `Aligned` for LogLoader.
+"""Reading a cache from the distillation stage: `open_cache` -> `CacheColumns` for LogLoader.
 
     aligned = open_cache("runs/demo/cache", "runs/demo/logs", "train", teacher_sha256=sha)
     loader = LogLoader(split_files(logs, "train"), schema, 4096, aligned=[aligned])
@@ -15,8 +15,9 @@ one stored in the cache file: a misaligned row group raises CacheError, never tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
@@ -109,11 +110,43 @@ def check_file(cache_dir: str | Path, manifest: dict[str, Any], rel: str) -> lis
     return sums
 
 
+@dataclass
+class CacheColumns(Aligned):
+    """A validated cache of one split, as the loader joins it: plain data, so it travels to
+    the ranks (pickled) instead of being opened again there."""
+
+    name: str
+    cache_dir: str
+    split: str
+    columns: list[str]
+    side: dict[str, str]  # absolute log shard path -> cache file
+    expected: dict[str, list[str]]  # absolute log shard path -> example_id checksum per row group
+    id_column: str
+    teacher_sha256: str
+    hidden_dim: Optional[int] = None
+    check_columns: Sequence[str] = ()
+
+    def side_path(self, log_path: str) -> str:
+        try:
+            return self.side[storage.absolute(log_path)]
+        except KeyError:
+            raise CacheError(f"{self.cache_dir}: no cached logits for {log_path} (split '{self.split}')") from None
+
+    def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
+        sums = self.expected[storage.absolute(log_path)]
+        got = mf.ids_checksum(log_table.column(self.id_column))
+        if g >= len(sums) or got != sums[g]:
+            raise CacheError(
+                f"{self.side_path(log_path)}: row group {g}: example_id checksum {got} of {log_path} does not match "
+                f"the cache's {sums[g] if g < len(sums) else 'none'}; the cache is not aligned with these logs"
+            )
+
+
 def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_sha256: str | None = None,
-               hidden: bool = False, name: str = "teacher") -> Aligned:
-    """Validate the cache of `split` against the logs (and teacher) and return the `Aligned`
-    LogLoader reads it through: extras `{name}.logits` float32 [B, T] and, with `hidden`,
-    `{name}.hidden` float32 [B, H]. Raises CacheError (a LogsError) on any mismatch."""
+               hidden: bool = False, name: str = "teacher") -> CacheColumns:
+    """Validate the cache of `split` against the logs (and teacher) and return the columns
+    LogLoader joins: extras `{name}.logits` float32 [B, T] and, with `hidden`, `{name}.hidden`
+    float32 [B, H]. Raises CacheError (a LogsError) on any mismatch."""
     manifest = load_manifest(cache_dir)
     check_identity(cache_dir, manifest, logs_dir, teacher_sha256)
     columns = ["logits"]
@@ -127,21 +160,7 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
         key = storage.absolute(log_path)
         expected[key] = check_file(cache_dir, manifest, rel)
         side[key] = mf.cache_file(cache_dir, rel)
-    id_col = manifest["schema"]["spec"]["id"]
-
-    def path_for(log_path: str) -> str:
-        try:
-            return side[storage.absolute(log_path)]
-        except KeyError:
-            raise CacheError(f"{cache_dir}: no cached logits for {log_path} (split '{split}')") from None
-
-    def check(log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
-        sums = expected[storage.absolute(log_path)]
-        got = mf.ids_checksum(log_table.column(id_col))
-        if g >= len(sums) or got != sums[g]:
-            raise CacheError(
-                f"{path_for(log_path)}: row group {g}: example_id checksum {got} of {log_path} does not match the "
-                f"cache's {sums[g] if g < len(sums) else 'none'}; the cache is not aligned with these logs"
-            )
-
-    return Aligned(name=name, path_for=path_for, columns=columns, check=check)
+    hidden_dim = int(manifest["content"]["hidden_dim"]) if hidden else None
+    return CacheColumns(name=name, cache_dir=str(cache_dir), split=split, columns=columns, side=side,
+                        expected=expected, id_column=manifest["schema"]["spec"]["id"],
+                        teacher_sha256=manifest["teacher"]["sha256"], hidden_dim=hidden_dim)

@@ -17,12 +17,11 @@ import hashlib
 import json
 import os
 import queue
-import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +51,6 @@ class ShardTask:
     batch_size: int = 8192
     prefetch: int = 2
     attempt: int = 1
-    fault: str | None = None  # test hook, see `_maybe_fault`
 
 
 class _HashingSink:
@@ -74,18 +72,6 @@ class _HashingSink:
 
     def flush(self) -> None:
         pass
-
-
-def _maybe_fault(fault: str | None) -> None:
-    """`kill-worker-once:<marker>`: SIGKILL this process, once (the marker file records it)."""
-    if not fault or not fault.startswith("kill-worker-once:"):
-        return
-    marker = fault.split(":", 1)[1]
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Reader:
@@ -150,8 +136,10 @@ class _Reader:
 
 @torch.inference_mode()
 def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, device: torch.device,
-                  worker: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the cache file of one log shard; return its entry for the manifest."""
+                  worker: dict[str, Any] | None = None,
+                  on_row_group: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write the cache file of one log shard; return its entry for the manifest.
+    `on_row_group(g)` runs once row group g is in the (uncommitted) temporary file."""
     start = time.perf_counter()
     now = input_fingerprint(task.logs_dir, task.log_path)
     if diff := fingerprint_diff(task.expected, now):
@@ -193,8 +181,8 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
                     cols["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), hidden_dim)
                 writer.write_table(pa.table(cols, schema=writer.schema), row_group_size=max(n, 1))
                 checksums.append(checksum)
-                if g == 0:
-                    _maybe_fault(task.fault)  # the temporary file now holds a row group
+                if on_row_group is not None:
+                    on_row_group(g)
                 t0 = time.perf_counter()
                 write_s += t0 - t2
             writer.add_key_value_metadata({FILE_META_KEY: json.dumps({**meta, "row_groups": checksums})})
@@ -249,4 +237,7 @@ class CacheWorker:
                 f"worker {self.info['host']}:{self.info['pid']} loaded teacher {self.meta['sha256'][:12]}…, "
                 f"the build expects {task.teacher_sha256[:12]}…: the export changed during the build"
             )
-        return compute_shard(self.model, self.schema, task, self.device, self.info)
+        return compute_shard(self.model, self.schema, task, self.device, self.info, self.on_row_group)
+
+    def on_row_group(self, g: int) -> None:
+        """Called as each row group is written; a seam for tests (subclasses), nothing here."""

@@ -1,19 +1,14 @@
 """Sharded Parquet logs -> batches of KeyedJaggedTensor + dense + labels, one rank's share.
 
-The unit of reading is a row group. Each epoch has one global order of units (file order,
-or a permutation seeded by (seed, epoch)); the concatenated rows of that order are cut
-into `world_size` contiguous ranges whose sizes differ by at most one, and a rank reads
-only the units overlapping its range. So across ranks every row is read exactly once per
-epoch, and every rank yields the same number of non-empty batches (DDP collectives never
-wait on a rank that ran out).
+Which rows a rank reads, in what order, is the epoch plan (`distkd.data.plan`): every row
+exactly once per epoch across ranks, the same number of non-empty batches on every rank,
+rows shuffled within windows of row groups, and a resume that continues the epoch
+exactly once even at another world size. The state a checkpoint keeps is tiny:
+`{"epoch": e, "generations": [[world, steps], ...]}`.
 
-With shuffle, rows are also permuted within windows of `shuffle_window_row_groups`
-consecutive units of the rank's sequence, seeded by (seed, epoch, rank, window). The
-permutation depends only on row counts, so resuming at step k decodes from the window
-holding the rank's row k*batch_size on, nothing before.
-
-Memory is bounded: row groups are read one at a time with only the training columns, a
-background thread decodes at most `prefetch` batches ahead.
+Memory is bounded: row groups are read one window at a time with only the training
+columns, a background thread decodes at most `prefetch` batches ahead, and resuming at
+step k decodes nothing before the window holding the rank's row k*batch_size.
 """
 
 from __future__ import annotations
@@ -33,25 +28,49 @@ import pyarrow.parquet as pq
 from distkd import storage
 from distkd.data.batch import Batch, to_batch
 from distkd.data.checks import check_row_group
+from distkd.data.plan import EpochPlan, batch_sizes
 from distkd.data.rows import Rows, decode, decode_extras
 from distkd.data.schema import LogsError, Schema, check_arrow_schema
 
-__all__ = ["Aligned", "Batch", "LogLoader", "split_files"]
+__all__ = ["Aligned", "Batch", "LogLoader", "SideFiles", "split_files"]
 
 
-@dataclass
 class Aligned:
-    """A side file per log shard with the same rows and row groups (e.g. cached teacher logits)."""
+    """A side file per log shard with the same rows and row groups (e.g. cached teacher logits).
+
+    Subclasses say where a shard's side file is and how to check that a side row group holds
+    the log's rows; instances travel to ranks (pickled), so they hold plain data."""
 
     name: str
-    path_for: Callable[[str], str]  # log shard path -> side file path
     columns: list[str]  # float columns (or fixed_size_list of floats) -> extras[f"{name}.{col}"]
-    # (log row group table, side row group table, log path, row group index): raise on misalignment
-    check: Callable[[pa.Table, pa.Table, str, int], None] | None = None
     check_columns: Sequence[str] = ()  # more side columns to read, only for `check` (e.g. example_id)
+
+    def side_path(self, log_path: str) -> str:
+        raise NotImplementedError
+
+    def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
+        """Raise on misalignment of row group `g` (default: row counts only, checked by the loader)."""
 
     def read_columns(self) -> list[str]:
         return list(dict.fromkeys([*self.columns, *self.check_columns]))
+
+
+@dataclass
+class SideFiles(Aligned):
+    """An `Aligned` from functions (module-level ones, to be picklable)."""
+
+    name: str
+    path_for: Callable[[str], str]  # log shard path -> side file path
+    columns: list[str]
+    check_fn: Callable[[pa.Table, pa.Table, str, int], None] | None = None
+    check_columns: Sequence[str] = ()
+
+    def side_path(self, log_path: str) -> str:
+        return self.path_for(log_path)
+
+    def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
+        if self.check_fn is not None:
+            self.check_fn(log_table, side_table, log_path, g)
 
 
 def split_files(logs_dir: str | Path, split: str) -> list[str]:
@@ -151,33 +170,25 @@ class LogLoader:
         self._units = np.array(units, np.int64).reshape(-1, 3)  # (file, row group, rows)
         self.total_rows = int(self._units[:, 2].sum())
 
-        n, w = self.total_rows, world_size
-        rank_rows = [(r + 1) * n // w - r * n // w for r in range(w)]
-        if drop_last:
-            steps = min(rank_rows) // batch_size
-            sizes = [batch_size] * steps
-        else:
-            steps = math.ceil(max(rank_rows) / batch_size)
-            if min(rank_rows) < steps:
-                raise ValueError(
-                    f"{n} rows cannot give {w} ranks {steps} non-empty batches each at batch_size "
-                    f"{batch_size}; use drop_last=True or a larger batch size"
-                )
-            r = rank_rows[rank]
-            sizes = [batch_size] * (steps - 1) + [r - batch_size * (steps - 1)] if steps else []
-            if sizes and sizes[-1] == 0:  # one row short of the longest rank: never yield an empty batch
-                sizes[-2] -= 1
-                sizes[-1] = 1
-        self._sizes = sizes
-        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._rank_range = (rank * n // w, (rank + 1) * n // w)
-        self.num_rows = int(self._starts[-1])
+        self._unit_rows = self._units[:, 2].copy()
         self._epoch = 0
-        self._step = 0  # batches yielded so far in this epoch
+        self._before: list[list[int]] = []  # earlier layouts of this epoch (a resume at another world size)
+        self._step = 0  # batches yielded so far under this layout
         self._resume = 0  # where the next __iter__ starts
+        self._plan = self._make_plan()
+
+    def _make_plan(self) -> EpochPlan:
+        return EpochPlan(self._unit_rows, batch_size=self.batch_size, world=self.world_size, rank=self.rank,
+                         shuffle=self.shuffle, seed=self.seed, epoch=self._epoch, window=self.window,
+                         drop_last=self.drop_last, before=self._before)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this rank yields under the current layout (the whole epoch's share when fresh)."""
+        return sum(self._plan.sizes)
 
     def _check_side_footer(self, al: Aligned, path: str, counts: np.ndarray) -> None:
-        side = al.path_for(path)
+        side = al.side_path(path)
         spf = _open(side)
         try:
             got = _row_counts(spf)
@@ -195,40 +206,52 @@ class LogLoader:
     # -- epoch plan -------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        """Steps of the current epoch (those taken under earlier layouts included)."""
+        return self._plan.steps_before + len(self._plan.sizes)
+
+    @property
+    def step(self) -> int:
+        """Steps of the current epoch taken so far."""
+        return self._plan.steps_before + self._step
+
+    @property
+    def layout_step(self) -> int:
+        """Steps taken so far under this run's layout (world size)."""
+        return self._step
+
+    def global_batch_rows(self, step: int) -> int:
+        """Rows of step `step` (of this layout) summed over all ranks."""
+        return sum(s[step] for s in self._plan.all_sizes)
+
+    def full_epoch_steps(self) -> int:
+        """Steps of an epoch started afresh at this world size."""
+        return len(batch_sizes(self.total_rows, self.world_size, self.rank, self.batch_size, self.drop_last))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order. A pending resume (load_state_dict) survives only if
         `epoch` is the epoch it was saved in."""
         if epoch != self._epoch:
-            self._epoch, self._step, self._resume = epoch, 0, 0
+            self._epoch, self._step, self._resume, self._before = epoch, 0, 0, []
+            self._plan = self._make_plan()
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "step": self._step}
+        return {"epoch": self._epoch, "generations": [*self._before, [self.world_size, self._step]]}
 
     def load_state_dict(self, sd: dict) -> None:
-        step = int(sd["step"])
-        if not 0 <= step <= len(self):
-            raise ValueError(f"step {step} is outside this loader's epoch of {len(self)} steps")
-        self._epoch, self._step, self._resume = int(sd["epoch"]), step, step
-
-    def _segments(self, epoch: int) -> list[tuple[int, int, int]]:
-        """This rank's (unit index, first row, end row) slices, in epoch order."""
-        order = np.arange(len(self._units))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._units))
-        rows = self._units[order, 2]
-        starts = np.concatenate([[0], np.cumsum(rows)])
-        lo, hi = self._rank_range
-        out = []
-        for i in range(np.searchsorted(starts, lo, side="right") - 1, len(order)):
-            s = int(starts[i])
-            if s >= hi:
-                break
-            a, b = max(lo, s) - s, min(hi, s + int(rows[i])) - s
-            if b > a:
-                out.append((int(order[i]), a, b))
-        return out
+        """Continue the epoch of `sd`, written at any world size (see distkd.data.plan)."""
+        gens = [list(map(int, g)) for g in sd["generations"]]
+        if not gens or any(len(g) != 2 or g[0] < 1 or g[1] < 0 for g in gens):
+            raise ValueError(f"loader state: bad generations {sd['generations']!r}")
+        *before, (world, step) = gens
+        self._epoch = int(sd["epoch"])
+        if world == self.world_size:
+            self._before, self._step = before, step
+        else:  # another layout: the rows not yet read are cut anew among this run's ranks
+            self._before, self._step = gens, 0
+        self._plan = self._make_plan()
+        if not 0 <= self._step <= len(self._plan.sizes):
+            raise ValueError(f"loader state: step {self._step} is outside the epoch's {len(self._plan.sizes)} steps")
+        self._resume = self._step
 
     # -- reading ----------------------------------------------------------------------
 
@@ -240,14 +263,13 @@ class LogLoader:
             check_row_group(table, self.schema, path, g, int(self._row0[f][g]))
         rows = decode(table.slice(a, b - a), self.schema, path)
         for al in self.aligned:
-            side = al.path_for(path)
+            side = al.side_path(path)
             st = self._read_group(handles, side, g, al.read_columns())
             if st.num_rows != table.num_rows:
                 raise LogsError(
                     f"{side}: row group {g} has {st.num_rows} rows, {path} has {table.num_rows}"
                 )
-            if al.check is not None:
-                al.check(table, st, path, g)
+            al.check(table, st, path, g)
             rows.extras.update(decode_extras(st.slice(a, b - a), al.name, al.columns, side))
         return rows
 
@@ -262,31 +284,34 @@ class LogLoader:
         except (OSError, pa.ArrowException) as e:
             raise LogsError(f"{path}: row group {g}: cannot read: {e}") from None
 
-    def _batches(self, start: int, epoch: int) -> Iterator[Batch]:
-        """Decode and yield this rank's batches from step `start` on."""
-        sizes = self._sizes
+    def _window(self, handles: OrderedDict, r: int, w: int) -> Rows:
+        """Window `w` of the first layout's rank `r`: its unit slices decoded, then permuted."""
+        win = self._plan.windows[r][w]
+        rows = Rows.concat([self._read(handles, u, a, b) for u, a, b in win])
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self._epoch, r, w])
+            rows = rows.take(_request_permutation(rows.request, rng) if self.keep_requests
+                             else rng.permutation(len(rows)))
+        return rows
+
+    def _batches(self, start: int) -> Iterator[Batch]:
+        """Decode and yield this rank's batches from step `start` (of this layout) on."""
+        sizes = self._plan.sizes
         if start >= len(sizes):
             return
-        first_row = int(self._starts[start])
-        segs = self._segments(epoch)
+        first_row = int(np.sum(sizes[:start]))
         handles: OrderedDict = OrderedDict()
         pending: list[Rows] = []
         have, step, cursor = 0, start, 0
         try:
-            for wi in range(0, len(segs), self.window):
-                win = segs[wi : wi + self.window]
-                n = sum(b - a for _, a, b in win)
-                if cursor + n <= first_row:  # resume: skip whole windows without decoding
+            for r, w, lo, hi in self._plan.pieces:
+                n = hi - lo
+                if cursor + n <= first_row:  # resume: skip whole pieces without decoding them
                     cursor += n
                     continue
-                rows = Rows.concat([self._read(handles, u, a, b) for u, a, b in win])
-                if self.shuffle:
-                    rng = np.random.default_rng([self.seed, epoch, self.rank, wi // self.window])
-                    rows = rows.take(_request_permutation(rows.request, rng) if self.keep_requests
-                                     else rng.permutation(n))
                 skip = max(0, first_row - cursor)
                 cursor += n
-                pending.append(rows.slice(skip, n))
+                pending.append(self._window(handles, r, w).slice(lo + skip, hi))
                 have += n - skip
                 while step < len(sizes) and have >= sizes[step]:
                     yield to_batch(self._take_front(pending, sizes[step]), self.keys)
@@ -318,7 +343,7 @@ class LogLoader:
     def __iter__(self) -> Iterator[Batch]:
         start, self._resume = self._resume, 0
         self._step = start
-        gen = self._batches(start, self._epoch)
+        gen = self._batches(start)
         if self.prefetch <= 0:
             for batch in gen:
                 self._step += 1

@@ -1,1 +1,50 @@
-"""launch"""
+"""Launchers: one trainer, several ways to start its ranks.
+
+    run_job(job)   the preflight, then the ranks: in this process under torchrun (or any
+                   launcher that set RANK/WORLD_SIZE), else `job.nproc` local ranks through
+                   the elastic launcher (distkd.launch.local), with `launch.max_restarts`.
+
+Restarts come from the launcher; resuming from the last committed checkpoint is the
+trainer's (it resumes by itself when the launcher says this is a restart).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from distkd.dist import under_launcher
+from distkd.train.job import TrainJob
+from distkd.train.prepare import prepare, run_rank
+
+# Test seam: callbacks (fn(trainer) after each step) that a test's wrapper around the CLI
+# installs before calling it; run_job passes them to every rank. Production code adds none.
+INSTALLED_CALLBACKS: list = []
+
+
+def run_job(job: TrainJob, *, resume: bool = False, where: str = "config", callbacks: Sequence = ()) -> dict[str, Any]:
+    """Preflight `job`, run its ranks, return rank 0's summary."""
+    from distkd.launch.local import launch
+
+    prepared = prepare(job, where)
+    callbacks = [*callbacks, *INSTALLED_CALLBACKS]
+    if under_launcher():
+        return run_rank(prepared, resume, callbacks)
+    return launch(run_rank, job.nproc, prepared, resume, callbacks, max_restarts=job.launch.max_restarts,
+                  timeout_s=job.launch.timeout_s)[0]
+
+
+def run(args) -> int:
+    """`distkd teacher train`, `distkd student train`, `distkd distill`."""
+    from distkd import objectives
+    from distkd.config import load
+
+    where = args.config or "config"
+    job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))
+    if getattr(args, "distill_required", False):
+        objectives.require_distilling(job.objective, where)
+    if args.nproc is not None:
+        job.nproc = args.nproc
+    if getattr(args, "max_restarts", None) is not None:
+        job.launch.max_restarts = args.max_restarts
+    summary = run_job(job, resume=args.resume, where=where)
+    return 0 if summary else 1

@@ -27,10 +27,14 @@ MODEL_FILE = "model.pt"
 META_FILE = "export.json"
 
 
-def gather_state_dict(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """Collective: the full, unsharded state dict on rank 0 (empty elsewhere)."""
+def gather_state_dict(dmp: torch.nn.Module, rank: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Collective: the full, unsharded state dict on rank 0 (empty elsewhere), of the keys under
+    `prefix` (e.g. "model." of a train module), with the prefix removed."""
     out: dict[str, torch.Tensor] = {}
     for key, value in dmp.state_dict().items():
+        key = key.removeprefix("module.")
+        if not key.startswith(prefix):
+            continue
         if isinstance(value, ShardedTensor):
             full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
             value.gather(dst=0, out=full)
@@ -38,7 +42,7 @@ def gather_state_dict(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor
         elif isinstance(value, torch.Tensor):
             value = value.detach().cpu().clone()
         if rank == 0 and value is not None:
-            out[key.removeprefix("module.")] = value
+            out[key[len(prefix):]] = value
     return out
 
 

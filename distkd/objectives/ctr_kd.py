@@ -1,11 +1,10 @@
-"""Distillation: the student learns from the teacher's cached outputs (and the labels).
+"""CTR distillation: the student learns from the teacher's cached logits (and the labels).
 
-The trainer is the same as for hard labels; this module supplies the objective and
-the aligned cache columns it reads. The teacher itself never runs here, except with
-`export:` instead of `cache:` (online distillation, kept for the benchmark that
-shows what the cache saves).
+The teacher never runs here, except with `export:` instead of `cache:` (online
+distillation, kept for the benchmark that shows what the cache saves).
 
-    distill:
+    objective:
+      kind: ctr_kd
       teachers: [{cache: runs/demo/cache, weight: 1.0}]
       temperature: 2.0
       losses: {hard: 1.0, soft: 1.0, mse: 0.0, listwise: 0.0, hint: 0.0}
@@ -16,16 +15,17 @@ shows what the cache saves).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Literal, Optional
 
 import torch
+from torch import nn
 
-from distkd.config import ConfigError, from_dict
+from distkd.config import ConfigError
+from distkd.data.loader import Aligned
+from distkd.objectives.base import ObjectiveContext, StepOutput, detached
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
-from distkd.models.ranking import ModelConfig, ModelOutput
-from distkd.data.schema import Schema
 
 
 @dataclass
@@ -50,10 +50,18 @@ class LossWeights:
     listwise: float = 0.0  # softmax KL within a request, x tau²
     hint: float = 0.0  # projected hidden layer vs the teacher's cached hidden layer
 
+    def validate(self) -> None:
+        bad = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) < 0]
+        if bad:
+            raise ConfigError(f"loss weights must be >= 0: {bad}")
+        if not any(getattr(self, f.name) for f in dataclasses.fields(self)):
+            raise ConfigError("every loss weight is 0: nothing to train")
+
 
 @dataclass
-class DistillConfig:
-    teachers: list[TeacherSource]
+class CtrKDConfig:
+    kind: Literal["ctr_kd"] = "ctr_kd"
+    teachers: list[TeacherSource] = field(default_factory=list)
     temperature: float = 1.0
     losses: LossWeights = field(default_factory=LossWeights)
     aux_head: bool = False
@@ -73,36 +81,33 @@ class DistillConfig:
             raise ConfigError("losses.hint needs exactly one teacher")
 
 
-def parse(raw: dict) -> DistillConfig:
-    return from_dict(DistillConfig, raw, "distill")
+class CtrKDTrain(nn.Module):
+    """The student inside its KD loss: a weighted sum of the configured terms, per task weighted."""
 
-
-class Distill:
-    """The KD objective: a weighted sum of the configured losses, per task weighted."""
-
-    def __init__(self, cfg: DistillConfig, task_weights: list[float], online: list[torch.nn.Module]):
-        self.cfg = cfg
-        self.w = torch.tensor(task_weights, dtype=torch.float32)
-        self.names = [f"teacher{i}" for i in range(len(cfg.teachers))]
+    def __init__(self, model: nn.Module, cfg: CtrKDConfig, task_weights: list[float], online: list):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.register_buffer("w", torch.tensor(task_weights, dtype=torch.float32), persistent=False)
         total = sum(t.weight for t in cfg.teachers)
         self.mix = [t.weight / total for t in cfg.teachers]
-        self.online = online  # exported teachers run in the loop (same order as cfg.teachers)
+        # Online teachers stay outside the module tree: DMP must not shard or train them.
+        self._online = online
 
     def teacher_logits(self, batch) -> torch.Tensor:
         """The target: the teachers' logits, averaged with their weights."""
         parts = []
-        for i, (name, t) in enumerate(zip(self.names, self.cfg.teachers)):
+        for i, t in enumerate(self.cfg.teachers):
             if t.export is not None:
                 with torch.no_grad():
-                    z = self.online[i](batch.sparse, batch.dense).logits
+                    z = self._online[i](batch.sparse, batch.dense).logits
             else:
-                z = batch.extras[f"{name}.logits"]
+                z = batch.extras[f"teacher{i}.logits"]
             parts.append(self.mix[i] * z)
         return torch.stack(parts).sum(0)
 
-    def __call__(self, out: ModelOutput, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, lw, tau = self.cfg, self.cfg.losses, self.cfg.temperature
-        w = self.w.to(out.logits.device)
+    def forward(self, batch) -> StepOutput:
+        cfg, lw, tau, w = self.cfg, self.cfg.losses, self.cfg.temperature, self.w
+        out = self.model(batch.sparse, batch.dense)
         target = self.teacher_logits(batch)
         # Rows that distill: all of them, or only the labelled ones.
         rows = None if cfg.unlabeled else ~torch.isnan(batch.labels).all(1)
@@ -117,61 +122,53 @@ class Distill:
         if lw.listwise:
             terms["listwise"] = lw.listwise * (listwise_kl(kd_head, target, batch.request_id, tau, rows) * w).sum()
         if lw.hint:
-            terms["hint"] = lw.hint * hint_mse(out.hint, batch.extras[f"{self.names[0]}.hidden"], rows)
-        loss = torch.stack(list(terms.values())).sum()
-        return loss, {k: v.item() for k, v in terms.items()}
+            terms["hint"] = lw.hint * hint_mse(out.hint, batch.extras["teacher0.hidden"], rows)
+        return StepOutput(torch.stack(list(terms.values())).sum(), detached(terms))
 
 
-def parse_section(raw: Optional[dict], where: str) -> DistillConfig:
-    """A job file's distill: section, checked (no paths); errors name the job file `where`."""
-    if not raw:
-        raise ConfigError(f"{where}: `distkd distill` needs a distill: section (teachers, losses); "
-                          "see jobs/demo/distill.yaml")
-    try:
-        return parse(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+@dataclass
+class CtrKD:
+    """The built objective: opened caches (the aligned columns) and what the model gains."""
+
+    cfg: CtrKDConfig
+    task_weights: list[float]
+    aligned: list[Aligned]
+    hint_dim: Optional[int]
+    keep_requests: bool
+
+    def model_config(self, model):
+        return dataclasses.replace(model, aux_head=self.cfg.aux_head, aux_grad_scale=self.cfg.aux_grad_scale,
+                                   hint_dim=self.hint_dim)
+
+    def train_module(self, model: nn.Module, device: torch.device) -> nn.Module:
+        from distkd.models.export import load_export
+
+        online = [None if t.export is None else load_export(t.export, device=device)[0] for t in self.cfg.teachers]
+        return CtrKDTrain(model, self.cfg, self.task_weights, online)
 
 
-def preflight(cfg: DistillConfig, logs: str, where: str) -> None:
-    """Check every teacher's cache against the logs (or its export) before any rank starts, so
-    a wrong cache is a one-line error (exit 2), not a stack of rank tracebacks."""
+def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
+    """Open (and so check) every teacher's cache against the logs, or its export, once."""
     from distkd.cache.reader import open_cache
-    from distkd.models.export import META_FILE
+    from distkd.models.export import read_meta
 
+    if cfg.losses.listwise and ctx.schema.request_id is None:
+        raise ConfigError(f"{ctx.where}: objective.losses.listwise needs logs with a request_id column")
+    aligned, hint_dim = [], None
     for i, t in enumerate(cfg.teachers):
+        hidden = i == 0 and bool(cfg.losses.hint)
         if t.cache is not None:
-            open_cache(t.cache, logs, "train", teacher_sha256=t.sha256, hidden=i == 0 and bool(cfg.losses.hint))
-        elif not (Path(t.export) / META_FILE).is_file():
-            raise ConfigError(f"{where}: distill.teachers[{i}].export: {t.export} is not an exported model directory")
-
-
-def make_distill_objective(raw: dict, schema: Schema, model: ModelConfig, task_weights: list[float],
-                           logs: str) -> tuple[Distill, list, ModelConfig]:
-    """The objective, the cache columns to align with the train split, and the student's
-    model config extended with what the losses need (aux head, hint projection)."""
-    from distkd.cache.reader import load_manifest, open_cache
-    from distkd.models.export import load_export
-
-    cfg = parse(raw)
-    if cfg.losses.listwise and schema.request_id is None:
-        raise ConfigError("distill.losses.listwise needs logs with a request_id column")
-    aligned, online, hint_dim = [], [], None
-    for i, t in enumerate(cfg.teachers):
-        if t.cache is not None:
-            hidden = i == 0 and bool(cfg.losses.hint)
-            aligned.append(open_cache(t.cache, logs, "train", teacher_sha256=t.sha256, hidden=hidden,
-                                      name=f"teacher{i}"))
-            online.append(None)
+            view = open_cache(t.cache, ctx.logs, "train", teacher_sha256=t.sha256, hidden=hidden, name=f"teacher{i}")
+            aligned.append(view)
             if hidden:
-                hint_dim = int(load_manifest(t.cache)["content"]["hidden_dim"])
-        else:
-            teacher, meta = load_export(t.export)
-            if t.sha256 and meta["sha256"] != t.sha256:
-                raise ConfigError(f"distill.teachers[{i}].export: {t.export} is teacher {meta['sha256'][:12]}…, "
-                                  f"expected {t.sha256[:12]}…")
-            online.append(teacher)
-            if cfg.losses.hint:
-                hint_dim = teacher.hidden_dim
-    model = dataclasses.replace(model, aux_head=cfg.aux_head, aux_grad_scale=cfg.aux_grad_scale, hint_dim=hint_dim)
-    return Distill(cfg, task_weights, online), aligned, model
+                hint_dim = view.hidden_dim
+            continue
+        if not (Path(t.export) / "export.json").is_file():
+            raise ConfigError(f"{ctx.where}: objective.teachers[{i}].export: {t.export} is not an exported model directory")
+        meta = read_meta(t.export)
+        if t.sha256 and meta["sha256"] != t.sha256:
+            raise ConfigError(f"{ctx.where}: objective.teachers[{i}].export: {t.export} is teacher "
+                              f"{meta['sha256'][:12]}…, expected {t.sha256[:12]}…")
+        if hidden:
+            hint_dim = int(meta["model"]["deep_arch"][-1])
+    return CtrKD(cfg, ctx.task_weights, aligned, hint_dim, keep_requests=bool(cfg.losses.listwise))

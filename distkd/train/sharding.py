@@ -1,4 +1,4 @@
-"""Shard a RankingModel with DistributedModelParallel and build its optimizers.
+"""Shard a train module with DistributedModelParallel and build its optimizers.
 
 Embedding tables get rowwise Adagrad at `embedding_lr` whatever the plan: sharded tables
 (table-, column-, row-wise) have it fused into the backward pass (FBGEMM's TBE updates rows
@@ -11,6 +11,7 @@ so checkpointing, the LR schedule and the training loop see a single object.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -26,7 +27,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from distkd.config import ConfigError
 from distkd.dist import Env
-from distkd.models.ranking import RankingModel, table_name
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 # What runs on gloo/CPU. Row-wise (and the grid/table-row-wise variants) need GPUs.
 CPU_SHARDING = [ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value, ShardingType.COLUMN_WISE.value]
@@ -49,6 +50,10 @@ class OptimConfig:
     # instead of a noisy one).
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
+
+    def validate(self) -> None:
+        if self.embedding_lr < 0 or self.dense_lr < 0 or self.weight_decay < 0 or self.eps <= 0 or self.warmup_steps < 0:
+            raise ConfigError("learning rates, weight_decay and warmup_steps must be >= 0, eps > 0")
 
 
 class LRSchedule:
@@ -84,27 +89,39 @@ def allowed_sharding_types(cfg: ShardingConfig, device: torch.device) -> Optiona
     return CPU_SHARDING if device.type == "cpu" else None
 
 
-def plan_for(model: RankingModel, env: Env, cfg: ShardingConfig) -> ShardingPlan:
+def embedding_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+
+
+def table_names(module: torch.nn.Module) -> list[str]:
+    names = []
+    for m in embedding_modules(module):
+        configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
+        names += [c.name for c in configs]
+    return names
+
+
+def plan_for(model: torch.nn.Module, env: Env, cfg: ShardingConfig) -> ShardingPlan:
     types = allowed_sharding_types(cfg, env.device)
     constraints = None
     if types is not None:
-        constraints = {table_name(f.name): ParameterConstraints(sharding_types=types) for f in model.schema.sparse}
+        constraints = {name: ParameterConstraints(sharding_types=types) for name in table_names(model)}
     topology = Topology(world_size=env.world_size, compute_device=env.device.type,
-                        local_world_size=int(__import__("os").environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.collective_plan(model, pg=dist.GroupMember.WORLD)
 
 
-def shard(model: RankingModel, env: Env, sharding: ShardingConfig, optim: OptimConfig) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """Wrap `model` (tables on meta) in DMP and return it with its combined optimizer."""
-    _apply_optimizer_in_backward(
-        RowWiseAdagrad, model.ebc.parameters(), {"lr": optim.embedding_lr, "eps": optim.eps}
-    )
+def shard(model: torch.nn.Module, env: Env, sharding: ShardingConfig, optim: OptimConfig) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Wrap `model` (a train module; its tables on meta) in DMP and return it with its
+    combined optimizer."""
+    tables = [p for m in embedding_modules(model) for p in m.parameters()]
+    _apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": optim.embedding_lr, "eps": optim.eps})
     plan = plan_for(model, env, sharding)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
     # What the fused optimizer does not step: the dense layers and any data-parallel table.
     rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    tables = {n: p for n, p in rest.items() if n.startswith("ebc.")}
+    tables = {n: p for n, p in rest.items() if ".embedding_bags." in n or ".embeddings." in n}
     dense = {n: p for n, p in rest.items() if n not in tables}
     optimizers = [dmp.fused_optimizer]
     if tables:

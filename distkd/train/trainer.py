@@ -1,130 +1,55 @@
-"""One distributed trainer for the teacher and the student.
+"""One distributed trainer for the teacher and the student, whatever they learn from.
 
-Read top to bottom: build the model from the schema, shard it with DMP, stream the
-logs through the loader, step, evaluate, checkpoint, export. Only the objective
-(and the aligned columns it needs, e.g. cached teacher logits) differs between
-teacher training, hard-label student training and distillation.
+`Trainer.train` reads top to bottom: resume if there is something to resume, then per
+epoch stream the rank's share of the logs through `train_step`, validate, checkpoint;
+finally evaluate on the test split and export. What the model learns from is the
+objective (distkd.objectives), built before the trainer and handed to it: the trainer
+knows its aligned columns, what it adds to the model and its train module, not its loss.
+
+Components: `Checkpointer` (DCP, resharding), `Validator` (metrics, early stopping),
+`MetricsLogger` (progress, TensorBoard, the loss log). Callbacks (`fn(trainer)` after each
+step) are the seam tests use to inject faults; production code installs none.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from distkd import dist
-from distkd.train import checkpoint
-from distkd.config import ConfigError, to_dict
-from distkd.models.export import gather_state_dict, write_export
+from distkd import dist, storage
+from distkd.config import to_dict
 from distkd.data.loader import LogLoader, split_files
-from distkd.metrics import TaskMetrics, format_table
-from distkd.models.ranking import ModelConfig, RankingModel, count_parameters
-from distkd.data.schema import Schema, load_schema
-from distkd.train.sharding import LRSchedule, OptimConfig, ShardingConfig, describe_plan, shard
+from distkd.data.schema import Schema
+from distkd.metrics import format_table
+from distkd.models.export import gather_state_dict, write_export
+from distkd.models.ranking import RankingModel, count_parameters
+from distkd.objectives.base import Objective, StepOutput
+from distkd.train.checkpoint import Checkpointer, latest, optimizer_tensors
+from distkd.train.job import TrainJob
+from distkd.train.metrics_logger import MetricsLogger
+from distkd.train.sharding import LRSchedule, describe_plan, shard
+from distkd.train.validation import Validator, evaluate
 
-
-@dataclass
-class LoopConfig:
-    batch_size: int = 4096
-    epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many steps in total (across epochs)
-    eval_every: Optional[int] = None  # steps between validation passes (default: once per epoch)
-    early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0: off
-    shuffle: bool = True
-    shuffle_window_row_groups: int = 4
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 20
-    eval_batch_size: int = 16384
-    task_weights: Optional[list[float]] = None
-
-
-@dataclass
-class TrainJob:
-    logs: str = "runs/demo/logs"
-    out: str = "runs/demo/teacher"
-    role: Literal["teacher", "student"] = "teacher"
-    nproc: int = 2
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
-    tensorboard: bool = True
-    # Set by `distkd distill`; a plain teacher/student run trains on hard labels.
-    distill: Optional[dict[str, Any]] = None
+Callback = Callable[["Trainer"], None]
 
 
 @dataclass
 class TrainState:
     epoch: int = 0
     step: int = 0  # optimizer steps taken in total
-    best: float = float("-inf")
-    stale: int = 0  # validation passes since the best one
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def make_objective(job: TrainJob, schema: Schema) -> tuple[Callable, list, ModelConfig]:
-    """The loss, the aligned side columns it reads (e.g. cached teacher logits), and the
-    model config extended with what the loss needs (an aux head, a hint projection)."""
-    weights = job.train.task_weights or [1.0] * len(schema.tasks)
-    if len(weights) != len(schema.tasks):
-        raise ConfigError(f"train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
-    if job.distill is None:
-        from distkd.objectives.losses import HardLabel
-
-        return HardLabel(weights), [], job.model
-    from distkd.objectives.ctr_kd import make_distill_objective
-
-    return make_distill_objective(job.distill, schema, job.model, weights, job.logs)
-
-
-def make_loader(job: TrainJob, schema: Schema, env: dist.Env, split: str, aligned=(), train: bool = False) -> LogLoader:
-    listwise = bool(job.distill and (job.distill.get("losses") or {}).get("listwise"))
-    return LogLoader(
-        split_files(job.logs, split),
-        schema,
-        job.train.batch_size if train else job.train.eval_batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        shuffle=train and job.train.shuffle,
-        seed=job.train.seed,
-        shuffle_window_row_groups=job.train.shuffle_window_row_groups,
-        aligned=list(aligned),
-        keep_requests=listwise,
-    )
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: LogLoader, schema: Schema, device: torch.device) -> dict[str, dict[str, float]]:
-    """Collective: metrics of `model` over the loader's whole split, aggregated over ranks."""
-    was_training = model.training
-    model.eval()
-    metrics = TaskMetrics(schema.task_names)
-    for batch in loader:
-        batch = batch.to(device)
-        metrics.update(model(batch.sparse, batch.dense).logits, batch.labels)
-    model.train(was_training)
-    return metrics.compute()
-
-
-def mean_auc(result: dict[str, dict[str, float]]) -> float:
-    return sum(m["auc"] for m in result.values()) / len(result)
+    rows: int = 0  # training rows read in total, over all ranks
 
 
 def label_rates(schema: Schema, files: list[str], max_files: int = 8) -> list[float]:
     """Each task's positive rate in the first row group of up to `max_files` shards (cheap at
     any scale; labels that are null, unlabeled rows, are left out)."""
-    import numpy as np
-
-    from distkd import storage
-
     pos, n = np.zeros(len(schema.tasks)), np.zeros(len(schema.tasks))
     for path in files[:max_files]:
         with storage.open_parquet(path) as pf:
@@ -146,108 +71,174 @@ def set_prior(model: RankingModel, rates: list[float]) -> None:
                 head.bias.copy_(logit.to(head.bias.device))
 
 
-def train(job: TrainJob, resume: bool = False) -> dict[str, Any]:
-    """The worker: runs on every rank. Returns the summary (on every rank)."""
-    env = dist.init()
-    out = Path(job.out)
-    torch.manual_seed(job.train.seed)
-    schema = load_schema(job.logs)
-    objective, aligned, model_cfg = make_objective(job, schema)
-
-    model = RankingModel(schema, model_cfg, device=env.device)
-    set_prior(model, label_rates(schema, split_files(job.logs, "train")))
-    dmp, optimizer = shard(model, env, job.sharding, job.optim)
-    train_loader = make_loader(job, schema, env, "train", aligned, train=True)
-    valid_loader = make_loader(job, schema, env, "valid")
-    total = len(train_loader) * job.train.epochs
-    if job.train.max_steps is not None:
-        total = min(total, job.train.max_steps)
-    schedule = LRSchedule(optimizer, job.optim, total)
-
-    state = TrainState()
-    if resume and (last := checkpoint.latest(out / "checkpoints")) is not None:
-        state = restore(last, dmp, optimizer, train_loader, env)
-        log(env, f"resumed from {last} at epoch {state.epoch}, step {state.step}")
-    tb = _tensorboard(job, env)
-    log(env, f"{job.role}: {count_parameters(schema, model_cfg)['total']:,} parameters on {env.world_size} "
-             f"rank(s) ({env.backend}); plan {describe_plan(dmp)}")
-
-    progress = Progress(env, total, state.step, job.train.batch_size * env.world_size)
-    stop = state.step >= total
-    while not stop and state.epoch < job.train.epochs:
-        train_loader.set_epoch(state.epoch)
-        for batch in train_loader:
-            batch = batch.to(env.device)
-            output = dmp(batch.sparse, batch.dense)
-            loss, parts = objective(output, batch)
-            optimizer.zero_grad()
-            schedule.set(state.step)  # the fused tables take theirs at step(), for the next backward
-            loss.backward()
-            optimizer.step()
-            state.step += 1
-            progress.update(loss.item(), parts, tb)
-            _maybe_crash(env, state.step)
-
-            if job.train.eval_every and state.step % job.train.eval_every == 0:
-                stop = validate(dmp, valid_loader, schema, env, state, job, tb)
-            if stop or state.step >= total:
-                break
-            if state.step % job.train.checkpoint_every == 0:
-                save(out, dmp, optimizer, train_loader, state, env)
-        if train_loader.state_dict()["step"] >= len(train_loader):  # the epoch ran to its end
-            state.epoch += 1
-            if not job.train.eval_every:
-                stop = validate(dmp, valid_loader, schema, env, state, job, tb) or stop
-        stop = stop or state.step >= total
-        save(out, dmp, optimizer, train_loader, state, env)
-    progress.close()
-
-    test = evaluate(dmp, make_loader(job, schema, env, "test"), schema, env.device)
-    valid = state.history[-1]["metrics"] if state.history else evaluate(dmp, valid_loader, schema, env.device)
-    summary = {
-        "role": job.role,
-        "steps": state.step,
-        "epochs": state.epoch,
-        "rows_per_s": progress.rate(),
-        "loss_first": progress.first,
-        "loss_last": progress.loss,
-        "parts_first": progress.parts_first,
-        "parts_last": progress.parts,
-        "plan": describe_plan(dmp),
-        "parameters": count_parameters(schema, model_cfg),
-        "valid": valid,
-        "test": test,
-    }
-    summary["replica_drift"] = replica_drift(dmp)
-    state_dict = gather_state_dict(dmp, env.rank)
-    if env.is_main:
-        summary["export"] = write_export(out / "export", job.role, schema, model_cfg, state_dict,
-                                         extra={"test": test, "job": to_dict(job)})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"\n{job.role} finished: {state.step} steps, {progress.rate():,.0f} rows/s", file=sys.stderr)
-        print(format_table({f"{job.role} (valid)": valid, f"{job.role} (test)": test}))
-        print(f"export: {out / 'export'} sha256 {summary['export']['sha256'][:16]}…")
-    if tb is not None:
-        tb.close()
-    dist.shutdown()
-    return summary
+def run_identity(job: TrainJob, schema: Schema, model_cfg) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it (world size excluded)."""
+    return {"role": job.role, "schema": schema.fingerprint(), "model": to_dict(model_cfg),
+            "objective": to_dict(job.objective), "seed": job.train.seed, "batch_size": job.train.batch_size}
 
 
-def validate(dmp, loader, schema, env, state: TrainState, job: TrainJob, tb) -> bool:
-    """Run a validation pass, record it, and say whether early stopping triggers."""
-    result = evaluate(dmp, loader, schema, env.device)
-    score = mean_auc(result)
-    state.history.append({"step": state.step, "metrics": result})
-    if tb is not None:
-        for task, vals in result.items():
-            for name, v in vals.items():
-                tb.add_scalar(f"valid/{task}/{name}", v, state.step)
-    log(env, f"step {state.step}: valid " + ", ".join(f"{t} AUC {m['auc']:.4f} logloss {m['logloss']:.4f}" for t, m in result.items()))
-    if score > state.best:
-        state.best, state.stale = score, 0
-    else:
-        state.stale += 1
-    return bool(job.train.early_stopping_patience) and state.stale >= job.train.early_stopping_patience
+class Trainer:
+    def __init__(self, job: TrainJob, schema: Schema, objective: Objective, env: dist.Env, resume: bool = False,
+                 callbacks: Sequence[Callback] = ()):
+        self.job, self.schema, self.env, self.callbacks = job, schema, env, list(callbacks)
+        self.resume = resume
+        self.out = Path(job.out)
+        torch.manual_seed(job.train.seed)
+        self.model_cfg = objective.model_config(job.model)
+        model = RankingModel(schema, self.model_cfg, device=env.device)
+        set_prior(model, label_rates(schema, split_files(job.logs, "train")))
+        self.dmp, self.optimizer = shard(objective.train_module(model, env.device), env, job.sharding, job.optim)
+        loop = job.train
+        self.train_loader = self._loader("train", loop.batch_size, objective.aligned, objective.keep_requests)
+        self.validator = Validator(self._loader("valid", loop.eval_batch_size), schema, env.device,
+                                   loop.early_stopping_patience, env.is_main)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", env.rank, env.world_size,
+                                         run_identity(job, schema, self.model_cfg), loop.keep_checkpoints)
+        self.state = TrainState()
+        self.logger: MetricsLogger | None = None
+        self.schedule = LRSchedule(self.optimizer, job.optim, self.total_steps())
+
+    def _loader(self, split: str, batch_size: int, aligned=(), keep_requests: bool = False) -> LogLoader:
+        train = split == "train"
+        return LogLoader(split_files(self.job.logs, split), self.schema, batch_size, rank=self.env.rank,
+                         world_size=self.env.world_size, shuffle=train and self.job.train.shuffle,
+                         seed=self.job.train.seed, shuffle_window_row_groups=self.job.train.shuffle_window_row_groups,
+                         aligned=list(aligned), keep_requests=keep_requests)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The sharded model itself (no loss, no DDP wrapper): what validation and export see."""
+        return self.dmp.module.model
+
+    def total_steps(self) -> int:
+        """Steps of the whole run: this epoch's rest, then whole epochs at this world size."""
+        ld, loop = self.train_loader, self.job.train
+        total = self.state.step + (len(ld) - ld.step) + max(0, loop.epochs - self.state.epoch - 1) * ld.full_epoch_steps()
+        return min(total, loop.max_steps) if loop.max_steps is not None else total
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def train_step(self, batch) -> StepOutput:
+        """Forward (model and loss, inside DDP), backward, one optimizer step."""
+        out: StepOutput = self.dmp(batch.to(self.env.device))
+        self.optimizer.zero_grad()
+        self.schedule.set(self.state.step)  # the fused tables take theirs at step(), for the next backward
+        out.loss.backward()
+        self.optimizer.step()
+        self.state.step += 1
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Collective: the whole run; returns the summary (on every rank)."""
+        job, loop, env = self.job, self.job.train, self.env
+        self.resume_if_any()
+        total = self.total_steps()
+        self.schedule.total = max(total, 1)
+        self.logger = logger = MetricsLogger(self.out, env.is_main, total, self.state.step,
+                                             loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
+        self.log(f"{job.role}: {count_parameters(self.schema, self.model_cfg)['total']:,} parameters on "
+                 f"{env.world_size} rank(s) ({env.backend}); plan {describe_plan(self.dmp)}")
+        stop = self.state.step >= total
+        while not stop and self.state.epoch < loop.epochs:
+            self.train_loader.set_epoch(self.state.epoch)
+            for batch in self.train_loader:
+                out = self.train_step(batch)
+                self.state.rows += self.train_loader.global_batch_rows(self.train_loader.layout_step - 1)
+                logger.step(self.state.step, out.loss, out.parts)
+                for callback in self.callbacks:
+                    callback(self)
+                if loop.eval_every and self.state.step % loop.eval_every == 0:
+                    stop = self.validate(logger)
+                if stop or self.state.step >= total:
+                    break
+                if self.state.step % loop.checkpoint_every == 0:
+                    self.save()
+            if self.train_loader.step >= len(self.train_loader):  # the epoch ran to its end
+                self.state.epoch += 1
+                if not loop.eval_every:
+                    stop = self.validate(logger) or stop
+            stop = stop or self.state.step >= total
+            self.save()
+        logger.close()
+        return self.finish(logger)
+
+    def validate(self, logger: MetricsLogger) -> bool:
+        result, stop = self.validator(self.model, self.state.step)
+        logger.valid(self.state.step, result)
+        return stop
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optim": optimizer_tensors(self.optimizer)}
+
+    def save(self) -> Path:
+        if self.logger is not None:
+            self.logger.flush()  # the loss log holds every step the checkpoint holds
+        state = {"trainer": to_dict(self.state), "loader": self.train_loader.state_dict(),
+                 "validator": self.validator.state_dict()}
+        return self.checkpointer.save(self.state.step, self._tensors(), state)
+
+    def resume_if_any(self) -> None:
+        """Continue from the last committed checkpoint when asked to (--resume) or when the
+        launcher restarted this worker group (torchrun, the local launcher, Ray Train)."""
+        if not (self.resume or self.env.restart):
+            return
+        path = latest(self.out / "checkpoints")
+        if path is None:
+            self.log("resume: no committed checkpoint yet; starting from step 0")
+            return
+        # TorchRec's keyed optimizers load only into initialized state: create it (no step
+        # is taken, the weights stay as they are), then fill every tensor in place.
+        self.optimizer.init_state()
+        self.optimizer.zero_grad()
+        tensors = self._tensors()
+        meta = self.checkpointer.load(path, tensors)
+        self.dmp.load_state_dict(tensors["model"])
+        self.train_loader.load_state_dict(meta["loader"])
+        self.validator.load_state_dict(meta["validator"])
+        self.state = TrainState(**meta["trainer"])
+        moved = "" if meta["world_size"] == self.env.world_size else f", resharded {meta['world_size']} -> {self.env.world_size} ranks"
+        self.log(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}{moved}")
+
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def finish(self, logger: MetricsLogger) -> dict[str, Any]:
+        """Collective: test metrics, the export (rank 0) and the summary."""
+        job, env = self.job, self.env
+        test = evaluate(self.model, self._loader("test", job.train.eval_batch_size), self.schema, env.device)
+        history = self.validator.history
+        valid = history[-1]["metrics"] if history else evaluate(self.model, self.validator.loader, self.schema, env.device)
+        summary = {
+            "role": job.role,
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "rows": self.state.rows,
+            "world_size": env.world_size,
+            "rows_per_s": logger.rate(),
+            "loss": logger.loss_summary(),
+            "plan": describe_plan(self.dmp),
+            "parameters": count_parameters(self.schema, self.model_cfg),
+            "valid": valid,
+            "test": test,
+            "replica_drift": replica_drift(self.dmp),
+        }
+        state_dict = gather_state_dict(self.dmp, env.rank, prefix="model.")
+        if env.is_main:
+            summary["export"] = write_export(self.out / "export", job.role, self.schema, self.model_cfg, state_dict,
+                                             extra={"test": test, "job": to_dict(job)})
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"\n{job.role} finished: {self.state.step} steps, {logger.rate():,.0f} rows/s", file=sys.stderr)
+            print(format_table({f"{job.role} (valid)": valid, f"{job.role} (test)": test}))
+            print(f"export: {self.out / 'export'} sha256 {summary['export']['sha256'][:16]}…")
+        return summary
+
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, file=sys.stderr, flush=True)
 
 
 def replica_drift(dmp) -> float:
@@ -267,114 +258,3 @@ def replica_drift(dmp) -> float:
         tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
         drift = max(drift, (hi - lo).abs().max().item())
     return drift
-
-
-def save(out: Path, dmp, optimizer, loader: LogLoader, state: TrainState, env: dist.Env) -> None:
-    checkpoint.save(
-        out / "checkpoints",
-        state.step,
-        {
-            "model": dmp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "loader": loader.state_dict(),
-            "rng": checkpoint.rng_state(),
-            "trainer": to_dict(state),
-        },
-        env.rank,
-        env.world_size,
-    )
-
-
-def restore(path: Path, dmp, optimizer, loader: LogLoader, env: dist.Env) -> TrainState:
-    saved = checkpoint.load(path, env.rank, env.world_size)
-    dmp.load_state_dict(saved["model"])
-    # TorchRec's keyed optimizers load only into initialized state: take one zero-gradient
-    # step first (it leaves the weights as they are), then copy the saved state in.
-    optimizer.init_state()
-    optimizer.zero_grad()
-    optimizer.load_state_dict(saved["optimizer"])
-    loader.load_state_dict(saved["loader"])
-    checkpoint.set_rng_state(saved["rng"])
-    return TrainState(**saved["trainer"])
-
-
-def _maybe_crash(env: dist.Env, step: int) -> None:
-    """Fault injection for the resume tests: DISTKD_CRASH_AT=rank:step kills that rank hard."""
-    spec = os.environ.get("DISTKD_CRASH_AT")
-    if spec and spec == f"{env.rank}:{step}":
-        os._exit(13)
-
-
-def log(env: dist.Env, msg: str) -> None:
-    if env.is_main:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _tensorboard(job: TrainJob, env: dist.Env):
-    if not (job.tensorboard and env.is_main):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(Path(job.out) / "tensorboard"))
-
-
-class Progress:
-    """A progress bar on rank 0: steps, rows/s (all ranks), smoothed loss, ETA."""
-
-    def __init__(self, env: dist.Env, total: int, start: int, rows_per_step: int):
-        self.env, self.rows_per_step, self.step0 = env, rows_per_step, start
-        self.t0 = time.perf_counter()
-        self.t1: Optional[float] = None
-        self.steps = 0
-        self.loss: Optional[float] = None  # exponentially smoothed
-        self.first: Optional[float] = None
-        self.parts_first: dict[str, float] = {}
-        self.parts: dict[str, float] = {}  # each loss term, exponentially smoothed
-        self.bar = None
-        if env.is_main:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            mininterval=0.5 if sys.stderr.isatty() else 15,
-                            disable=os.environ.get("DISTKD_NO_PROGRESS") == "1")
-
-    def update(self, loss: float, parts: dict[str, float], tb) -> None:
-        self.steps += 1
-        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
-        if self.first is None:
-            self.first, self.parts_first = loss, dict(parts)
-        self.parts = {k: v if k not in self.parts else 0.95 * self.parts[k] + 0.05 * v for k, v in parts.items()}
-        step = self.step0 + self.steps
-        if tb is not None:
-            tb.add_scalar("train/loss", loss, step)
-            for k, v in parts.items():
-                tb.add_scalar(f"train/{k}", v, step)
-        if self.bar is not None:
-            self.bar.update(1)
-            if self.steps % 10 == 1:
-                self.bar.set_postfix(loss=f"{self.loss:.4f}", rows_s=f"{self.rate():,.0f}")
-
-    def rate(self) -> float:
-        end = self.t1 if self.t1 is not None else time.perf_counter()
-        return self.steps * self.rows_per_step / max(end - self.t0, 1e-9)
-
-    def close(self) -> None:
-        self.t1 = time.perf_counter()
-        if self.bar is not None:
-            self.bar.close()
-
-
-def run(args) -> int:
-    """`distkd teacher train` / `distkd student train`."""
-    from distkd.config import load
-
-    job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))
-    if getattr(args, "distill_required", False) or job.distill is not None:
-        from distkd.objectives.ctr_kd import parse_section, preflight
-
-        where = args.config or "config"  # fail here, naming the file, not inside every rank
-        preflight(parse_section(job.distill, where), job.logs, where)
-    if args.nproc is not None:
-        job.nproc = args.nproc
-    summary = dist.launch(train, job.nproc, job, args.resume)[0]
-    return 0 if summary else 1

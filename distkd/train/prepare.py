@@ -1,0 +1,54 @@
+"""The preflight every entry point runs before any rank trains, and the rank's worker.
+
+`prepare(job)` loads the schema and builds the objective: caches are opened and checked
+against the logs here, once per process, so a wrong job file, cache or teacher is one line
+naming the file (exit 2), not a traceback from every rank. The `Prepared` result is plain
+data: launchers hand it to their ranks (pickled) instead of preparing again there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from distkd import dist, objectives
+from distkd.config import ConfigError
+from distkd.data.schema import Schema, load_schema
+from distkd.objectives.base import Objective, ObjectiveContext
+from distkd.train.job import TrainJob
+
+
+@dataclass
+class Prepared:
+    job: TrainJob
+    schema: Schema
+    objective: Objective
+    where: str = "config"
+
+
+def prepare(job: TrainJob, where: str = "config") -> Prepared:
+    schema = load_schema(job.logs)
+    weights = job.train.task_weights or [1.0] * len(schema.tasks)
+    if len(weights) != len(schema.tasks):
+        raise ConfigError(f"{where}: train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
+    try:
+        objective = objectives.build(job.objective, ObjectiveContext(schema, job.logs, weights, where))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    return Prepared(job, schema, objective, where)
+
+
+def run_rank(prepared: Prepared, resume: bool = False, callbacks: Sequence = ()) -> dict[str, Any]:
+    """One rank: join the process group, train, leave. Returns the summary."""
+    from distkd.train.trainer import Trainer
+
+    job = prepared.job
+    env = dist.init(timeout_s=job.launch.timeout_s)
+    try:
+        summary = Trainer(job, prepared.schema, prepared.objective, env, resume=resume, callbacks=callbacks).train()
+    except BaseException:
+        dist.abandon()  # no barrier: the other ranks may be stuck in a collective this rank left
+        raise
+    dist.shutdown()
+    return summary

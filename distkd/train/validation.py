@@ -1,0 +1,64 @@
+"""Validation during training: metrics over a split, aggregated over ranks, and early stopping."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distkd.data.loader import LogLoader
+from distkd.data.schema import Schema
+from distkd.metrics import TaskMetrics
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: LogLoader, schema: Schema, device: torch.device) -> dict[str, dict[str, float]]:
+    """Collective: metrics of `model` over the loader's whole split, aggregated over ranks."""
+    was_training = model.training
+    model.eval()
+    metrics = TaskMetrics(schema.task_names)
+    for batch in loader:
+        batch = batch.to(device)
+        metrics.update(model(batch.sparse, batch.dense).logits, batch.labels)
+    model.train(was_training)
+    return metrics.compute()
+
+
+def mean_auc(result: dict[str, dict[str, float]]) -> float:
+    return sum(m["auc"] for m in result.values()) / len(result)
+
+
+@dataclass
+class Validator:
+    """Runs validation passes, keeps their history and says when early stopping triggers."""
+
+    loader: LogLoader
+    schema: Schema
+    device: torch.device
+    patience: int = 0  # passes without improvement before stopping; 0: never stop early
+    is_main: bool = True
+    best: float = float("-inf")
+    stale: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, model: torch.nn.Module, step: int) -> tuple[dict[str, dict[str, float]], bool]:
+        """Collective: (metrics, whether to stop)."""
+        result = evaluate(model, self.loader, self.schema, self.device)
+        self.history.append({"step": step, "metrics": result})
+        if self.is_main:
+            print(f"step {step}: valid " + ", ".join(f"{t} AUC {m['auc']:.4f} logloss {m['logloss']:.4f}"
+                                                      for t, m in result.items()), file=sys.stderr, flush=True)
+        score = mean_auc(result)
+        if score > self.best:
+            self.best, self.stale = score, 0
+        else:
+            self.stale += 1
+        return result, bool(self.patience) and self.stale >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "stale": self.stale, "history": self.history}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.best, self.stale, self.history = sd["best"], sd["stale"], list(sd["history"])

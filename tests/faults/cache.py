@@ -1,0 +1,62 @@
+"""Faults for the cache build, through its seams: a worker class that SIGKILLs itself
+mid-shard, and a driver hook that SIGKILLs the driver after N commits.
+
+    python -m tests.faults.cache --kill-driver-after N -- <distkd cache build arguments>
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from distkd.cache.worker import CacheWorker
+
+
+class KillOnceWorker(CacheWorker):
+    """Dies (SIGKILL) right after the first row group of a shard is in its temporary file,
+    once per marker file: the first `kills` shard attempts that reach it die."""
+
+    marker_dir = ""  # set per test (class attribute: Ray builds the actor from the class)
+    kills = 1
+
+    def on_row_group(self, g: int) -> None:
+        if g != 0:
+            return
+        for i in range(self.kills):
+            try:
+                os.close(os.open(os.path.join(self.marker_dir, f"killed-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_worker_class(marker_dir: str, kills: int = 1) -> type:
+    """A KillOnceWorker subclass bound to `marker_dir` (Ray ships the class by value)."""
+    return type("KillingWorker", (KillOnceWorker,), {"marker_dir": str(marker_dir), "kills": kills,
+                                                     "__module__": __name__})
+
+
+def kill_driver_after(n: int):
+    def on_commit(rel: str, committed: int) -> None:
+        if committed >= n:
+            print(f"[fault] SIGKILL the driver after {committed} committed shard(s)", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_commit
+
+
+def main(argv: list[str]) -> int:
+    split = argv.index("--")
+    opts = dict(zip(argv[:split:2], argv[1:split:2]))
+    import distkd.cache.build as cache_build
+    from distkd.cli import main as cli_main
+
+    real = cache_build.build
+    n = int(opts["--kill-driver-after"])
+    cache_build.build = lambda job, **kw: real(job, on_commit=kill_driver_after(n), **kw)
+    return cli_main(argv[split + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

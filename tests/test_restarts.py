@@ -1,0 +1,154 @@
+"""Ranks that die, under every launcher distkd supports: torchrun (c10d rendezvous and
+--standalone) and the local launcher (--nproc --max-restarts) restart the rank group, the
+trainer resumes from the last committed checkpoint, and the result equals an uninterrupted
+run's exactly (same world size: the same rows, batches and optimizer state, so tolerance 0).
+A checkpoint resumes at another world size with every row of the epoch read once. A
+rendezvous or collective that cannot complete fails within `launch.timeout_s`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from distkd.dist import free_port
+from tests.support import SMALL_MODEL, cli, torchrun
+
+STEPS = 24  # of the 31 a 2-rank epoch has at batch 512; checkpoints at 10 and 20, kills after 13
+TRAIN_ROWS = 32_000
+
+
+def common(logs, out) -> list[str]:
+    return [f"logs={logs}", f"out={out}", "tensorboard=false", "train.batch_size=512", "train.checkpoint_every=10",
+            f"train.max_steps={STEPS}", *SMALL_MODEL]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    return torch.load(out / "export" / "model.pt", weights_only=True)["state_dict"]
+
+
+def assert_same_model(a, b) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_logs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("restarts") / "whole"
+    r = cli("student", "train", "--nproc", "2", *common(small_logs, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _faulty_torchrun(rdzv: list[str], fault: list[str], stage: list[str]):
+    return torchrun(*rdzv, "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.5",
+                    "-m", "tests.faults.train", *fault, "--", *stage)
+
+
+@pytest.mark.parametrize("rendezvous", ["c10d", "standalone"])
+def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninterrupted, tmp_path, rendezvous):
+    """One rank SIGKILLed after step 13 costs one torchrun restart and nothing else: the job
+    exits 0 from the step-10 checkpoint with the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    rdzv = (["--standalone"] if rendezvous == "standalone" else
+            ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+             "--rdzv-id", uuid.uuid4().hex[:8]])
+    victim = "0" if rendezvous == "standalone" else "1"
+    r = _faulty_torchrun(rdzv, ["--kill", f"{victim}:13"], ["student", "train", *common(small_logs, out)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"[fault] SIGKILL rank {victim} after step 13 (generation 0)" in r.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step-00000010'} at epoch 0, step 10" in r.stderr, r.stderr[-3000:]
+    assert_same_model(out, uninterrupted)
+
+
+def test_local_launcher_restarts_a_killed_rank(small_logs, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    r = cli("--kill", "1:13", "--", "student", "train", "--nproc", "2", "--max-restarts", "1",
+            *common(small_logs, out), module="tests.faults.train")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stderr and "step 10" in r.stderr
+    assert_same_model(out, uninterrupted)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_at_another_world_size(small_logs, tmp_path, before, after):
+    """Killed after step 13 on `before` ranks (no restarts), resumed with `after` ranks: the
+    epoch is finished with every train row read exactly once in all."""
+    out = tmp_path / "run"
+    stage = ["student", "train", f"logs={small_logs}", f"out={out}", "tensorboard=false", "train.batch_size=512",
+             "train.checkpoint_every=10", *SMALL_MODEL]
+    r = cli("--kill", "0:13", "--", *stage, "--nproc", str(before), "--max-restarts", "0" if before > 1 else "1",
+            module="tests.faults.train") if before > 1 else None
+    if before == 1:  # one rank runs in this process: a killed process is the whole run, so kill and rerun
+        r = cli("--kill", "0:13", "--", *stage, "--nproc", "1", module="tests.faults.train")
+    assert r.returncode != 0 and "SIGKILL rank 0 after step 13" in r.stderr, r.stderr[-3000:]
+    marker = json.loads((out / "checkpoints" / "step-00000010" / "COMMITTED").read_text())
+    assert marker["world_size"] == before and marker["loader"]["generations"] == [[before, 10]]
+
+    r = cli(*stage, "--nproc", str(after), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resharded {before} -> {after} ranks" in r.stderr, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == after and s["epochs"] == 1
+    assert s["rows"] == TRAIN_ROWS  # 10 steps of `before` ranks, the rest of the epoch on `after`
+    rest = -(-(TRAIN_ROWS - 10 * 512 * before) // (512 * after))  # ceil
+    assert s["steps"] == 10 + rest
+    assert s["test"]["click"]["auc"] > 0.6
+
+
+def test_process_group_survives_a_torchrun_restart(tmp_path):
+    """The root cause of restarted generations that never trained: built on torchrun's agent
+    store under its default prefix, a restarted process group read the dead generation's
+    keys. This script's rank 1 dies after its first all-reduce; the restarted pair must meet."""
+    script = tmp_path / "pg.py"
+    script.write_text(
+        "import os, signal, torch, torch.distributed as td\n"
+        "from distkd.dist import init, restart_generation\n"
+        "env = init(timeout_s=60)\n"
+        "t = torch.ones(1); td.all_reduce(t)\n"
+        "print(f'rank {env.rank} generation {restart_generation()} sum {t.item():.0f}', flush=True)\n"
+        "if env.rank == 1 and restart_generation() == 0:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "td.barrier(); td.destroy_process_group()\n")
+    r = torchrun("--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.5", str(script), timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "rank 0 generation 1 sum 2" in r.stdout and "rank 1 generation 1 sum 2" in r.stdout, r.stdout
+
+
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+@pytest.mark.parametrize("rank,expect", [(0, "process group did not form within 5s"),
+                                         (1, "cannot reach the rendezvous store at 127.0.0.1")])
+def test_a_rank_whose_peer_never_arrives_fails_within_the_timeout(small_logs, tmp_path, rank, expect):
+    """Rank 0 waits for a rank 1 that never starts; rank 1 dials a store nobody hosts: each
+    fails with a message after launch.timeout_s, never hangs."""
+    import subprocess
+
+    env = {**os.environ, **_rank_env(rank, free_port()), "DISTKD_NO_PROGRESS": "1"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "distkd.cli", "student", "train", *common(small_logs, tmp_path / "o"),
+                        "launch.timeout_s=5"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert expect in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_hung_rank_fails_the_collective_within_the_timeout(small_logs, tmp_path):
+    """Rank 1 stops answering after step 3: rank 0's next collective times out after
+    launch.timeout_s and the launch fails (no restarts left), naming the ranks."""
+    t0 = time.monotonic()
+    r = cli("--hang", "1:3", "--", "student", "train", "--nproc", "2", *common(small_logs, tmp_path / "o"),
+            "launch.timeout_s=10", module="tests.faults.train", timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "rank 1 hangs after step 3" in r.stderr and "distkd: error: rank" in r.stderr, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 150
