@@ -3,7 +3,8 @@
 * ray: submits `python -m distkd.cli <stage> --config JOB ...` through the Ray Jobs API
   (address from --ray-address/--address or RAY_ADDRESS, e.g. http://127.0.0.1:8265 through a
   tunnel); with --wait it streams the job's logs and exits with the job's status.
-* slurm: renders cluster/slurm/train.sbatch (multi-node torchrun).
+* slurm: renders cluster/slurm/train.sbatch (multi-node torchrun) and creates the folder its
+  log goes to (runs/slurm/).
 * k8s: renders cluster/k8s/pytorchjob.yaml (DDP stages) or cluster/kuberay/rayjob-cache.yaml (cache).
 
 The cluster/ files are the templates: their `{name}` fields are filled here (in YAML files the
@@ -110,6 +111,14 @@ def render(template: Path, values: dict) -> str:
 
     text = re.sub(r'"\{(\w+)\}"', lambda m: field(m, True), text)
     return re.sub(r"(?<![$\w])\{(\w+)\}", lambda m: field(m, False), text)
+
+
+def sbatch_log_folders(text: str) -> list[Path]:
+    """The folders of a script's `#SBATCH --output/--error` files (relative to where sbatch runs).
+    Slurm opens those files before the script starts, so a missing folder fails the job with no
+    log at all: `submit` creates them. Folders named with a %-pattern are left to the user."""
+    names = re.findall(r"^#SBATCH\s+--(?:output|error)[= ](\S+)", text, re.M)
+    return [Path(n).parent for n in names if "%" not in str(Path(n).parent)]
 
 
 def _values(args, argv: list[str]) -> dict:
@@ -227,5 +236,8 @@ def run(args) -> int:
     tmp.write_text(text)
     tmp.replace(out)
     print(f"wrote {out} (from cluster/{template.relative_to(CLUSTER).as_posix()})")
+    if args.to == "slurm":
+        for folder in sbatch_log_folders(text):
+            folder.mkdir(parents=True, exist_ok=True)
     print(f"run: {'sbatch' if args.to == 'slurm' else 'kubectl apply -f'} {out}")
     return 0

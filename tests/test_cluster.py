@@ -137,6 +137,8 @@ def test_sbatch_template():
     assert re.search(r"^#SBATCH --nodes", text, re.M)
     (line,) = [ln for ln in text.replace("\\\n", " ").splitlines() if "torchrun " in ln and not ln.startswith("#")]
     assert "--rdzv-backend c10d" in line and "--nnodes \"$SLURM_NNODES\"" in line and "-m distkd.cli" in line
+    # srun (Slurm 22.05) does not inherit the job's --cpus-per-task: the step asks for it again
+    assert re.search(r'srun .*--cpus-per-task="\$SLURM_CPUS_PER_TASK" .*torchrun ', line), line
     # every #SBATCH directive comes before the first command (sbatch stops reading them there)
     lines = text.splitlines()
     first_cmd = next(i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith("#"))
@@ -224,6 +226,7 @@ def test_submit_writes_file_and_prints_command(tmp_path):
     assert "sbatch runs/submit/distill.sbatch" in out.stdout
     text = (tmp_path / "runs" / "submit" / "distill.sbatch").read_text()
     assert "#SBATCH --gpus-per-node" not in text and "NPROC_PER_NODE=1" in text
+    assert (tmp_path / "runs" / "slurm").is_dir()  # the job's log folder: Slurm opens the log before the script runs
     assert f"--config {distill}" in text
     out = submit("cache", "--to", "k8s", "--config", cache, "--image", IMAGE, "--nodes", "3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
