@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(data, "validate", "distkd.data.validate:run", "check every shard of a logs directory against its schema")
     p.add_argument("logs", help="logs directory (with schema.yaml)")
 
+    p = _cmd(data, "stats", "distkd.data.stats:run",
+             "one pass over the train split: per-feature statistics into LOGS/stats.json (for transforms)")
+    p.add_argument("logs", help="logs directory (with schema.yaml)")
+
     p = _cmd(data, "inspect", "distkd.data.inspect:run", "stream the loader over a split and print a summary")
     p.add_argument("logs", help="logs directory (with schema.yaml)")
     p.add_argument("--split", default="train")

@@ -3,7 +3,9 @@
 The loader runs them on every row group it decodes (cheap: a few min/max and null
 counts per column), `distkd data validate` runs them on every shard. Each failure
 raises `LogsError` naming the file, row group, column and first bad row (row index
-within the file).
+within the file). Columns of the accepted non-canonical types (see distkd.data.schema) are
+checked on the values decode will produce: dictionaries decoded, float64 against float32's
+range, float labels with NaN as "no label".
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from distkd.data.schema import LogsError, Schema
 def _first_true(mask: pa.Array | np.ndarray) -> int:
     arr = mask.to_numpy(zero_copy_only=False) if not isinstance(mask, np.ndarray) else mask
     return int(np.flatnonzero(arr)[0])
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _plain(col: pa.Array) -> pa.Array:
+    return col.dictionary_decode() if isinstance(col, pa.DictionaryArray) else col
 
 
 def _where(source: str, row_group: int, row0: int, column: str, i: int) -> str:
@@ -50,9 +59,9 @@ def check_row_group(table: pa.Table, schema: Schema, source: str, row_group: int
                 i = _first_true(pc.is_null(col))
                 raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: null id in a single-valued feature")
             values, offsets = col, None
-        if len(values) == 0:
+        if len(values) == 0 or f.hash is not None:  # any string hashes into the table
             continue
-        v = values.to_numpy(zero_copy_only=False)
+        v = _plain(values).to_numpy(zero_copy_only=False)
         lo, hi = v.min(), v.max()
         bad = None
         if lo < 0:
@@ -65,21 +74,29 @@ def check_row_group(table: pa.Table, schema: Schema, source: str, row_group: int
             raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: {what}: {int(v[j])}")
 
     for f in schema.dense:
-        col = table.column(f.name).combine_chunks()
+        col = _plain(table.column(f.name).combine_chunks())
         if col.null_count:
             i = _first_true(pc.is_null(col))
             raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: null dense value")
+        if not pa.types.is_floating(col.type):
+            continue  # integers: always finite, and within float32's range
         v = col.to_numpy(zero_copy_only=False)
         finite = np.isfinite(v)
         if not finite.all():
             i = int(np.flatnonzero(~finite)[0])
             raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: dense value is {v[i]}")
+        if v.dtype == np.float64 and len(v) and max(v.max(), -v.min()) > F32_MAX:
+            i = int(np.flatnonzero(np.abs(v) > F32_MAX)[0])
+            raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: dense value {float(v[i])!r} overflows float32")
 
     for t in schema.tasks:
-        col = table.column(t.label).combine_chunks()
+        col = _plain(table.column(t.label).combine_chunks())
         if pa.types.is_boolean(col.type):
             continue
-        bad = pc.and_(pc.is_valid(col), pc.and_(pc.not_equal(col, 0), pc.not_equal(col, 1)))
+        bad = pc.and_(pc.not_equal(col, 0), pc.not_equal(col, 1))
+        if pa.types.is_floating(col.type):  # NaN, like null, is a row without a label
+            bad = pc.and_(bad, pc.invert(pc.is_nan(col)))
+        bad = pc.and_(pc.is_valid(col), bad)
         if pc.any(bad).as_py():
             i = _first_true(pc.fill_null(bad, False))
             raise LogsError(

@@ -5,21 +5,36 @@ A logs directory holds `schema.yaml` and one folder per split (`train/`, `valid/
 
 - `example_id` (int64): stable and unique across the whole logs directory;
 - sparse features: int64 ids, or list<int64> for multi-valued ones; ids are in
-  [0, num_embeddings), or any non-negative int64 reduced modulo `hash_size`;
+  [0, num_embeddings), or any non-negative integer reduced modulo `hash_size`; or string /
+  binary ids (lists of them) hashed into `hash_size` by the feature's `hash:` (distkd.data.hashing);
 - dense features: float32, with an optional transform applied by the loader;
 - one 0/1 label column per task (nullable: an unlabeled row still serves distillation);
 - optionally `request_id` (int64), grouping the rows shown together;
 - optionally evaluation-only columns (e.g. the true probability of a synthetic task),
   which training never reads.
+
+Types users have are accepted too, and decoded to the same values: any integer width for ids
+and labels, float64 (or float16, or integer) dense columns cast to float32 (a finite value
+beyond float32 is refused), bool labels and float labels with NaN for "no label", and
+dictionary-encoded columns of any of these.
+
+Transforms `standardize`, `log1p_standardize` and `quantile` take per-feature parameters from
+the logs' statistics (`stats.json`, written by `distkd data stats`, see distkd.data.stats):
+`load_schema` attaches them to the features (`DenseFeature.params`), so every process that
+decodes rows applies the same transform from the one Schema object, exports carry them in
+`to_dict(schema)`, and `fingerprint()` changes when they do.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 
@@ -28,6 +43,24 @@ from distkd.config import ConfigError, from_dict, read_yaml, to_dict
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "schema.yaml"
 SPLITS = ("train", "valid", "test")
+STANDARDIZED = ("standardize", "log1p_standardize")  # z-scores, clipped to +-clip
+NEEDS_STATS = (*STANDARDIZED, "quantile")
+DEFAULT_CLIP = 5.0
+# Optional fields added after version 1: left out of the fingerprint (and schema.yaml) while
+# unset, so the fingerprints of schemas that do not use them stay what they were.
+_OPTIONAL = ("hash", "clip", "params")
+
+
+@dataclass
+class HashSpec:
+    """How string ids become table rows: see distkd.data.hashing for the exact function."""
+
+    function: Literal["fnv1a_fmix64"] = "fnv1a_fmix64"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed: must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass
@@ -36,12 +69,15 @@ class SparseFeature:
     num_embeddings: Optional[int] = None
     hash_size: Optional[int] = None
     multi_valued: bool = False
+    hash: Optional[HashSpec] = None  # set: the column holds strings (or binary), hashed into hash_size
 
     def validate(self) -> None:
         if (self.num_embeddings is None) == (self.hash_size is None):
             raise ConfigError(f"sparse feature '{self.name}': give exactly one of num_embeddings or hash_size")
         if self.rows <= 0:
             raise ConfigError(f"sparse feature '{self.name}': table size must be positive")
+        if self.hash is not None and self.hash_size is None:
+            raise ConfigError(f"sparse feature '{self.name}': hash: needs hash_size (the rows string ids hash into)")
 
     @property
     def rows(self) -> int:
@@ -50,9 +86,44 @@ class SparseFeature:
 
 
 @dataclass
+class DenseParams:
+    """A transform's parameters, from the logs' stats.json (or pinned in schema.yaml)."""
+
+    mean: Optional[float] = None  # standardize: of x; log1p_standardize: of log1p(max(x, 0))
+    std: Optional[float] = None  # population std (ddof 0), same values as mean
+    quantiles: Optional[list[float]] = None  # quantile: x at probabilities linspace(0, 1, len)
+
+
+@dataclass
 class DenseFeature:
     name: str
-    transform: Literal["none", "log1p"] = "none"
+    transform: Literal["none", "log1p", "standardize", "log1p_standardize", "quantile"] = "none"
+    clip: Optional[float] = None  # standardize transforms: z clipped to +-clip (default 5)
+    params: Optional[DenseParams] = None  # attached by load_schema from stats.json
+
+    def validate(self) -> None:
+        where = f"dense feature '{self.name}'"
+        if self.clip is not None and (self.transform not in STANDARDIZED or not self.clip > 0):
+            raise ConfigError(f"{where}: clip must be > 0 and applies only to transforms {list(STANDARDIZED)}")
+        p = self.params
+        if p is None:
+            return
+        if self.transform in STANDARDIZED and (p.mean is None or p.std is None
+                                               or not math.isfinite(p.mean) or not math.isfinite(p.std)):
+            raise ConfigError(f"{where}: transform '{self.transform}' needs finite params mean and std")
+        if self.transform == "quantile":
+            q = p.quantiles or []
+            if len(q) < 2 or not all(map(math.isfinite, q)) or any(b < a for a, b in zip(q, q[1:])):
+                raise ConfigError(f"{where}: transform 'quantile' needs params.quantiles: 2 or more finite, "
+                                  "non-decreasing values")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.transform in NEEDS_STATS
+
+    @property
+    def z_clip(self) -> float:
+        return DEFAULT_CLIP if self.clip is None else self.clip
 
 
 @dataclass
@@ -108,9 +179,11 @@ class Schema:
         return cols
 
     def arrow_schema(self) -> pa.Schema:
+        """The canonical types, the ones to write (check_arrow_schema accepts more)."""
         fields = [pa.field(self.id, pa.int64(), nullable=False)]
         for f in self.sparse:
-            fields.append(pa.field(f.name, pa.list_(pa.int64()) if f.multi_valued else pa.int64()))
+            ids = pa.string() if f.hash is not None else pa.int64()
+            fields.append(pa.field(f.name, pa.list_(ids) if f.multi_valued else ids))
         fields += [pa.field(f.name, pa.float32()) for f in self.dense]
         fields += [pa.field(t.label, pa.int8(), nullable=True) for t in self.tasks]
         if self.request_id:
@@ -118,38 +191,119 @@ class Schema:
         fields += [pa.field(c, pa.float32()) for c in self.eval_columns]
         return pa.schema(fields)
 
+    def spec(self) -> dict:
+        """`to_dict(self)` less the optional fields left unset: what the fingerprint covers."""
+        d = to_dict(self)
+        for f in d["sparse"] + d["dense"]:
+            for k in _OPTIONAL:
+                if k in f and f[k] is None:
+                    del f[k]
+        return d
+
     def fingerprint(self) -> str:
-        blob = json.dumps(to_dict(self), sort_keys=True).encode()
+        """Covers every field that changes decoded values: features, tables, hash function and
+        seed, transforms with their clip and parameters (statistics), tasks, columns."""
+        blob = json.dumps(self.spec(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def missing_stats(self) -> list[str]:
+        return [f.name for f in self.dense if f.needs_stats and f.params is None]
+
     def save(self, path: str | Path) -> None:
-        """Write the schema YAML atomically, to a path or a storage URI (see distkd.storage)."""
+        """Write the schema YAML atomically, to a path or a storage URI (see distkd.storage).
+        Parameters attached from stats.json are written too (then pinned): save a schema as
+        built, not as loaded, to keep them derived."""
         import yaml
 
         from distkd import storage
 
-        text = yaml.safe_dump(to_dict(self), sort_keys=False)
+        text = yaml.safe_dump(self.spec(), sort_keys=False)
         storage.write_atomic(path, lambda fh: fh.write(text.encode()))
 
 
-def load_schema(path: str | Path) -> Schema:
+class MissingStats(ConfigError):
+    """A transform needs statistics the logs do not have yet (`distkd data stats` computes them)."""
+
+
+def load_schema(path: str | Path, stats: bool = True) -> Schema:
     """Load a schema from a YAML file, or from `<dir>/schema.yaml` when given a logs directory
-    (a local path or a storage URI such as s3://bucket/logs)."""
+    (a local path or a storage URI such as s3://bucket/logs).
+
+    With `stats`, dense features whose transform needs statistics get their parameters from
+    `stats.json` beside the YAML (unless schema.yaml pins them); MissingStats if there are none.
+    """
     from distkd import storage
 
     if storage.is_remote(path):
         if not storage.basename(path).endswith((".yaml", ".yml")):
             path = storage.join(path, SCHEMA_FILE)
+        u = urlsplit(path)
+        logs = urlunsplit((u.scheme, u.netloc, posixpath.dirname(u.path), u.query, ""))
     else:
         path = Path(path)
         if path.is_dir():
             path = path / SCHEMA_FILE
-    return from_dict(Schema, read_yaml(path), str(path))
+        logs = str(path.parent)
+    schema = from_dict(Schema, read_yaml(path), str(path))
+    if stats and schema.missing_stats():
+        from distkd.data.stats import attach_stats
+
+        attach_stats(schema, logs)
+    return schema
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_str(t: pa.DataType) -> bool:
+    t = _plain(t)
+    return any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                              pa.types.is_large_binary, pa.types.is_string_view, pa.types.is_binary_view))
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(_plain(t))
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(_plain(t)) or pa.types.is_floating(_plain(t))
+
+
+def _list_of(t: pa.DataType) -> pa.DataType | None:
+    return t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) else None
+
+
+_LABEL = " (or any integer width, bool, float with NaN for no label, or a dictionary of these)"
+_NUMBER = " (or float64, float16, an integer type, or a dictionary of these)"
+
+
+def _accepts(schema: Schema, name: str, got: pa.DataType) -> tuple[bool, str]:
+    """(whether column `name` may have type `got`, what else would be accepted, for the error)."""
+    sparse = {f.name: f for f in schema.sparse}
+    if name in sparse:
+        f = sparse[name]
+        inner = _list_of(got) if f.multi_valued else got
+        if inner is None:
+            return False, ""
+        if f.hash is not None:
+            return _is_str(inner), " (string ids: string, large_string, binary or a dictionary of them)"
+        if _is_str(inner):
+            return False, (f": string ids need `hash: {{function: fnv1a_fmix64, seed: 0}}` and hash_size on "
+                           f"sparse feature '{name}' in schema.yaml")
+        return _is_int(inner), " (or any integer width, or a dictionary of integers)"
+    if name in (schema.id, schema.request_id):
+        return pa.types.is_integer(got), " (or any integer width)"
+    if name in schema.label_columns:
+        return _is_number(got) or pa.types.is_boolean(_plain(got)), _LABEL
+    if name in schema.eval_columns:
+        return _is_number(got) or pa.types.is_boolean(_plain(got)), _NUMBER
+    return _is_number(got), _NUMBER
 
 
 def check_arrow_schema(schema: Schema, actual: pa.Schema, source: str, columns: list[str] | None = None) -> None:
-    """Raise a ValueError naming `source` and the column if `actual` does not hold `columns`
-    (default: the training columns) with the contract's types."""
+    """Raise LogsError naming `source` and the column if `actual` does not hold `columns`
+    (default: the training columns) with types the contract accepts."""
     expected = schema.arrow_schema()
     for name in schema.training_columns() if columns is None else columns:
         want = expected.field(name).type
@@ -157,19 +311,11 @@ def check_arrow_schema(schema: Schema, actual: pa.Schema, source: str, columns: 
         if idx < 0:
             raise LogsError(f"{source}: missing column '{name}' (expected {want})")
         got = actual.field(idx).type
-        if not _compatible(got, want):
-            raise LogsError(f"{source}: column '{name}' has type {got}, expected {want}")
-
-
-def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
-    if got == want:
-        return True
-    # Labels may be any integer width or bool; ids may be stored in narrower ints.
-    if pa.types.is_integer(want) and (pa.types.is_integer(got) or pa.types.is_boolean(got)):
-        return True
-    if pa.types.is_list(want) and (pa.types.is_list(got) or pa.types.is_large_list(got)):
-        return pa.types.is_integer(got.value_type)
-    return False
+        if got == want:
+            continue
+        ok, also = _accepts(schema, name, got)
+        if not ok:
+            raise LogsError(f"{source}: column '{name}' has type {got}, expected {want}{also}")
 
 
 class LogsError(ValueError):

@@ -5,10 +5,20 @@ types, every row group passes `check_row_group` (streamed one row group at a tim
 reading only the training columns), and `example_id` is unique across all shards of
 all splits. The first problem raises `LogsError` naming the file (and row group,
 column and row where there is one).
+
+Logs that pass can still train badly; those get warnings (exit status 0), from the train
+split's statistics gathered in the same pass (distkd.data.stats): a dense feature without a
+transform on a raw scale (|mean| or std > 10, or |x| > 1e3: the bottom MLP's default init
+expects inputs of order 1, and one such column dominates its pre-activations and the first
+Adam steps; well-scaled inputs such as rates, z-scores or log1p counts stay below these), a
+sparse feature whose ids are mostly >= 10x its hash_size (folded modulo into a far smaller
+table) or whose distinct ids are < 1% of its table's rows (a table far too large), a
+transform with no statistics yet, and a stats.json computed from other train shards.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
+from distkd.data import stats as st
 from distkd.data.checks import check_row_group
-from distkd.data.schema import SPLITS, LogsError, Schema, check_arrow_schema, load_schema
+from distkd.data.rows import _floats
+from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, check_arrow_schema, load_schema
+
+# Scale warnings (see the module docstring).
+DENSE_MEAN, DENSE_STD, DENSE_MAX = 10.0, 10.0, 1e3
+BEYOND_SHARE, FAR_BELOW = 0.5, 0.01  # share of ids >= 10x hash_size; distinct ids / table rows
 
 
 def shard_paths(split_dir: str | Path) -> list[str]:
@@ -43,8 +59,8 @@ def _open(path: str) -> pq.ParquetFile:
         raise LogsError(f"{path}: not a readable Parquet file (corrupt or truncated?): {_one_line(e)}") from None
 
 
-def _check_shard(path: str, schema: Schema, stats: dict) -> np.ndarray:
-    """Check one shard; add to `stats`; return its example ids (int64)."""
+def _check_shard(path: str, schema: Schema, stats: dict, acc: st.Accumulator | None = None) -> np.ndarray:
+    """Check one shard; add to `stats` (and `acc`); return its example ids (int64)."""
     pf = _open(path)
     check_arrow_schema(schema, pf.schema_arrow, str(path))
     if schema.eval_columns:
@@ -57,11 +73,13 @@ def _check_shard(path: str, schema: Schema, stats: dict) -> np.ndarray:
         except (pa.ArrowException, OSError) as e:
             raise LogsError(f"{path}: row group {rg}: cannot decode (corrupt file?): {_one_line(e)}") from None
         check_row_group(table, schema, str(path), row_group=rg, row0=row0)
+        if acc is not None:
+            acc.update(table)
         ids.append(table.column(schema.id).to_numpy().astype(np.int64, copy=False))
         for t in schema.tasks:
-            label = table.column(t.label)
-            labeled = len(label) - label.null_count
-            positives = int(np.sum(label.drop_null().to_numpy(), dtype=np.int64)) if labeled else 0
+            label = _floats(table.column(t.label).combine_chunks())  # NaN: no label
+            labeled = int(np.count_nonzero(~np.isnan(label)))
+            positives = int(np.nansum(label, dtype=np.float64))
             stats["labels"][t.name]["labeled"] += labeled
             stats["labels"][t.name]["positives"] += positives
         row0 += table.num_rows
@@ -92,20 +110,70 @@ def _check_unique(ids: list[np.ndarray], paths: list[str], logs_dir: str) -> Non
     raise LogsError(f"{logs_dir}: duplicate example_id {int(value)} in " + " and ".join(where) + more)
 
 
+def scale_warnings(schema: Schema, c: dict) -> list[str]:
+    """One line per feature whose figures in stats content `c` will hurt training."""
+    out = []
+    for f in schema.dense:
+        d = c["dense"][f.name]
+        if f.transform != "none" or not d["count"]:
+            continue
+        big = max(abs(d["min"]), abs(d["max"]))
+        why = [f"mean {d['mean']:.4g}"] if abs(d["mean"]) > DENSE_MEAN else []
+        why += [f"std {d['std']:.4g}"] if d["std"] > DENSE_STD else []
+        why += [f"max |x| {big:.4g}"] if big > DENSE_MAX else []
+        if why:
+            out.append(f"dense feature '{f.name}' has no transform and {', '.join(why)} (past |mean| {DENSE_MEAN:g}, "
+                       f"std {DENSE_STD:g} or |x| {DENSE_MAX:g}: a raw scale that hurts training): set `transform: "
+                       "standardize` (or log1p_standardize, quantile) and run `distkd data stats`")
+    for f in schema.sparse:
+        d = c["sparse"][f.name]
+        if f.hash_size is not None and not f.hash and d["ids"] and d["beyond_10x"] > BEYOND_SHARE * d["ids"]:
+            out.append(f"sparse feature '{f.name}': {d['beyond_10x'] / d['ids']:.0%} of ids are >= 10x "
+                       f"hash_size {f.hash_size:,} (max id {d['max']:,}, ~{d['distinct']:,} distinct ids), folded "
+                       "modulo into a table far smaller than the id space: raise hash_size if they collide")
+        if d["distinct"] < FAR_BELOW * f.rows:
+            out.append(f"sparse feature '{f.name}': {'' if d['distinct_exact'] else '~'}{d['distinct']:,} distinct ids "
+                       f"in train for a table of {f.rows:,} rows ({d['distinct'] / f.rows:.2%}): the table is far too "
+                       "large; lower " + ("hash_size" if f.hash_size is not None else "num_embeddings"))
+    return out
+
+
+def _stale_stats(logs_dir: str) -> list[str]:
+    """A warning if stats.json was computed from other train shards than the logs hold now."""
+    doc = st.read_stats(logs_dir)
+    if doc is None:
+        return []
+    now = []
+    for path in shard_paths(storage.join(logs_dir, "train")):
+        with _open(path) as pf:
+            now.append({"file": storage.basename(path), "bytes": storage.size(path), "rows": pf.metadata.num_rows})
+    if now == doc["content"]["shards"]:
+        return []
+    return [f"{st.stats_location(logs_dir)}: computed from other train shards than the logs hold now; "
+            f"rerun `distkd data stats {logs_dir}`"]
+
+
 def validate_logs(logs_dir: str | Path) -> dict:
     """Check a whole logs directory; return a summary (per split: rows, shards, row groups,
-    per-task labeled rows, positives and positive rate). Raises LogsError on the first problem."""
+    per-task labeled rows, positives and positive rate; warnings). Raises LogsError on the
+    first problem."""
     logs_dir = str(logs_dir)
     if not storage.is_remote(logs_dir) and not Path(logs_dir).is_dir():
         raise LogsError(f"{logs_dir}: logs directory not found")
-    schema = load_schema(logs_dir)
+    warnings = []
+    try:
+        schema = load_schema(logs_dir)
+    except MissingStats as e:
+        schema = load_schema(logs_dir, stats=False)
+        warnings.append(str(e))
     summary = {"logs": str(logs_dir), "schema": schema.fingerprint(), "rows": 0, "splits": {}}
     ids, paths = [], []
+    acc = st.Accumulator(schema, sample=False)
     for split in SPLITS:
         stats = {"rows": 0, "shards": 0, "row_groups": 0,
                  "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.tasks}}
         for path in shard_paths(storage.join(logs_dir, split)):
-            ids.append(_check_shard(path, schema, stats))
+            ids.append(_check_shard(path, schema, stats, acc if split == "train" else None))
             paths.append(path)
             stats["shards"] += 1
         for lab in stats["labels"].values():
@@ -113,6 +181,7 @@ def validate_logs(logs_dir: str | Path) -> dict:
         summary["splits"][split] = stats
         summary["rows"] += stats["rows"]
     _check_unique(ids, paths, logs_dir)
+    summary["warnings"] = warnings + scale_warnings(schema, acc.result()) + _stale_stats(logs_dir)
     return summary
 
 
@@ -127,4 +196,6 @@ def run(args) -> int:
     for split, d in s["splits"].items():
         labs = "".join(f" {lab['rate']:>{width[t]}.4f} {lab['labeled']:>{width[t]},}" for t, lab in d["labels"].items())
         print(f"  {split:<6} {d['rows']:>12,} {d['shards']:>6} {d['row_groups']:>10}{labs}")
+    for w in s["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     return 0

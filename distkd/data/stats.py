@@ -1,0 +1,407 @@
+"""`distkd data stats`: per-feature statistics of the train split, stored with the logs.
+
+One streaming pass, row group by row group (memory bounded by one row group and the
+sketches), over the train split only, so no valid/test row leaks into a transform. Written
+atomically to `LOGS/stats.json`:
+
+    {"format": 1, "kind": "distkd.stats", "fingerprint": sha256(content)[:16], "content": {...}}
+
+content: the shards read (file, bytes, rows), the sketches used, and per feature:
+
+- dense: count of finite values, mean and std (population, ddof 0, exact: float64 sums merged
+  per row group with Chan's formula), min, max, nan/posinf/neginf/null counts, the same mean
+  and std of log1p(max(x, 0)) (for log1p_standardize), and 201 quantiles (probabilities 0,
+  0.005, ..., 1) of a bottom-k row sample: the 65,536 rows with the smallest
+  splitmix64(example_id), deterministic whatever the shard or row order. Exact when the split
+  has at most 65,536 rows; otherwise the rank of each quantile is within 0.01 of its
+  probability with probability > 0.99999 (Dvoretzky-Kiefer-Wolfowitz: 2 exp(-2 k 0.01^2)).
+- sparse: ids, ids per row, null rows and null ids, min, max, negative ids, ids at or past
+  the table's rows (out_of_range) and past 10x the rows (beyond_10x), and distinct ids: a KMV
+  sketch (the 4,096 smallest splitmix64 of the ids; exact below 4,096 distinct, else relative
+  standard error 1/sqrt(4094) = 1.6%). String ids count by their 64-bit hash.
+
+Every sketch merges (moments by Chan's formula, bottom-k and KMV by union), so shards could
+be summarized in parallel and combined (`Accumulator.merge`).
+
+`load_schema` reads the file back (`attach_stats`) and gives each transform that needs them
+its parameters; `distkd data validate` runs the same accumulator (without the sample) to warn
+about raw-scale dense features and ids that do not fit their tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from distkd import storage
+from distkd.config import ConfigError
+from distkd.data.hashing import splitmix64
+from distkd.data.rows import _floats, raw_ids
+from distkd.data.schema import DenseParams, MissingStats, Schema, check_arrow_schema, load_schema
+
+STATS_FILE = "stats.json"
+FORMAT = 1
+KIND = "distkd.stats"
+SAMPLE_ROWS = 65_536
+QUANTILE_POINTS = 201
+KMV_K = 4096
+SKETCHES = {
+    "quantiles": {"method": "bottom-k row sample by splitmix64(example_id)", "rows": SAMPLE_ROWS,
+                  "points": QUANTILE_POINTS, "rank_error": 0.01},
+    "distinct": {"method": "KMV: k smallest splitmix64(id)", "k": KMV_K,
+                 "relative_std_error": round(1 / math.sqrt(KMV_K - 2), 4)},
+}
+
+
+class Moments:
+    """Count, mean and sum of squared deviations, merged exactly (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        if len(x):
+            mean = float(x.mean())
+            self.merge_parts(len(x), mean, float(np.square(x - mean).sum()))
+
+    def merge_parts(self, n: int, mean: float, m2: float) -> None:
+        total = self.n + n
+        if n == 0:
+            return
+        d = mean - self.mean
+        self.mean += d * n / total
+        self.m2 += m2 + d * d * self.n * n / total
+        self.n = total
+
+    def merge(self, o: "Moments") -> None:
+        self.merge_parts(o.n, o.mean, o.m2)
+
+    def result(self) -> dict:
+        if not self.n:
+            return {"mean": None, "std": None}
+        return {"mean": self.mean, "std": math.sqrt(max(self.m2, 0.0) / self.n)}
+
+
+class KMV:
+    """The k smallest distinct 64-bit hashes: a mergeable distinct-count sketch."""
+
+    def __init__(self, k: int = KMV_K) -> None:
+        self.k, self.h = k, np.zeros(0, np.uint64)
+
+    def add(self, h: np.ndarray) -> None:
+        if len(self.h) == self.k:
+            h = h[h < self.h[-1]]
+        if len(h):
+            self.h = np.unique(np.concatenate([self.h, h]))[: self.k]
+
+    def merge(self, o: "KMV") -> None:
+        self.add(o.h)
+
+    def estimate(self) -> tuple[int, bool]:
+        """(distinct count, exact?)"""
+        if len(self.h) < self.k:
+            return len(self.h), True
+        return int(round((self.k - 1) / ((float(self.h[-1]) + 1.0) / 2.0**64))), False
+
+
+class Sample:
+    """Bottom-k rows by key: the same rows whatever order they arrive in."""
+
+    def __init__(self, width: int, k: int = SAMPLE_ROWS) -> None:
+        self.k, self.keys, self.values = k, np.zeros(0, np.uint64), np.zeros((0, width), np.float32)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if len(self.keys) == self.k:
+            m = keys < self.keys.max()
+            keys, values = keys[m], values[m]
+        if not len(keys):
+            return
+        keys, values = np.concatenate([self.keys, keys]), np.concatenate([self.values, values])
+        if len(keys) > self.k:
+            keep = np.argpartition(keys, self.k - 1)[: self.k]
+            keys, values = keys[keep], values[keep]
+        self.keys, self.values = keys, values
+
+    def merge(self, o: "Sample") -> None:
+        self.add(o.keys, o.values)
+
+
+def _id_hash(v: np.ndarray) -> np.ndarray:
+    return splitmix64(v.view(np.uint64) if v.dtype == np.int64 else v)
+
+
+class Accumulator:
+    """Streaming statistics of one split; `update` per row group, `result` for stats.json."""
+
+    def __init__(self, schema: Schema, sample: bool = True) -> None:
+        self.schema, self.rows, self.row_groups = schema, 0, 0
+        nd = len(schema.dense)
+        self.dense = [{"raw": Moments(), "log1p": Moments(), "min": math.inf, "max": -math.inf,
+                       "nan": 0, "posinf": 0, "neginf": 0, "null": 0} for _ in range(nd)]
+        self.sparse = [{"rows": 0, "ids": 0, "null_rows": 0, "null_ids": 0, "min": None, "max": None,
+                        "negative": 0, "out_of_range": 0, "beyond_10x": 0, "kmv": KMV()} for _ in schema.sparse]
+        self.sample = Sample(nd) if sample else None
+
+    def update(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        self.row_groups += 1
+        for f, acc in zip(self.schema.sparse, self.sparse):
+            self._sparse(table.column(f.name).combine_chunks(), f, acc)
+        dense = np.empty((table.num_rows, len(self.schema.dense)), np.float32)
+        for j, (f, acc) in enumerate(zip(self.schema.dense, self.dense)):
+            col = table.column(f.name).combine_chunks()
+            dense[:, j] = v = _floats(col)
+            finite = np.isfinite(v)
+            acc["null"] += col.null_count
+            if not finite.all():
+                acc["nan"] += int(np.isnan(v).sum()) - col.null_count
+                acc["posinf"] += int((v == np.inf).sum())
+                acc["neginf"] += int((v == -np.inf).sum())
+            x = (v if finite.all() else v[finite]).astype(np.float64)
+            if len(x):
+                acc["min"], acc["max"] = min(acc["min"], float(x.min())), max(acc["max"], float(x.max()))
+                acc["raw"].add(x)
+                acc["log1p"].add(np.log1p(np.maximum(x, 0.0)))
+        if self.sample is not None:
+            ids = table.column(self.schema.id).combine_chunks()
+            self.sample.add(_id_hash(ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)), dense)
+
+    @staticmethod
+    def _sparse(col: pa.Array, f, acc: dict) -> None:
+        acc["rows"] += len(col)
+        acc["null_rows"] += col.null_count
+        values = col.flatten() if f.multi_valued else col
+        if f.multi_valued:
+            acc["null_ids"] += values.null_count
+        values = values.drop_null()
+        acc["ids"] += len(values)
+        if not len(values):
+            return
+        v = raw_ids(values, f)
+        if f.hash is not None:
+            acc["kmv"].add(_id_hash(v))
+            return  # every string hashes into the table
+        lo, hi = v.min(), v.max()
+        # Small dense id ranges: the distinct ids by bincount, far cheaper than the sketch's unique.
+        small = v.dtype == np.int64 and lo >= 0 and hi < 4 * len(v) + 4096
+        acc["kmv"].add(_id_hash(np.flatnonzero(np.bincount(v)) if small else v))
+        acc["min"] = int(lo) if acc["min"] is None else min(acc["min"], int(lo))
+        acc["max"] = int(hi) if acc["max"] is None else max(acc["max"], int(hi))
+        if lo < 0:
+            acc["negative"] += int((v < 0).sum())
+        if hi >= f.rows:
+            acc["out_of_range"] += int((v >= f.rows).sum())
+            acc["beyond_10x"] += int((v >= 10 * f.rows).sum())
+
+    def merge(self, o: "Accumulator") -> None:
+        self.rows += o.rows
+        self.row_groups += o.row_groups
+        for a, b in zip(self.dense, o.dense):
+            a["raw"].merge(b["raw"])
+            a["log1p"].merge(b["log1p"])
+            a["min"], a["max"] = min(a["min"], b["min"]), max(a["max"], b["max"])
+            for k in ("nan", "posinf", "neginf", "null"):
+                a[k] += b[k]
+        for a, b in zip(self.sparse, o.sparse):
+            for k in ("rows", "ids", "null_rows", "null_ids", "negative", "out_of_range", "beyond_10x"):
+                a[k] += b[k]
+            for k, pick in (("min", min), ("max", max)):
+                a[k] = b[k] if a[k] is None else a[k] if b[k] is None else pick(a[k], b[k])
+            a["kmv"].merge(b["kmv"])
+        if self.sample is not None and o.sample is not None:
+            self.sample.merge(o.sample)
+
+    def result(self) -> dict:
+        out = {"rows": self.rows, "row_groups": self.row_groups, "dense": {}, "sparse": {}}
+        probs = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+        for j, (f, a) in enumerate(zip(self.schema.dense, self.dense)):
+            n = a["raw"].n
+            d = {"count": n, **a["raw"].result(), "min": a["min"] if n else None, "max": a["max"] if n else None,
+                 "nan": a["nan"], "posinf": a["posinf"], "neginf": a["neginf"], "null": a["null"],
+                 "log1p": a["log1p"].result()}
+            if self.sample is not None:
+                s = self.sample.values[:, j].astype(np.float64)
+                s = s[np.isfinite(s)]
+                d["quantiles"] = [float(q) for q in np.quantile(s, probs)] if len(s) else None
+            out["dense"][f.name] = d
+        for f, a in zip(self.schema.sparse, self.sparse):
+            distinct, exact = a["kmv"].estimate()
+            out["sparse"][f.name] = {
+                "table_rows": f.rows, "hashed": f.hash is not None,
+                **{k: a[k] for k in ("rows", "ids", "null_rows", "null_ids", "min", "max", "negative",
+                                     "out_of_range", "beyond_10x")},
+                "ids_per_row": a["ids"] / a["rows"] if a["rows"] else None,
+                "distinct": distinct, "distinct_exact": exact,
+            }
+        return out
+
+
+# -- the file --------------------------------------------------------------------------------
+
+
+def _fingerprint(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stats_location(logs: str) -> str:
+    return storage.join(logs, STATS_FILE)
+
+
+def write_stats(logs: str, content: dict) -> str:
+    """Commit stats.json atomically (local or object storage); return its fingerprint."""
+    fp = _fingerprint(content)
+    doc = {"format": FORMAT, "kind": KIND, "fingerprint": fp, "content": content}
+    text = json.dumps(doc, indent=1, allow_nan=False)
+    # Number lists (quantiles) on one line each: a file a person can read.
+    text = re.sub(r"\[\s+([-0-9.e+,\s]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
+    storage.write_atomic(stats_location(logs), lambda fh: fh.write(text.encode()))
+    return fp
+
+
+def read_stats(logs: str) -> dict | None:
+    """The whole stats.json document (format, kind, fingerprint, content), or None if the logs
+    have none. ConfigError if it is not one this distkd wrote, or its content does not match
+    its fingerprint."""
+    loc = stats_location(logs)
+    if storage.size(loc) is None:
+        return None
+    try:
+        doc = json.loads(storage.read_text(loc))
+    except ValueError as e:
+        raise ConfigError(f"{loc}: not valid JSON ({e}); rerun `distkd data stats {logs}`") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("format") != FORMAT:
+        raise ConfigError(f"{loc}: not a distkd stats file of format {FORMAT}; rerun `distkd data stats {logs}`")
+    if _fingerprint(doc.get("content")) != doc.get("fingerprint"):
+        raise ConfigError(f"{loc}: content does not match its fingerprint {doc.get('fingerprint')} (edited or "
+                          f"truncated?); rerun `distkd data stats {logs}`")
+    return doc
+
+
+def params_for(transform: str, entry: dict) -> DenseParams:
+    if transform == "standardize":
+        return DenseParams(mean=entry["mean"], std=entry["std"])
+    if transform == "log1p_standardize":
+        return DenseParams(mean=entry["log1p"]["mean"], std=entry["log1p"]["std"])
+    return DenseParams(quantiles=entry["quantiles"])
+
+
+def attach_stats(schema: Schema, logs: str) -> Schema:
+    """Give every dense feature whose transform needs statistics and has no params the ones
+    from `logs`/stats.json (in place; returned). MissingStats naming the feature if there are none."""
+    missing = [f for f in schema.dense if f.needs_stats and f.params is None]
+    if not missing:
+        return schema
+    loc, f0 = stats_location(logs), missing[0]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    doc = read_stats(logs)
+    if doc is None:
+        raise MissingStats(f"dense feature '{f0.name}'{more}: transform '{f0.transform}' needs statistics and "
+                           f"{loc} does not exist; run `distkd data stats {logs}`")
+    dense = doc["content"]["dense"]
+    for f in missing:
+        e = dense.get(f.name)
+        if e is None or not e.get("count"):
+            why = "has no statistics of it (computed before it was added?)" if e is None else "counted no finite value"
+            raise MissingStats(f"dense feature '{f.name}': transform '{f.transform}' needs statistics; {loc} "
+                               f"{why}; run `distkd data stats {logs}`")
+        f.params = params_for(f.transform, e)
+        try:
+            f.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{loc}: {err}") from None
+    return schema
+
+
+# -- the pass --------------------------------------------------------------------------------
+
+
+class Progress:
+    """rows, rows/s and ETA on stderr, at most twice a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.rows, self.t0, self.last = total, 0, time.perf_counter(), 0.0
+        self.enabled = enabled and os.environ.get("DISTKD_NO_PROGRESS") != "1"
+
+    def update(self, rows: int, final: bool = False) -> None:
+        self.rows += rows
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.5 and not final):
+            return
+        self.last = now
+        rate = self.rows / max(now - self.t0, 1e-9)
+        eta = (self.total - self.rows) / max(rate, 1e-9)
+        print(f"\r  {self.rows:>12,}/{self.total:,} rows  {rate:>10,.0f} rows/s  ETA {eta:5.0f}s",
+              end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def compute_stats(logs: str, split: str = "train", progress: bool = True) -> dict:
+    """One pass over `split` of `logs`: the content of stats.json."""
+    from distkd.data.validate import shard_paths
+
+    logs = str(logs)
+    schema = load_schema(logs, stats=False)
+    columns = [schema.id] + schema.feature_names
+    paths = shard_paths(storage.join(logs, split))
+    shards = []
+    for path in paths:  # footers first: types checked before any work, rows known for the ETA
+        with storage.open_parquet(path) as pf:
+            check_arrow_schema(schema, pf.schema_arrow, path, columns=columns)
+            shards.append({"file": storage.basename(path), "bytes": storage.size(path), "rows": pf.metadata.num_rows})
+    acc = Accumulator(schema)
+    bar = Progress(sum(s["rows"] for s in shards), progress)
+    for path in paths:
+        with storage.open_parquet(path) as pf:
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g, columns=columns)
+                acc.update(table)
+                bar.update(table.num_rows)
+    bar.update(0, final=True)
+    return {"split": split, "shards": shards, "sketches": SKETCHES, **acc.result()}
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:,}" if isinstance(x, int) else f"{x:.5g}"
+
+
+def format_summary(c: dict) -> str:
+    lines = [f"{c['split']}: {c['rows']:,} rows, {c['row_groups']} row groups, {len(c['shards'])} shards"]
+    head = ["count", "mean", "std", "min", "p1", "p50", "p99", "max", "nan", "inf", "null"]
+    lines.append("  " + f"{'dense':<20}" + "".join(f"{h:>11}" for h in head))
+    for name, d in c["dense"].items():
+        q = d.get("quantiles") or [None] * QUANTILE_POINTS
+        at = [q[round(p * (len(q) - 1))] for p in (0.01, 0.5, 0.99)]
+        cells = [f"{d['count']:,}", *map(_g, [d["mean"], d["std"], d["min"], *at, d["max"]]),
+                 f"{d['nan']:,}", f"{d['posinf'] + d['neginf']:,}", f"{d['null']:,}"]
+        lines.append("  " + f"{name:<20}" + "".join(f"{x:>11}" for x in cells))
+    head = ["ids/row", "distinct", "table", "min", "max", "out_of_range", "null"]
+    lines.append("  " + f"{'sparse':<20}" + "".join(f"{h:>13}" for h in head))
+    for name, d in c["sparse"].items():
+        distinct = f"{d['distinct']:,}" + ("" if d["distinct_exact"] else "~")
+        cells = [_g(d["ids_per_row"]), distinct, f"{d['table_rows']:,}",
+                 *(["(hashed)", "-"] if d["hashed"] else [_g(d["min"]), _g(d["max"])]),
+                 f"{d['out_of_range']:,}", f"{d['null_rows'] + d['null_ids']:,}"]
+        lines.append("  " + f"{name:<20}" + "".join(f"{x:>13}" for x in cells))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+    content = compute_stats(args.logs)
+    fp = write_stats(args.logs, content)
+    took = time.perf_counter() - t0
+    print(format_summary(content))
+    print(f"wrote {stats_location(args.logs)} (fingerprint {fp}) in {took:.1f}s "
+          f"({content['rows'] / max(took, 1e-9):,.0f} rows/s)")
+    schema = load_schema(args.logs)
+    used = [f"{f.name} ({f.transform})" for f in schema.dense if f.needs_stats]
+    if used:
+        print(f"schema {schema.fingerprint()}: parameters from this file for {', '.join(used)}")
+    return 0
