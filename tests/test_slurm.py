@@ -88,7 +88,8 @@ def test_distill_through_sbatch(slurm, small_logs, cache, tmp_path):
         "model": {"embedding_dim": 8, "dense_arch": [16], "cross_layers": 0, "deep_arch": [32, 16]},
         "optim": {"embedding_lr": 0.2, "dense_lr": 0.01},
         "train": {"batch_size": 512, "max_steps": 12, "checkpoint_every": 5, "seed": 0},
-        "distill": {"teachers": [{"cache": str(cache_dir), "sha256": sha}], "losses": {"hard": 1.0, "mse": 1.0}},
+        "objective": {"kind": "ctr_kd", "teachers": [{"cache": str(cache_dir), "sha256": sha}],
+                      "losses": {"hard": 1.0, "mse": 1.0}},
     }))
     # The job sees this environment (sbatch --export=ALL): the venv's bin first, as an activated
     # venv would have it, so the template's `torchrun` is this interpreter's; and this checkout's package.

@@ -192,6 +192,11 @@ def _floats(arr: pa.Array) -> np.ndarray:
         return v.astype(np.float32)
 
 
+def column_floats(table: pa.Table, name: str) -> np.ndarray:
+    """Column `name` of a table (any type labels or dense features may have) as float32, NaN for null."""
+    return _floats(_array(table, name))
+
+
 def _standardize(dense: np.ndarray, schema: Schema, cols: list[int]) -> None:
     """z = (x - mean) / std clipped to +-clip, in place; mean and std of log1p values for
     log1p_standardize (the log1p is already applied). A constant feature (std 0) becomes 0."""

@@ -26,6 +26,7 @@ import torch
 from distkd import dist, storage
 from distkd.config import to_dict
 from distkd.data.loader import LogLoader, split_files
+from distkd.data.rows import column_floats
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
 from distkd.models.export import gather_state_dict, write_export
@@ -55,7 +56,8 @@ def label_rates(schema: Schema, files: list[str], max_files: int = 8) -> list[fl
         with storage.open_parquet(path) as pf:
             table = pf.read_row_group(0, columns=schema.label_columns)
         for i, col in enumerate(schema.label_columns):
-            y = table.column(col).drop_null().to_numpy().astype(np.float64)
+            y = column_floats(table, col)  # bool, any int or float labels; NaN (null) = no label
+            y = y[~np.isnan(y)].astype(np.float64)
             pos[i], n[i] = pos[i] + y.sum(), n[i] + len(y)
     return [float(np.clip(p / max(k, 1.0), 1e-4, 1 - 1e-4)) if k else 0.5 for p, k in zip(pos, n)]
 
