@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(data, "stats", "distkd.data.stats:run",
              "one pass over the train split: per-feature statistics into LOGS/stats.json (for transforms)")
     p.add_argument("logs", help="logs directory (with schema.yaml)")
+    p.add_argument("--partition", default=None, metavar="KEY=START..END",
+                   help="partitioned logs: the train window (inclusive), e.g. dt=2026-11-02..2026-11-29")
 
     p = _cmd(data, "inspect", "distkd.data.inspect:run", "stream the loader over a split and print a summary")
     p.add_argument("logs", help="logs directory (with schema.yaml)")
@@ -98,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", required=True, help="cache directory")
     p.add_argument("--logs", required=True, help="logs directory it was built from")
     p.add_argument("--teacher", default=None, help="also require this teacher export's sha256")
+
+    p = _cmd(cache, "status", "distkd.cache.status:run",
+             "per split or partition: shards cached, missing (to build) or stale (their logs changed)")
+    p.add_argument("--cache", required=True, help="cache directory (or a root of caches by teacher)")
+    p.add_argument("--logs", required=True, help="logs directory")
+    p.add_argument("--teacher-sha256", dest="teacher_sha256", default=None, help="pick the teacher's cache under a root")
+    p.add_argument("--key", default=None, help="partitioned logs: the partition key to group by (default: the first)")
+
+    p = _cmd(cache, "gc", "distkd.cache.gc:run",
+             "remove the oldest caches of a root of caches by teacher, never one in use")
+    p.add_argument("--root", required=True, help="a root of caches by teacher (cache build with by_teacher: true)")
+    p.add_argument("--keep", type=int, required=True, help="how many of the newest caches to keep")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would be removed")
 
     for role in ("teacher", "student"):
         group = top.add_parser(role, help=f"train the {role} model").add_subparsers(dest=f"{role}_command", required=True)

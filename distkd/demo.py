@@ -119,10 +119,10 @@ def teacher_and_cache(jobs: Path) -> tuple[DataJob, str, dict[str, Any], Any]:
     make_logs(data)
     fp = logs_fingerprint(data.out)
     teacher = train_stage(jobs / "teacher.yaml", [], fp, "teacher")
-    # One cache directory per teacher: a retrained teacher gets a fresh cache, never a blend.
-    cache_job = load(CacheJob, jobs / "cache.yaml")
-    cache_job = replace(cache_job, out=f"{cache_job.out}/{teacher['sha256'][:12]}")
-    say(f"cache: {cache_job.out}")
+    # One cache directory per teacher under one root (by_teacher): a retrained teacher gets a
+    # fresh cache, never a blend; students name the root and the teacher's sha256.
+    cache_job = replace(load(CacheJob, jobs / "cache.yaml"), by_teacher=True)
+    say(f"cache: {cache_job.out}/{teacher['sha256'][:12]}")
     build(cache_job)
     return data, fp, teacher, cache_job
 

@@ -28,7 +28,8 @@ import torch
 from distkd import storage
 from distkd.config import ConfigError, load, to_dict
 from distkd.models.export import META_FILE, load_export, read_meta
-from distkd.data.loader import LogLoader, split_files
+from distkd.data.layout import PartitionRange, split_files
+from distkd.data.loader import LogLoader
 from distkd.metrics import METRICS, TaskMetrics
 from distkd.report import format_comparison, write_report
 from distkd.data.schema import LogsError, Schema, load_schema
@@ -50,6 +51,7 @@ class EvalJob:
     out: str = ""  # report directory
     split: str = "test"
     batch_size: int = 16384
+    partitions: dict[str, PartitionRange] = field(default_factory=dict)  # partitioned logs (distkd.data.layout)
 
     def check(self) -> None:
         missing = [n for n in ("logs", "teacher", "kd", "hard", "out") if not getattr(self, n)]
@@ -250,10 +252,11 @@ def gap_report(models: dict[str, dict], task: str, names=(TEACHER, KD, HARD)) ->
 
 
 def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str = "test", batch_size: int = 16384,
-                    *, threads: int = 1, curve_rows: int = CURVE_ROWS, gap=(TEACHER, KD, HARD)) -> dict[str, Any]:
+                    *, threads: int = 1, curve_rows: int = CURVE_ROWS, gap=(TEACHER, KD, HARD),
+                    partitions=None) -> dict[str, Any]:
     """Evaluate every export of every named model on `split`; see the module docstring."""
     schema = load_schema(logs)
-    files = split_files(logs, split)
+    files = split_files(str(logs), split, partitions)
     if ORACLE in models:
         raise ConfigError(f"'{ORACLE}' is reserved for the true-probability row; name the model otherwise")
     dirs: dict[str, list[Path]] = {}
@@ -339,7 +342,7 @@ def run(args) -> int:
     """`distkd eval`."""
     job = job_from_args(args)
     result = evaluate_models(job.logs, {TEACHER: [job.teacher], KD: job.kd, HARD: job.hard},
-                             job.split, job.batch_size)
+                             job.split, job.batch_size, partitions=job.partitions)
     result["command"] = command_line(job)
     result["job"] = to_dict(job)
     path = write_report(result, job.out)

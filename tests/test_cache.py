@@ -34,7 +34,7 @@ from distkd.cli import main as cli_main
 from distkd.models.export import load_export, write_export
 from distkd.data.loader import LogLoader, split_files
 from distkd.models.ranking import ModelConfig, RankingModel
-from distkd.data.schema import load_schema
+from distkd.data.schema import LogsError, load_schema
 from tests.faults.cache import kill_worker_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +198,13 @@ def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
     del m["shards"]["train/part-00002.parquet"]
     m["complete"] = False
     (cache / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CacheError, match=r"incomplete: 1 of 4 shards of split 'train' are not committed"):
+    with pytest.raises(CacheError, match=r"1 of 4 shards of split 'train' are not cached: "
+                                         r"\['train/part-00002.parquet'\]; extend the cache"):
         open_cache(cache, small_logs, "train")
     assert open_cache(cache, small_logs, "valid").columns == ["logits"]
     with pytest.raises(CacheError, match="train/part-00002.parquet: not committed"):
         verify_cache(cache, small_logs)
-    with pytest.raises(CacheError, match="no split 'other'"):
+    with pytest.raises(LogsError, match="no Parquet shards .* for split 'other'"):
         open_cache(cache, small_logs, "other")
 
 

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     distill = ["distill", "--config", str(jobs / "distill.yaml")]
     commands = {
         "a: hard labels": ["student", "train", "--config", str(jobs / "student.yaml")],
-        "b: distill from cache": distill + [f"objective.teachers.0.cache={cache.out}"],
+        "b: distill from cache": distill + [f"objective.teachers.0.cache={cache.out}",
+                                            f"objective.teachers.0.sha256={teacher['sha256']}"],
         "c: distill online": distill + ["objective.teachers.0.cache=null", f"objective.teachers.0.export={cache.teacher}"],
     }
     names = list(commands)

@@ -31,7 +31,7 @@ from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
 from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.config import ConfigError, to_dict
-from distkd.data.loader import split_files
+from distkd.data.layout import PartitionRange, split_files
 from distkd.data.schema import SPLITS, load_schema
 
 MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
@@ -43,6 +43,12 @@ class CacheJob:
     logs: str = "runs/demo/logs"
     out: str = "runs/demo/cache"
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    # Partitioned logs: the partition range of each split named in `splits` (see
+    # distkd.data.layout), e.g. {all: {key: dt}} with splits [all] caches every day there is.
+    partitions: dict[str, PartitionRange] = field(default_factory=dict)
+    # Write into out/<teacher sha256[:12]>/: one cache per teacher version under one root
+    # (`distkd cache gc` keeps the newest); readers name the root and the teacher's sha256.
+    by_teacher: bool = False
     ray_address: Optional[str] = None  # default: RAY_ADDRESS, else an embedded Ray on this machine
     workers: Optional[int] = None  # default: the cluster's CPUs less one (or one per GPU)
     threads_per_worker: Optional[int] = None  # torch threads = Ray CPUs per worker
@@ -102,9 +108,15 @@ def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
     return header, schema
 
 
-def _reconcile(job: CacheJob, out: str, header: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(manifest to continue, input fingerprints of the shards still to compute)."""
-    plan = {s: [mf.input_fingerprint(job.logs, p) for p in split_files(job.logs, s)] for s in job.splits}
+def _reconcile(job: CacheJob, out: str, header: dict[str, Any],
+               log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(manifest to continue, input fingerprints of the shards still to compute).
+
+    The cache grows with the logs: a shard the logs gained is planned and computed; a
+    committed shard whose log shard is gone is dropped (its entry and file removed, and
+    reported); a committed shard whose log shard changed is refused (CacheError)."""
+    plan = {s: [mf.input_fingerprint(job.logs, p) for p in split_files(job.logs, s, job.partitions)]
+            for s in job.splits}
     old = mf.read_manifest(out)
     if old is None:
         stray = [storage.relative(out, f) for f in storage.list_files(out, recursive=True)
@@ -117,17 +129,35 @@ def _reconcile(job: CacheJob, out: str, header: dict[str, Any]) -> tuple[dict[st
         mf.check_same_build(out, old, header)
         manifest = old
         manifest["logs"] = header["logs"]
-    todo = []
     for split, fps in plan.items():
         mf.check_plan(out, manifest, split, fps)
+        before = set(manifest["splits"].get(split, []))
         manifest["splits"][split] = [fp["path"] for fp in fps]
+        new = [fp["path"] for fp in fps if fp["path"] not in before]
+        if before and new:
+            log(f"cache: split '{split}' gained {len(new)} shard(s) since the last build (first: {new[0]})")
+    dropped = set()
+    for rel in sorted(manifest["shards"]):
+        if storage.size(storage.join(job.logs, rel)) is None:  # the log shard is gone: never use its logits
+            storage.delete(mf.cache_file(out, rel))
+            manifest.setdefault("dropped", {})[rel] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                       "rows": manifest["shards"].pop(rel)["output"]["rows"]}
+            dropped.add(rel)
+            log(f"cache: log shard {rel} is gone from {job.logs}; dropped its logits from the cache")
+    for split, rels in manifest["splits"].items():  # splits this job did not list again
+        manifest["splits"][split] = [r for r in rels if r not in dropped]
+    todo, seen = [], set()
+    for fps in plan.values():
         for fp in fps:
+            if fp["path"] in seen:
+                continue
+            seen.add(fp["path"])
             entry = manifest["shards"].get(fp["path"])
             if entry is not None:
                 f = mf.cache_file(out, fp["path"])
                 if storage.size(f) == entry["output"]["bytes"]:
                     continue
-                _log(f"cache: {f} is missing or has the wrong size; recomputing that shard")
+                log(f"cache: {f} is missing or has the wrong size; recomputing that shard")
                 del manifest["shards"][fp["path"]]
             todo.append(fp)
     return manifest, todo
@@ -169,14 +199,14 @@ def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[
     each shard is recorded; `worker` is the actor class (a CacheWorker subclass)."""
     started = time.perf_counter()
     header, schema = _header(job)
-    out = job.out
+    out = storage.join(job.out, header["teacher"]["sha256"][:12]) if job.by_teacher else job.out
     storage.makedirs(out)
     if storage.is_remote(out):
         log(f"cache: {out}: object storage has no build lock; run one build of this cache at a time")
     with BuildLock(out):
         for p in mf.remove_temp_files(out):
             log(f"cache: removed {p} (left by an interrupted build)")
-        manifest, todo = _reconcile(job, out, header)
+        manifest, todo = _reconcile(job, out, header, log)
         n_planned = len(mf.planned(manifest))
         run = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "computed": [], "skipped": n_planned - len(todo),
                "rows_computed": 0}

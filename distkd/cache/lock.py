@@ -59,3 +59,44 @@ class BuildLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+READERS = ".readers"
+
+
+class ReaderLock:
+    """A shared flock on `CACHE_DIR/.readers`, held by every process reading the cache (the
+    loaders of a distillation) for as long as it reads; `distkd cache gc` removes a cache only
+    when it can take this lock (and the build lock) exclusively. Builds do not take it: a
+    cache can grow while it is read. A directory readers cannot write (another team's
+    cache) is read without a pin. Nothing on object storage."""
+
+    def __init__(self, cache_dir: str | Path, exclusive: bool = False):
+        self.path = None if storage.is_remote(cache_dir) else Path(storage.local_path(cache_dir)) / READERS
+        self.exclusive = exclusive
+        self.fd: int | None = None
+
+    def acquire(self) -> "ReaderLock":
+        if self.path is None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        except PermissionError:
+            return self
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheError(f"{self.path.parent}: " + ("in use by a reader" if self.exclusive else
+                             "being removed by `distkd cache gc`")) from None
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()

@@ -144,9 +144,8 @@ def cache_file(cache_dir: str | Path, rel: str) -> str:
 
 
 def temp_files(cache_dir: str | Path) -> list[str]:
-    """Leftovers of interrupted writes (`storage.temp_name`), at the top and one level down."""
-    return [f for f in storage.list_files(cache_dir, recursive=True)
-            if storage.is_temp(storage.basename(f)) and storage.relative(cache_dir, f).count("/") <= 1]
+    """Leftovers of interrupted writes (`storage.temp_name`), at any depth (partitions nest)."""
+    return [f for f in storage.list_files(cache_dir, recursive=True) if storage.is_temp(storage.basename(f))]
 
 
 def remove_temp_files(cache_dir: str | Path) -> list[str]:
@@ -216,7 +215,7 @@ def write_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
 def planned(manifest: dict[str, Any], split: str | None = None) -> list[str]:
     """Relative paths of the planned shards (of one split, or all)."""
     splits = manifest["splits"] if split is None else {split: manifest["splits"].get(split, [])}
-    return [rel for rels in splits.values() for rel in rels]
+    return list(dict.fromkeys(rel for rels in splits.values() for rel in rels))
 
 
 def missing_shards(manifest: dict[str, Any], split: str | None = None) -> list[str]:
@@ -249,23 +248,13 @@ def check_same_build(cache_dir: str | Path, old: dict[str, Any], new: dict[str, 
 
 
 def check_plan(cache_dir: str | Path, manifest: dict[str, Any], split: str, current: list[dict[str, Any]]) -> None:
-    """Refuse logs whose shards differ from those the cache was planned (and built) for."""
-    want = manifest["splits"].get(split)
-    if want is None:
-        return
-    have = [fp["path"] for fp in current]
-    if have != want:
-        new, gone = sorted(set(have) - set(want)), sorted(set(want) - set(have))
-        raise CacheError(
-            f"{cache_dir}: the logs changed since this cache was planned: split '{split}' "
-            f"{'gained ' + str(new[:3]) if new else ''}{' and ' if new and gone else ''}"
-            f"{'lost ' + str(gone[:3]) if gone else ''}{'reordered shards' if not new and not gone else ''}; "
-            "build into a new cache directory"
-        )
+    """Refuse log shards whose bytes changed since their logits were cached (a shard the logs
+    gained or lost is the cache growing, see distkd.cache.build)."""
     for fp in current:
         entry = manifest["shards"].get(fp["path"])
         if entry is not None and (diff := fingerprint_diff(entry["input"], fp)):
             raise CacheError(
                 f"{cache_dir}: log shard {fp['path']} changed since its logits were cached "
-                f"({'; '.join(diff)}); build into a new cache directory"
+                f"({'; '.join(diff)}); logs are append-only for a cache: write changed data as new shards, "
+                "or build into a new cache directory"
             )

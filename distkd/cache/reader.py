@@ -6,15 +6,19 @@
         batch.extras["teacher.logits"]   # float32 [B, T], tasks in schema order
         batch.extras["teacher.hidden"]   # float32 [B, H], with open_cache(..., hidden=True)
 
-Opening checks, from footers only: the manifest is complete for the split, was built
-from these logs (same schema, same shards, same cheap fingerprints) and by the expected
-teacher, and every cache file is the committed one (size) with the shard's row groups.
+Opening checks, from footers only: every shard of the split (its folder, or its partition
+range) is cached, by the expected teacher, for logs with this schema, from log shards that
+still have their cheap fingerprints (a shard not cached is named: extend the cache), and
+every cache file is the committed one (size) with the shard's row groups. A cache that
+grows (new shards committed by a build running now) is read consistently: the manifest is
+replaced whole, and committed files never change.
 While the loader reads, `check` compares each row group's `example_id` checksum with the
 one stored in the cache file: a misaligned row group raises CacheError, never trains.
 """
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -24,7 +28,8 @@ import pyarrow as pa
 from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.manifest import CacheError
-from distkd.data.loader import Aligned, split_files
+from distkd.data.layout import split_files
+from distkd.data.loader import Aligned
 from distkd.data.schema import load_schema
 
 
@@ -50,30 +55,27 @@ def check_identity(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: st
 
 
 def check_split(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str | Path, split: str,
-                complete: bool = True, fingerprints: bool = True) -> list[tuple[str, str]]:
-    """[(log shard path, relative path)] of a split whose logs have the planned shards (and, by
-    default, whose cache is complete and whose log shards still have their fingerprints)."""
-    if split not in manifest["splits"]:
-        raise CacheError(f"{cache_dir}: has no split '{split}' (it has {sorted(manifest['splits'])}); "
-                         f"build it with --splits {split}")
-    files = split_files(logs_dir, split)
-    have = [mf.rel_path(logs_dir, f) for f in files]
-    want = manifest["splits"][split]
-    if have != want:
-        new, gone = sorted(set(have) - set(want)), sorted(set(want) - set(have))
-        raise CacheError(f"{cache_dir}: split '{split}' of {logs_dir} has shards {new[:3]} not in the cache and "
-                         f"lacks {gone[:3]} that are; the cache was built from other logs")
-    missing = mf.missing_shards(manifest, split)
+                partitions=None, complete: bool = True, fingerprints: bool = True) -> list[tuple[str, str]]:
+    """[(log shard path, relative path)] of the committed shards of a split (its folder, or its
+    range of `partitions`): with `complete`, every shard of the split must be cached (the
+    missing ones are named); with `fingerprints`, each log shard must still have the
+    fingerprint its logits were computed from."""
+    files = split_files(str(logs_dir), split, partitions)
+    rels = [mf.rel_path(logs_dir, f) for f in files]
+    missing = [r for r in rels if r not in manifest["shards"]]
     if missing and complete:
+        rng = (partitions or {}).get(split)
         raise CacheError(
-            f"{cache_dir}: incomplete: {len(missing)} of {len(want)} shards of split '{split}' are not committed "
-            f"(first: {missing[0]}); finish it with `distkd cache build` (it resumes)"
+            f"{cache_dir}: {len(missing)} of {len(rels)} shards of split '{split}'"
+            f"{f' ({rng.describe()})' if rng else ''} are not cached: {missing[:4]}"
+            f"{' …' if len(missing) > 4 else ''}; extend the cache with `distkd cache build` over these logs "
+            "(it computes only the shards it lacks)"
         )
+    pairs = [(f, r) for f, r in zip(files, rels) if r in manifest["shards"]]
     if fingerprints:
-        for f, rel in zip(files, have):
-            if rel in manifest["shards"]:
-                check_input(cache_dir, manifest, logs_dir, f, rel)
-    return list(zip(files, have))
+        for f, rel in pairs:
+            check_input(cache_dir, manifest, logs_dir, f, rel)
+    return pairs
 
 
 def check_input(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str | Path, log_path: str, rel: str) -> None:
@@ -126,6 +128,12 @@ class CacheColumns(Aligned):
     hidden_dim: Optional[int] = None
     check_columns: Sequence[str] = ()
 
+    def pin(self):
+        """Hold the cache against `distkd cache gc` while this process reads it."""
+        from distkd.cache.lock import ReaderLock
+
+        return ReaderLock(self.cache_dir).acquire()
+
     def side_path(self, log_path: str) -> str:
         try:
             return self.side[storage.absolute(log_path)]
@@ -142,11 +150,37 @@ class CacheColumns(Aligned):
             )
 
 
+def resolve_cache(cache_dir: str | Path, teacher_sha256: str | None = None) -> str:
+    """The cache folder `cache_dir` names: itself, or under a root of caches by teacher
+    (`cache build ... by_teacher: true`) the one of `teacher_sha256` (or the only one)."""
+    cache_dir = str(cache_dir)
+    if mf.read_manifest(cache_dir) is not None:
+        return cache_dir
+    if teacher_sha256 is not None and mf.read_manifest(storage.join(cache_dir, teacher_sha256[:12])) is not None:
+        return storage.join(cache_dir, teacher_sha256[:12])
+    subs = caches_under(cache_dir)
+    if len(subs) == 1 and teacher_sha256 is None:
+        return subs[0]
+    if subs:
+        raise CacheError(f"{cache_dir}: a root of {len(subs)} caches ({', '.join(storage.basename(s) for s in subs)})"
+                         + (f", none of teacher {teacher_sha256[:12]}…" if teacher_sha256 else
+                            "; name the teacher (sha256:) or the cache folder"))
+    raise CacheError(f"{cache_dir}: no {mf.MANIFEST}; not a logit cache (build it with `distkd cache build`)")
+
+
+def caches_under(root: str | Path) -> list[str]:
+    """The cache folders one level under `root` (a root of caches by teacher), by name."""
+    return sorted(storage.join(root, posixpath.dirname(storage.relative(root, f)))
+                  for f in storage.list_files(root, mf.MANIFEST, recursive=True)
+                  if storage.relative(root, f).count("/") == 1)
+
+
 def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_sha256: str | None = None,
-               hidden: bool = False, name: str = "teacher") -> CacheColumns:
+               hidden: bool = False, name: str = "teacher", partitions=None) -> CacheColumns:
     """Validate the cache of `split` against the logs (and teacher) and return the columns
     LogLoader joins: extras `{name}.logits` float32 [B, T] and, with `hidden`, `{name}.hidden`
     float32 [B, H]. Raises CacheError (a LogsError) on any mismatch."""
+    cache_dir = resolve_cache(cache_dir, teacher_sha256)
     manifest = load_manifest(cache_dir)
     check_identity(cache_dir, manifest, logs_dir, teacher_sha256)
     columns = ["logits"]
@@ -156,7 +190,7 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
         columns.append("hidden")
     side: dict[str, str] = {}
     expected: dict[str, list[str]] = {}
-    for log_path, rel in check_split(cache_dir, manifest, logs_dir, split):
+    for log_path, rel in check_split(cache_dir, manifest, logs_dir, split, partitions):
         key = storage.absolute(log_path)
         expected[key] = check_file(cache_dir, manifest, rel)
         side[key] = mf.cache_file(cache_dir, rel)

@@ -21,7 +21,7 @@ from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
-from distkd.cache.reader import check_file, check_identity, check_input, check_split, load_manifest
+from distkd.cache.reader import check_file, check_identity, check_input, load_manifest
 from distkd.models.export import read_meta, sha256_file
 from distkd.data.schema import LogsError
 
@@ -67,42 +67,37 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
                 problems.append(f"{cache_dir}: holds logits of {mf.describe_teacher(manifest['teacher'])}, "
                                 f"the teacher {teacher} has sha256 {digest[:12]}…")
         id_col = manifest["schema"]["spec"]["id"]
-        for split, planned in manifest["splits"].items():
-            for rel in mf.missing_shards(manifest, split):
-                problems.append(f"{mf.cache_file(cache_dir, rel)}: not committed (the cache is incomplete; "
-                                "`distkd cache build` resumes it)")
+        for rel in mf.missing_shards(manifest):
+            problems.append(f"{mf.cache_file(cache_dir, rel)}: not committed (the cache is incomplete; "
+                            "`distkd cache build` resumes it)")
+        for rel, entry in sorted(manifest["shards"].items()):  # every committed shard, planned now or not
+            log_path = storage.join(logs_dir, rel)
+            before = len(problems)
+            if storage.size(log_path) is None:
+                problems.append(f"{mf.cache_file(cache_dir, rel)}: its log shard {log_path} is gone "
+                                "(`distkd cache build` drops its logits)")
+                continue
             try:
-                pairs = check_split(cache_dir, manifest, logs_dir, split, complete=False, fingerprints=False)
+                check_input(cache_dir, manifest, logs_dir, log_path, rel)
             except LogsError as e:
                 problems.append(str(e))
-                pairs = [(storage.join(logs_dir, rel), rel) for rel in planned
-                         if storage.size(storage.join(logs_dir, rel)) is not None]
-            for log_path, rel in pairs:
-                if rel not in manifest["shards"]:
-                    continue
-                entry = manifest["shards"][rel]
-                before = len(problems)
-                try:
-                    check_input(cache_dir, manifest, logs_dir, log_path, rel)
-                except LogsError as e:
-                    problems.append(str(e))
-                try:
-                    sums = check_file(cache_dir, manifest, rel)
-                    digest = sha256_file(mf.cache_file(cache_dir, rel))
-                    if digest != entry["output"]["sha256"]:
-                        raise CacheError(f"{mf.cache_file(cache_dir, rel)}: sha256 {digest[:12]}… is not the committed "
-                                         f"{entry['output']['sha256'][:12]}…")
-                    check_ids(cache_dir, log_path, rel, sums, id_col)
-                except LogsError as e:
-                    problems.append(str(e))
-                if len(problems) > before:
-                    continue
-                shards += 1
-                rows += entry["output"]["rows"]
-                size += entry["output"]["bytes"]
-        known = {storage.absolute(mf.cache_file(cache_dir, rel)) for rel in mf.planned(manifest)}
+            try:
+                sums = check_file(cache_dir, manifest, rel)
+                digest = sha256_file(mf.cache_file(cache_dir, rel))
+                if digest != entry["output"]["sha256"]:
+                    raise CacheError(f"{mf.cache_file(cache_dir, rel)}: sha256 {digest[:12]}… is not the committed "
+                                     f"{entry['output']['sha256'][:12]}…")
+                check_ids(cache_dir, log_path, rel, sums, id_col)
+            except LogsError as e:
+                problems.append(str(e))
+            if len(problems) > before:
+                continue
+            shards += 1
+            rows += entry["output"]["rows"]
+            size += entry["output"]["bytes"]
+        known = {storage.absolute(mf.cache_file(cache_dir, rel)) for rel in [*mf.planned(manifest), *manifest["shards"]]}
         for p in storage.list_files(cache_dir, ".parquet", recursive=True):
-            if storage.relative(cache_dir, p).count("/") == 1 and storage.absolute(p) not in known:
+            if not storage.is_temp(storage.basename(p)) and storage.absolute(p) not in known:
                 problems.append(f"{p}: a Parquet file the manifest does not list")
         temps = mf.temp_files(cache_dir)
     if temps:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from distkd import storage
 from distkd.data.batch import Batch, to_batch
 from distkd.data.checks import check_row_group
+from distkd.data.layout import split_files
 from distkd.data.plan import EpochPlan, batch_sizes
 from distkd.data.rows import Rows, decode, decode_extras
 from distkd.data.schema import LogsError, Schema, check_arrow_schema
@@ -47,6 +48,11 @@ class Aligned:
 
     def side_path(self, log_path: str) -> str:
         raise NotImplementedError
+
+    def pin(self):
+        """Called once by each loader that reads these files; what it returns is held for the
+        loader's life (a cache holds a reader lock against garbage collection)."""
+        return None
 
     def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
         """Raise on misalignment of row group `g` (default: row counts only, checked by the loader)."""
@@ -71,16 +77,6 @@ class SideFiles(Aligned):
     def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
         if self.check_fn is not None:
             self.check_fn(log_table, side_table, log_path, g)
-
-
-def split_files(logs_dir: str | Path, split: str) -> list[str]:
-    """Sorted Parquet shard paths (or URIs, see distkd.storage) of `logs_dir/split`; LogsError
-    if there are none."""
-    d = storage.join(logs_dir, split)
-    files = storage.list_files(d, ".parquet")
-    if not files:
-        raise LogsError(f"{d}: no Parquet shards (*.parquet) for split '{split}'")
-    return files
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -146,6 +142,7 @@ class LogLoader:
         self.window = shuffle_window_row_groups if shuffle else 1
         self.prefetch = prefetch
         self.aligned = list(aligned)
+        self._pins = [al.pin() for al in self.aligned]
         self.drop_last, self.check = drop_last, check
         # Shuffle whole requests (runs of equal request_id) rather than rows, so that a
         # listwise loss finds a request's rows side by side in a batch.

@@ -342,19 +342,21 @@ class Progress:
               end="\n" if final else "", file=sys.stderr, flush=True)
 
 
-def compute_stats(logs: str, split: str = "train", progress: bool = True) -> dict:
-    """One pass over `split` of `logs`: the content of stats.json."""
-    from distkd.data.validate import shard_paths
+def compute_stats(logs: str, split: str = "train", progress: bool = True, partitions=None) -> dict:
+    """One pass over `split` of `logs` (its folder, or its range of `partitions`): the content
+    of stats.json."""
+    from distkd.config import to_dict
+    from distkd.data.layout import split_files
 
     logs = str(logs)
     schema = load_schema(logs, stats=False)
     columns = [schema.id] + schema.feature_names
-    paths = shard_paths(storage.join(logs, split))
+    paths = split_files(logs, split, partitions)
     shards = []
     for path in paths:  # footers first: types checked before any work, rows known for the ETA
         with storage.open_parquet(path) as pf:
             check_arrow_schema(schema, pf.schema_arrow, path, columns=columns)
-            shards.append({"file": storage.basename(path), "bytes": storage.size(path), "rows": pf.metadata.num_rows})
+            shards.append(shard_entry(logs, path, pf))
     acc = Accumulator(schema)
     bar = Progress(sum(s["rows"] for s in shards), progress)
     for path in paths:
@@ -364,7 +366,16 @@ def compute_stats(logs: str, split: str = "train", progress: bool = True) -> dic
                 acc.update(table)
                 bar.update(table.num_rows)
     bar.update(0, final=True)
-    return {"split": split, "shards": shards, "sketches": SKETCHES, **acc.result()}
+    rng = (partitions or {}).get(split)
+    return {"split": split, "partition": to_dict(rng) if rng is not None else None, "shards": shards,
+            "sketches": SKETCHES, **acc.result()}
+
+
+def shard_entry(logs: str, path: str, pf) -> dict:
+    """What stats.json records of a shard it read (to tell later whether the split changed)."""
+    rel = storage.relative(logs, path) or storage.basename(path)
+    return {"file": rel.split("/", 1)[-1] if rel.startswith(("train/", "valid/", "test/")) else rel,
+            "bytes": storage.size(path), "rows": pf.metadata.num_rows}
 
 
 def _g(x) -> str:
@@ -393,8 +404,15 @@ def format_summary(c: dict) -> str:
 
 
 def run(args) -> int:
+    from distkd.data.layout import PartitionRange
+
     t0 = time.perf_counter()
-    content = compute_stats(args.logs)
+    partitions = None
+    if getattr(args, "partition", None):  # KEY=START..END: the train window of partitioned logs
+        key, _, span = args.partition.partition("=")
+        start, _, end = span.partition("..")
+        partitions = {"train": PartitionRange(key=key, start=start or None, end=end or start or None)}
+    content = compute_stats(args.logs, partitions=partitions)
     fp = write_stats(args.logs, content)
     took = time.perf_counter() - t0
     print(format_summary(content))

@@ -143,14 +143,32 @@ def _stale_stats(logs_dir: str) -> list[str]:
     doc = st.read_stats(logs_dir)
     if doc is None:
         return []
+    from distkd.config import from_dict
+    from distkd.data.layout import PartitionRange, split_files
+
+    rng = doc["content"].get("partition")
+    partitions = {"train": from_dict(PartitionRange, rng, "stats.partition")} if rng else None
     now = []
-    for path in shard_paths(storage.join(logs_dir, "train")):
+    for path in split_files(logs_dir, "train", partitions):
         with _open(path) as pf:
-            now.append({"file": storage.basename(path), "bytes": storage.size(path), "rows": pf.metadata.num_rows})
+            now.append(st.shard_entry(logs_dir, path, pf))
     if now == doc["content"]["shards"]:
         return []
     return [f"{st.stats_location(logs_dir)}: computed from other train shards than the logs hold now; "
             f"rerun `distkd data stats {logs_dir}`"]
+
+
+def _groups(logs_dir: str) -> dict[str, list[str]]:
+    """Split folders {train, valid, test: shards}, or for partitioned logs one group per
+    top-level partition folder (dt=2026-11-30: shards)."""
+    from distkd.data.layout import all_shards, is_partitioned
+
+    if not is_partitioned(logs_dir):
+        return {split: shard_paths(storage.join(logs_dir, split)) for split in SPLITS}
+    groups: dict[str, list[str]] = {}
+    for f in all_shards(logs_dir):
+        groups.setdefault((storage.relative(logs_dir, f) or "").split("/")[0], []).append(f)
+    return groups
 
 
 def validate_logs(logs_dir: str | Path) -> dict:
@@ -169,11 +187,11 @@ def validate_logs(logs_dir: str | Path) -> dict:
     summary = {"logs": str(logs_dir), "schema": schema.fingerprint(), "rows": 0, "splits": {}}
     ids, paths = [], []
     acc = st.Accumulator(schema, sample=False)
-    for split in SPLITS:
+    for split, shards in _groups(logs_dir).items():
         stats = {"rows": 0, "shards": 0, "row_groups": 0,
                  "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.tasks}}
-        for path in shard_paths(storage.join(logs_dir, split)):
-            ids.append(_check_shard(path, schema, stats, acc if split == "train" else None))
+        for path in shards:  # scale warnings from train (split folders) or from every partition
+            ids.append(_check_shard(path, schema, stats, acc if split in ("train", "*") or "=" in split else None))
             paths.append(path)
             stats["shards"] += 1
         for lab in stats["labels"].values():
@@ -192,10 +210,11 @@ def run(args) -> int:
     tasks = list(next(iter(s["splits"].values()))["labels"])
     width = {t: max(12, len(t) + 8) for t in tasks}
     head = "".join(f" {t + ' rate':>{width[t]}} {t + ' labeled':>{width[t]}}" for t in tasks)
-    print(f"  {'split':<6} {'rows':>12} {'shards':>6} {'row groups':>10}{head}")
+    w = max(6, *(len(k) for k in s["splits"]))
+    print(f"  {'split':<{w}} {'rows':>12} {'shards':>6} {'row groups':>10}{head}")
     for split, d in s["splits"].items():
         labs = "".join(f" {lab['rate']:>{width[t]}.4f} {lab['labeled']:>{width[t]},}" for t, lab in d["labels"].items())
-        print(f"  {split:<6} {d['rows']:>12,} {d['shards']:>6} {d['row_groups']:>10}{labs}")
+        print(f"  {split:<{w}} {d['rows']:>12,} {d['shards']:>6} {d['row_groups']:>10}{labs}")
     for w in s["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     return 0

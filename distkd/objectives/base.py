@@ -16,7 +16,7 @@ the loss runs inside DDP's forward, and the trainer never sees how it is made.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, Sequence
 
 import torch
@@ -32,6 +32,7 @@ class ObjectiveContext:
     logs: str
     task_weights: list[float]
     where: str = "objective"  # the job file, for messages
+    partitions: dict = field(default_factory=dict)  # partitioned logs: the split ranges
 
 
 class StepOutput(NamedTuple):

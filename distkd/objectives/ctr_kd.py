@@ -158,7 +158,8 @@ def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
     for i, t in enumerate(cfg.teachers):
         hidden = i == 0 and bool(cfg.losses.hint)
         if t.cache is not None:
-            view = open_cache(t.cache, ctx.logs, "train", teacher_sha256=t.sha256, hidden=hidden, name=f"teacher{i}")
+            view = open_cache(t.cache, ctx.logs, "train", teacher_sha256=t.sha256, hidden=hidden, name=f"teacher{i}",
+                              partitions=ctx.partitions)
             aligned.append(view)
             if hidden:
                 hint_dim = view.hidden_dim

@@ -5,6 +5,7 @@
     train                            the loop: batches, epochs, validation, checkpoints
     objective                        what the model learns from (`kind: hard | ctr_kd`)
     launch                           restarts and timeouts
+    partitions                       partitioned logs: the partition range of each split
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from distkd.config import ConfigError
+from distkd.data.layout import PartitionRange
 from distkd.dist import DEFAULT_TIMEOUT_S
 from distkd.models.ranking import ModelConfig
 from distkd.objectives import ObjectiveConfig
@@ -71,6 +73,9 @@ class TrainJob:
     objective: ObjectiveConfig = field(default_factory=HardConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tensorboard: bool = True
+    # Partitioned logs: which partitions make train/valid/test (split folders otherwise); see
+    # distkd.data.layout.
+    partitions: dict[str, PartitionRange] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.nproc < 1:

@@ -32,7 +32,7 @@ def prepare(job: TrainJob, where: str = "config") -> Prepared:
     if len(weights) != len(schema.tasks):
         raise ConfigError(f"{where}: train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
     try:
-        objective = objectives.build(job.objective, ObjectiveContext(schema, job.logs, weights, where))
+        objective = objectives.build(job.objective, ObjectiveContext(schema, job.logs, weights, where, job.partitions))
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None

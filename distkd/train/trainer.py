@@ -76,7 +76,8 @@ def set_prior(model: RankingModel, rates: list[float]) -> None:
 def run_identity(job: TrainJob, schema: Schema, model_cfg) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it (world size excluded)."""
     return {"role": job.role, "schema": schema.fingerprint(), "model": to_dict(model_cfg),
-            "objective": to_dict(job.objective), "seed": job.train.seed, "batch_size": job.train.batch_size}
+            "objective": to_dict(job.objective), "seed": job.train.seed, "batch_size": job.train.batch_size,
+            "train": to_dict(job.partitions.get("train"))}
 
 
 class Trainer:
@@ -88,7 +89,7 @@ class Trainer:
         torch.manual_seed(job.train.seed)
         self.model_cfg = objective.model_config(job.model)
         model = RankingModel(schema, self.model_cfg, device=env.device)
-        set_prior(model, label_rates(schema, split_files(job.logs, "train")))
+        set_prior(model, label_rates(schema, split_files(job.logs, "train", job.partitions)))
         self.dmp, self.optimizer = shard(objective.train_module(model, env.device), env, job.sharding, job.optim)
         loop = job.train
         self.train_loader = self._loader("train", loop.batch_size, objective.aligned, objective.keep_requests)
@@ -102,7 +103,7 @@ class Trainer:
 
     def _loader(self, split: str, batch_size: int, aligned=(), keep_requests: bool = False) -> LogLoader:
         train = split == "train"
-        return LogLoader(split_files(self.job.logs, split), self.schema, batch_size, rank=self.env.rank,
+        return LogLoader(split_files(self.job.logs, split, self.job.partitions), self.schema, batch_size, rank=self.env.rank,
                          world_size=self.env.world_size, shuffle=train and self.job.train.shuffle,
                          seed=self.job.train.seed, shuffle_window_row_groups=self.job.train.shuffle_window_row_groups,
                          aligned=list(aligned), keep_requests=keep_requests)
