@@ -99,7 +99,7 @@ def serving_lines(sv: dict[str, Any], markdown: bool = False) -> list[str]:
         lat = [f"{m['latency'][b]['p50_ms']:.3f} / {m['latency'][b]['p99_ms']:.3f}" for b in batches]
         rows.append([name, Path(m["file"]).name, f"{m['bytes'] / 2**20:,.2f} MiB"] + lat)
     q = sv["models"][sv["quantized"]]
-    cost = "; ".join(f"{t} {q['metrics'][t]['auc']:.4f} ({-c:+.4f} vs {sv['of']})" for t, c in q["auc_cost"].items())
+    cost = "; ".join(f"{t} {q['metrics'][t]['auc']:.4f} ({-c:+.5f} vs {sv['of']})" for t, c in q["auc_cost"].items())
     note = (f"Latency of one call of the TorchScript file (torch.jit.load), {sv['threads']} CPU thread, raw dense in; "
             f"{sv['rounds']} interleaved rounds × {', '.join(f'{n} calls @{b}' for b, n in sv['calls_per_round'].items())}; "
             f"{sv['machine']}.")

@@ -214,6 +214,9 @@ def test_onnx(models, small_logs, tmp_path, capsys):
     served = load("onnx", tmp_path / "student.onnx")
     got = torch.cat([served(*rows_to_inputs(raw, keys)) for raw, _ in _test_rows(small_logs)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    served = load("onnx", tmp_path / "student-int8.onnx")
+    got = torch.cat([served(*rows_to_inputs(raw, keys)) for raw, _ in _test_rows(small_logs)])
+    assert (got - want).abs().max() <= INT8_LOGIT_TOL
 
 
 def test_export_errors_are_one_line(models, tmp_path, capsys):

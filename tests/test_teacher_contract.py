@@ -199,6 +199,16 @@ def test_nan_in_a_later_row_group_stops_the_build(ray_session, small_logs, user,
         verify_cache(out, small_logs)
 
 
+def test_a_factory_that_fails_on_the_workers_is_one_error(ray_session, small_logs, user, tmp_path):
+    _, weights, _ = user
+    with pytest.raises(CacheError) as e:
+        build(CacheJob(teacher=_factory(weights, kwargs={"dim": 8, "depth": 3}), logs=str(small_logs),
+                       out=str(tmp_path / "c"), splits=["test"], workers=1, max_attempts=1), log=lambda m: None)
+    assert "every cache worker died" in str(e.value), str(e.value)
+    assert ("teacher factory tests.user_teacher:build: calling it with ['depth', 'dim', 'schema'] raised TypeError"
+            in str(e.value)), str(e.value)
+
+
 def test_bad_specs_are_one_line_errors(small_logs, user, tmp_path, capsys):
     _, weights, program = user
     rc = cli_main(["cache", "build", "--teacher-factory", "no_such_pkg.mod:build", "--teacher-weights", str(weights),

@@ -120,9 +120,11 @@ def as_spec(teacher: "str | TeacherSpec", where: str = "teacher") -> TeacherSpec
         spec.validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    from distkd import storage
+
     for k in ("export", "weights", "program"):
         v = getattr(spec, k)
-        if v and "://" in v:
+        if v and storage.is_remote(v):
             raise ConfigError(f"{where}.{k}: {v}: must be a path every worker can open (a shared file "
                               "system); copy it there from object storage")
     return spec
@@ -298,7 +300,12 @@ def _factory_module(spec: TeacherSpec, schema: Schema):
     kwargs = dict(spec.kwargs)
     if "schema" in params:
         kwargs["schema"] = schema
-    module = fn(**kwargs)
+    try:
+        module = fn(**kwargs)
+    except Exception as e:  # bad kwargs, or the user's code: one line that names the call
+        line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise TeacherError(f"teacher factory {spec.factory}: calling it with {sorted(kwargs)} raised "
+                           f"{type(e).__name__}: {line}") from e
     if not isinstance(module, torch.nn.Module):
         raise TeacherError(f"teacher factory {spec.factory}: returned {type(module).__name__}, not a torch.nn.Module")
     return module

@@ -97,8 +97,10 @@ def contract(schema: Schema, meta: dict[str, Any], export_dir: str) -> dict[str,
 
 def file_entry(fmt: str, path, quantize: Optional[str], sha256: str, size: int, checks: dict) -> dict[str, Any]:
     return {"file": path.name, "format": fmt, "load": LOADERS[fmt], "quantization": quantize,
-            "quantization_note": ("embedding tables int8 row-wise: uint8 per element, float32 scale and bias per "
-                                  "row (w = q * scale + bias), dequantized per lookup") if quantize else None,
+            "quantization_note": ("embedding tables int8 row-wise (FBGEMM's 8-bit format): uint8 per element, "
+                                  "float32 scale and bias per row (w = q * scale + bias); pooled by "
+                                  "torch.ops.quantized.embedding_bag_byte_rowwise_offsets (ONNX: plain ops)")
+            if quantize else None,
             "bytes": size, "sha256": sha256, "checks": checks}
 
 

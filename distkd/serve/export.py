@@ -138,6 +138,7 @@ def write(export_dir: str | Path, out_dir: str | Path, formats: list[str], quant
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module, model, meta = from_export(export_dir, quantize)
+    portable = from_export(export_dir, quantize, portable=True)[0] if quantize and "onnx" in formats else module
     schema = model.schema
     if quantize is None and (diff := check_against(module, model, *example_inputs(schema, 64, seed=1))) != 0.0:
         raise RuntimeError(f"{export_dir}: the serving module differs from the model by {diff:.3g}; "
@@ -153,8 +154,9 @@ def write(export_dir: str | Path, out_dir: str | Path, formats: list[str], quant
     stem = (meta.get("role") or "model") + (f"-{quantize}" if quantize else "")
     for fmt in formats:
         path = out / f"{stem}{FORMATS[fmt]}"
-        _save(fmt, module, path, example, blob)
-        checks = _check(fmt, path, module, model, schema)
+        m = portable if fmt == "onnx" else module
+        _save(fmt, m, path, example, blob)
+        checks = _check(fmt, path, m, model, schema)
         c["files"][path.name] = file_entry(fmt, path, quantize, _sha256(path), path.stat().st_size, checks)
     tmp = out / f".{CONTRACT_FILE}.tmp"
     tmp.write_text(json.dumps(c, indent=1))

@@ -15,8 +15,10 @@ Nothing here is TorchRec: the EmbeddingBagCollection becomes one `F.embedding_ba
 table (the op TorchRec's unsharded EBC calls, so predictions are bit-identical), the MLPs
 and DCN-v2 cross layers become the same linear algebra, and the module scripts
 (TorchScript) and exports (`torch.export`) to a file that loads with torch alone.
-`quantize="int8"` stores every table row-wise as uint8 with a float32 scale and bias per
-row (TorchRec/FBGEMM's 8-bit row-wise scheme) and dequantizes only the rows looked up.
+`quantize="int8"` stores every table in FBGEMM's 8-bit row-wise format (uint8 per element, a
+float32 scale and bias per row, as TorchRec's quantized EmbeddingBagCollection does) and pools
+with torch's fused op; `portable=True` keeps the same bytes but dequantizes with plain ops
+(for ONNX).
 """
 
 from __future__ import annotations
@@ -46,24 +48,40 @@ class FloatBag(nn.Module):
 
 
 class Int8Bag(nn.Module):
-    """A table stored as uint8 per element plus a float32 scale and bias per row:
-    w ≈ q * scale + bias, q in [0, 255] (bias = the row's min, scale = its range / 255)."""
+    """A table in FBGEMM's 8-bit row-wise format, as TorchRec's quantized tables hold it: per
+    row, D uint8 values then a float32 scale and bias (w = q * scale + bias; bias = the row's
+    min, scale = its range / 255), pooled by torch's own fused op (ATen, no fbgemm_gpu)."""
 
     def __init__(self, weight: Tensor, mode: str):
         super().__init__()
-        w = weight.detach().float()
-        lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
-        scale = (hi - lo) / 255.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: q = 0, w = bias
-        self.register_buffer("q", torch.round((w - lo) / scale).clamp(0, 255).to(torch.uint8))
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", lo)
+        self.register_buffer("packed", torch.ops.quantized.embedding_bag_byte_prepack(weight.detach().float().contiguous()))
+        self.mean = mode == "mean"
+
+    def forward(self, values: Tensor, offsets: Tensor) -> Tensor:
+        out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+            self.packed, values, offsets, False, 0, False, None, None, True)
+        if self.mean:  # the op sums whatever mode it is given: divide here (an empty bag stays 0)
+            out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
+        return out
+
+
+class Int8BagPortable(nn.Module):
+    """The same quantized table (same bytes) dequantized with ops every runtime has (ONNX has
+    no fused 8-bit embedding bag): gather the looked-up rows, q * scale + bias, then pool."""
+
+    def __init__(self, weight: Tensor, mode: str):
+        super().__init__()
+        packed = torch.ops.quantized.embedding_bag_byte_prepack(weight.detach().float().contiguous())
+        d = packed.shape[1] - 8
+        scale_bias = packed[:, d:].contiguous().view(torch.float32)  # [rows, 2]
+        self.register_buffer("q", packed[:, :d].clone())
+        self.register_buffer("scale", scale_bias[:, :1].clone())
+        self.register_buffer("bias", scale_bias[:, 1:].clone())
         self.mode = mode
 
     def forward(self, values: Tensor, offsets: Tensor) -> Tensor:
         rows = self.q.index_select(0, values).float() * self.scale.index_select(0, values) \
             + self.bias.index_select(0, values)
-        # Pool the dequantized rows as embedding_bag pools table rows (ops ONNX has too).
         ids = torch.arange(values.shape[0], dtype=values.dtype, device=values.device)
         return F.embedding_bag(ids, rows, offsets, mode=self.mode, include_last_offset=True)
 
@@ -124,12 +142,13 @@ def _linears(state: dict[str, Tensor], prefix: str) -> nn.ModuleList:
 
 
 class ServingModel(nn.Module):
-    def __init__(self, schema: Schema, model_cfg, state_dict: dict[str, Tensor], quantize: Optional[str] = None):
+    def __init__(self, schema: Schema, model_cfg, state_dict: dict[str, Tensor], quantize: Optional[str] = None,
+                 portable: bool = False):
         super().__init__()
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize: {quantize!r} is not one of {list(QUANTIZATIONS)}")
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
-        bag = Int8Bag if quantize == "int8" else FloatBag
+        bag = FloatBag if quantize is None else Int8BagPortable if portable else Int8Bag
         self.features: List[str] = [f.name for f in schema.sparse]
         self.modulo: List[int] = [f.hash_size if f.hash_size is not None else 0 for f in schema.sparse]
         self.bags = nn.ModuleList([bag(state[f"ebc.embedding_bags.t_{f.name}.weight"],
@@ -214,7 +233,7 @@ class ServingModel(nn.Module):
         return self.score(sparse, self.transform(dense))
 
 
-def from_export(export_dir, quantize: Optional[str] = None):
+def from_export(export_dir, quantize: Optional[str] = None, portable: bool = False):
     """(ServingModel, the RankingModel it mirrors, export metadata) of a distkd export
     (sha256-verified)."""
     from distkd.config import from_dict
@@ -223,7 +242,7 @@ def from_export(export_dir, quantize: Optional[str] = None):
 
     model, meta = load_export(export_dir)
     cfg = from_dict(ModelConfig, meta["model"], f"{export_dir}:model")
-    return ServingModel(model.schema, cfg, model.state_dict(), quantize), model, meta
+    return ServingModel(model.schema, cfg, model.state_dict(), quantize, portable), model, meta
 
 
 @torch.no_grad()
