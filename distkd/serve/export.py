@@ -141,8 +141,8 @@ def write(export_dir: str | Path, out_dir: str | Path, formats: list[str], quant
     portable = from_export(export_dir, quantize, portable=True)[0] if quantize and "onnx" in formats else module
     schema = model.schema
     if quantize is None and (diff := check_against(module, model, *example_inputs(schema, 64, seed=1))) != 0.0:
-        raise RuntimeError(f"{export_dir}: the serving module differs from the model by {diff:.3g}; "
-                           "is this a model kind distkd.serve.module does not know?")
+        raise ConfigError(f"{export_dir}: the serving module differs from the model by {diff:.3g}; "
+                          "is this a model kind distkd.serve.module does not know?")
     c = contract(schema, meta, str(Path(export_dir).resolve()))
     old = out / CONTRACT_FILE
     if old.is_file():
