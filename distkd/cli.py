@@ -35,6 +35,23 @@ def _launch_flags(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
 
 
+def _teacher_flags(p, export_help: str) -> None:
+    """--teacher (an export) and the other teacher forms (distkd.models.teacher)."""
+    p.add_argument("--teacher", default=None, help=export_help)
+    p.add_argument("--teacher-factory", dest="teacher_factory", default=None, metavar="PKG.MOD:FN",
+                   help="a teacher of your own: the function that builds the module (with --teacher-weights)")
+    p.add_argument("--teacher-weights", dest="teacher_weights", default=None, metavar="FILE",
+                   help="the factory module's state dict (loaded with torch.load(weights_only=True))")
+    p.add_argument("--teacher-program", dest="teacher_program", default=None, metavar="FILE.pt2",
+                   help="a torch.export program as the teacher")
+    p.add_argument("--teacher-input", dest="teacher_input", default=None, choices=["kjt", "dict"],
+                   help="the batch form the factory module or program takes (default kjt)")
+    p.add_argument("--teacher-kwargs", dest="teacher_kwargs", default=None, metavar="YAML",
+                   help="keyword arguments of the factory, a YAML/JSON mapping")
+    p.add_argument("--teacher-hidden-dim", dest="teacher_hidden_dim", type=int, default=None,
+                   help="width of a factory/program teacher's hidden layer (for --hidden)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distkd", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = _cmd(cache, "build", "distkd.cache.build:run", "run the teacher over every log shard once, on Ray, into a logit cache")
     p.add_argument("--config", default=None, help="job YAML (e.g. jobs/demo/cache.yaml); flags below override it")
-    p.add_argument("--teacher", default=None, help="teacher export directory (export.json + model.pt)")
+    _teacher_flags(p, "teacher export directory (export.json + model.pt)")
     p.add_argument("--logs", default=None, help="logs directory (with schema.yaml)")
     p.add_argument("--out", default=None, help="cache directory (created, or resumed)")
     p.add_argument("--splits", default=None, help="comma-separated splits (default train,valid,test)")
@@ -99,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(cache, "verify", "distkd.cache.verify:run", "check a logit cache: complete, intact and aligned with the logs")
     p.add_argument("--cache", required=True, help="cache directory")
     p.add_argument("--logs", required=True, help="logs directory it was built from")
-    p.add_argument("--teacher", default=None, help="also require this teacher export's sha256")
+    _teacher_flags(p, "also require this teacher's fingerprint (an export directory; or the flags below)")
+    p.add_argument("--recompute", type=float, default=None, metavar="FRACTION",
+                   help="run the teacher again on this fraction of the row groups (a seeded random sample) and "
+                        "compare with the cached logits (the manifest's teacher unless a teacher flag is given)")
+    p.add_argument("--seed", type=int, default=None, help="--recompute's sample (default: random, reported)")
+    p.add_argument("--tolerance", type=int, default=0, metavar="ULP",
+                   help="largest difference accepted, in ulps of the cache's dtype (default 0: bit-identical, "
+                        "as the same build on the same hardware gives; another BLAS or CPU may need 1)")
 
     p = _cmd(cache, "status", "distkd.cache.status:run",
              "per split or partition: shards cached, missing (to build) or stale (their logs changed)")
@@ -158,7 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report directory (report.md, result.json, PNG plots)")
     p.add_argument("--split", default=None, help="split to evaluate on (default test)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per forward pass (default 16384)")
+    p.add_argument("--serving", default=None, action=argparse.BooleanOptionalAction,
+                   help="add serving figures: file size and p50/p99 latency (batch 1, 64, 1024; one thread) of the "
+                        "teacher, the student and the int8 student, and the AUC int8 costs")
     _overrides(p)
+
+    p = _cmd(top, "export", "distkd.serve.export:run",
+             "write a model export as one self-contained serving file (TorchScript, torch.export, ONNX) "
+             "plus its input contract")
+    p.add_argument("export", help="a distkd export directory (e.g. runs/demo/student-kd/seed-0/export)")
+    p.add_argument("--out", required=True, help="directory for the serving file(s) and contract.json")
+    p.add_argument("--format", default="torchscript",
+                   help="comma-separated: torchscript, pt2, onnx (default torchscript)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 row-wise embedding tables (uint8 + float32 scale/bias per row)")
 
     p = _cmd(top, "distill", "distkd.launch:run", "distill the student from cached teacher logits (DDP + TorchRec)")
     p.set_defaults(role="student", distill_required=True)

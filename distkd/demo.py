@@ -153,7 +153,8 @@ def run_suite(suite: Suite) -> dict[str, Any]:
     ev = replace(ev, kd=kd, hard=hard)
     say(f"eval: {ev.split} split, report in {ev.out}")
     result = evaluate_models(ev.logs, {"teacher": [ev.teacher], "student-KD": ev.kd, "student-hard": ev.hard},
-                             split=ev.split, batch_size=ev.batch_size)
+                             split=ev.split, batch_size=ev.batch_size,
+                             serving_dir=Path(ev.out) / "serving" if ev.serving else None)
     report = write_report(result, ev.out)
     table = format_comparison(result)
     return {"suite": suite.name, "table": table, "report": str(report), "result": result}

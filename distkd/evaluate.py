@@ -10,6 +10,11 @@ decode excluded, one torch thread). The seeds of one setup are reduced to mean, 
 is the share of the teacher–student gap that distillation recovers, from the seed means and,
 where seeds line up, per seed. On synthetic logs the true probabilities (the schema's eval
 columns) give an "oracle" row: the best any model can score against these labels.
+
+With `serving: true` the report adds serving figures (distkd.serve.figures): the teacher,
+the first distilled student and that student with int8 tables as TorchScript serving files,
+their sizes and p50/p99 latency at batch 1, 64 and 1024 on one CPU thread, and the AUC the
+int8 tables cost.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class EvalJob:
     split: str = "test"
     batch_size: int = 16384
     partitions: dict[str, PartitionRange] = field(default_factory=dict)  # partitioned logs (distkd.data.layout)
+    serving: bool = False  # add file sizes, latency and the int8 AUC cost (distkd.serve.figures)
 
     def check(self) -> None:
         missing = [n for n in ("logs", "teacher", "kd", "hard", "out") if not getattr(self, n)]
@@ -253,8 +259,10 @@ def gap_report(models: dict[str, dict], task: str, names=(TEACHER, KD, HARD)) ->
 
 def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str = "test", batch_size: int = 16384,
                     *, threads: int = 1, curve_rows: int = CURVE_ROWS, gap=(TEACHER, KD, HARD),
-                    partitions=None) -> dict[str, Any]:
-    """Evaluate every export of every named model on `split`; see the module docstring."""
+                    partitions=None, serving_dir: Optional[str | Path] = None,
+                    serving_calls: Optional[dict[int, int]] = None) -> dict[str, Any]:
+    """Evaluate every export of every named model on `split`; see the module docstring.
+    With `serving_dir`, the serving figures too (files written there)."""
     schema = load_schema(logs)
     files = split_files(str(logs), split, partitions)
     if ORACLE in models:
@@ -292,6 +300,13 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
                                 for i, t in enumerate(schema.task_names)},
             }
             del probs, pooled_p, pooled_y
+        serving = None
+        if serving_dir is not None and TEACHER in dirs and KD in dirs:
+            from distkd.serve.figures import serving_figures
+
+            serving = serving_figures({TEACHER: dirs[TEACHER][0], KD: dirs[KD][0]}, loader, files, serving_dir,
+                                      {n: out[n]["exports"][0]["metrics"] for n in (TEACHER, KD)},
+                                      calls=serving_calls)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -314,6 +329,7 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
         "models": out,
         "eta": {t: gap_report(out, t, gap) for t in schema.task_names} if set(gap) <= set(out) else {},
         "min_gap": MIN_GAP,
+        **({"serving": serving} if serving is not None else {}),
     }
 
 
@@ -323,7 +339,7 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
 def job_from_args(args) -> EvalJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
     job = load(EvalJob, getattr(args, "config", None), list(getattr(args, "overrides", None) or []))
-    for name in ("logs", "teacher", "kd", "hard", "out", "split", "batch_size"):
+    for name in ("logs", "teacher", "kd", "hard", "out", "split", "batch_size", "serving"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(job, name, list(value) if isinstance(value, (list, tuple)) else value)
@@ -335,14 +351,15 @@ def command_line(job: EvalJob) -> str:
     """The flags-only command that reproduces this evaluation."""
     return shlex.join(["distkd", "eval", "--logs", job.logs, "--teacher", job.teacher, "--kd", *job.kd,
                        "--hard", *job.hard, "--out", job.out, "--split", job.split,
-                       "--batch-size", str(job.batch_size)])
+                       "--batch-size", str(job.batch_size), *(["--serving"] if job.serving else [])])
 
 
 def run(args) -> int:
     """`distkd eval`."""
     job = job_from_args(args)
     result = evaluate_models(job.logs, {TEACHER: [job.teacher], KD: job.kd, HARD: job.hard},
-                             job.split, job.batch_size, partitions=job.partitions)
+                             job.split, job.batch_size, partitions=job.partitions,
+                             serving_dir=Path(job.out) / "serving" if job.serving else None)
     result["command"] = command_line(job)
     result["job"] = to_dict(job)
     path = write_report(result, job.out)

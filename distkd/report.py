@@ -84,7 +84,31 @@ def format_comparison(result: dict[str, Any]) -> str:
             e = result["eta"][task]
             lines.append(_eta_text(e["auc"], "AUC"))
             lines.append(_eta_text(e["logloss"], "logloss"))
+    if result.get("serving"):
+        lines += ["", *serving_lines(result["serving"])]
     return "\n".join(lines)
+
+
+def serving_lines(sv: dict[str, Any], markdown: bool = False) -> list[str]:
+    """The serving table: per model, file size and p50 / p99 latency per batch size; then what
+    int8 tables cost in AUC."""
+    batches = [str(b) for b in sv["batches"]]
+    head = ["model", "file", "size"] + [f"p50 / p99 ms @{b}" for b in batches]
+    rows = []
+    for name, m in sv["models"].items():
+        lat = [f"{m['latency'][b]['p50_ms']:.3f} / {m['latency'][b]['p99_ms']:.3f}" for b in batches]
+        rows.append([name, Path(m["file"]).name, f"{m['bytes'] / 2**20:,.2f} MiB"] + lat)
+    q = sv["models"][sv["quantized"]]
+    cost = "; ".join(f"{t} {q['metrics'][t]['auc']:.4f} ({-c:+.5f} vs {sv['of']})" for t, c in q["auc_cost"].items())
+    note = (f"Latency of one call of the TorchScript file (torch.jit.load), {sv['threads']} CPU thread, raw dense in; "
+            f"{sv['rounds']} interleaved rounds × {', '.join(f'{n} calls @{b}' for b, n in sv['calls_per_round'].items())}; "
+            f"{sv['machine']}.")
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows),
+                "", f"AUC with int8 tables ({sv['quantized']}): {cost}.", "", note]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return ["serving", fmt(head), "-" * len(fmt(head)), *map(fmt, rows), f"int8 AUC: {cost}", note]
 
 
 # -- files --------------------------------------------------------------------------------
@@ -186,6 +210,8 @@ def render_markdown(result: dict, plots: dict[str, str], auc_plot: Optional[str]
         md += [f"## Task `{task}`", "", *_table(result, task), ""]
         if task in plots:
             md += [f"![calibration {task}]({plots[task]})", ""]
+    if result.get("serving"):
+        md += ["## Serving: size and latency", "", *serving_lines(result["serving"], markdown=True), ""]
     if auc_plot:
         md += ["## AUC per model", "", f"![AUC]({auc_plot})", ""]
     md += [HOW_TO_READ.format(min_gap=result["min_gap"], batch_size=result["batch_size"]), "", "## Reproduce", ""]

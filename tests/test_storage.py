@@ -263,7 +263,7 @@ def test_readable_errors(s3, s3_logs, teacher, monkeypatch, capsys):
     assert cli_main(["cache", "verify", "--cache", f"s3://{BUCKET}/nothing", "--logs", s3_logs]) == 2
     assert "s3://distkd-test/nothing: no manifest.json" in capsys.readouterr().err
     assert cli_main(["cache", "build", "--teacher", "s3://b/t", "--logs", s3_logs]) == 2
-    assert "teacher: s3://b/t: the export must be a path" in capsys.readouterr().err
+    assert "--teacher.export: s3://b/t: must be a path every worker can open" in capsys.readouterr().err
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

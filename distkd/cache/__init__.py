@@ -5,6 +5,7 @@
     pool.py      Ray: connect, size the actor pool, run shards with retries
     build.py     `distkd cache build`: the driver (lock, plan, resume, manifest, progress)
     verify.py    `distkd cache verify`: completeness, sha256, alignment with the logs
+    recompute.py `cache verify --recompute`: the teacher run again on a sample, compared in ulps
     reader.py    `open_cache`: the distillation stage's validated view, an `Aligned`
 """
 

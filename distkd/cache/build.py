@@ -22,8 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from distkd import storage
 from distkd.cache import manifest as mf
@@ -33,13 +32,16 @@ from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.config import ConfigError, to_dict
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.schema import SPLITS, load_schema
+from distkd.models.teacher import TeacherError, TeacherRef, TeacherSpec, as_spec
 
 MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
 
 
 @dataclass
 class CacheJob:
-    teacher: str = "runs/demo/teacher/export"  # export directory (export.json + model.pt)
+    # An export directory (export.json + model.pt), or a TeacherSpec mapping (distkd.models.teacher):
+    # {factory: pkg.mod:fn, weights: w.pt, input: dict, kwargs: {...}} or {program: t.pt2}.
+    teacher: Union[TeacherSpec, str] = "runs/demo/teacher/export"
     logs: str = "runs/demo/logs"
     out: str = "runs/demo/cache"
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
@@ -67,9 +69,10 @@ class CacheJob:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.batch_size < 1 or self.prefetch < 1 or self.max_attempts < 1:
             raise ConfigError("batch_size, prefetch and max_attempts must be >= 1")
-        if storage.is_remote(self.teacher):
+        if isinstance(self.teacher, str) and storage.is_remote(self.teacher):
             raise ConfigError(f"teacher: {self.teacher}: the export must be a path every worker can open "
                               "(a shared file system); copy it there from object storage")
+        as_spec(self.teacher)
 
 
 def _log(msg: str) -> None:
@@ -78,21 +81,18 @@ def _log(msg: str) -> None:
 
 def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
     """The manifest's identity part for this job (teacher, schema, content), and the schema."""
-    from distkd.models.export import read_meta, sha256_file
+    from distkd.models.teacher import describe
 
     schema = load_schema(job.logs)
-    meta = read_meta(job.teacher)
-    digest = sha256_file(Path(job.teacher) / meta["file"])
-    if digest != meta["sha256"]:
-        raise CacheError(f"{job.teacher}: {meta['file']} has sha256 {digest[:12]}…, export.json says {meta['sha256'][:12]}…")
-    if meta.get("schema_fingerprint") != schema.fingerprint():
-        raise CacheError(
-            f"{job.teacher}: the teacher was exported for schema {meta.get('schema_fingerprint')}, the logs "
-            f"{job.logs} have schema {schema.fingerprint()}"
-        )
-    teacher = {k: meta.get(k) for k in ("sha256", "role", "model", "parameters", "bytes")}
-    teacher["export"] = str(Path(job.teacher).resolve())
-    hidden_dim = meta["model"]["deep_arch"][-1] if job.hidden else None
+    try:  # the fingerprint (distkd.models.teacher); an export's sha256 and schema are checked
+        teacher = describe(as_spec(job.teacher), schema)
+    except TeacherError as e:
+        raise CacheError(str(e)) from None
+    hidden_dim = teacher.pop("hidden_dim") if job.hidden else None
+    teacher.pop("hidden_dim", None)
+    if job.hidden and not hidden_dim:
+        raise ConfigError(f"teacher: hidden: true needs hidden_dim (the width of the {teacher['form']} "
+                          "teacher's hidden layer) in the teacher spec, or --teacher-hidden-dim")
     header = {
         "format": mf.FORMAT,
         "kind": mf.KIND,
@@ -253,7 +253,8 @@ def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, A
         run["pool"] = plan.describe()
         log(f"cache: Ray cluster {ray.cluster_resources().get('CPU', 0):.0f} CPU / "
             f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
-        pool = WorkerPool(plan, str(Path(job.teacher).resolve()), job.max_attempts, log, worker)
+        ref = TeacherRef(as_spec(job.teacher).resolved(), load_schema(job.logs), manifest["teacher"]["sha256"])
+        pool = WorkerPool(plan, ref, job.max_attempts, log, worker)
         tasks = [
             ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp["path"])),
                       storage.absolute(mf.cache_file(out, fp["path"])), fp, manifest["teacher"]["sha256"],
@@ -308,8 +309,13 @@ def job_from_args(args) -> CacheJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
     from distkd.config import load
 
+    from distkd.models.teacher import spec_from_args
+
     job = load(CacheJob, args.config, list(args.overrides))
-    for name in ("teacher", "logs", "out", "ray_address", "workers", "threads_per_worker", "device", "dtype",
+    spec = spec_from_args(args)
+    if spec is not None:
+        job.teacher = spec.export if spec.form == "export" else spec
+    for name in ("logs", "out", "ray_address", "workers", "threads_per_worker", "device", "dtype",
                  "hidden", "batch_size", "max_attempts"):
         value = getattr(args, name, None)
         if value is not None:

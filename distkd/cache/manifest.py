@@ -223,7 +223,7 @@ def missing_shards(manifest: dict[str, Any], split: str | None = None) -> list[s
 
 
 def describe_teacher(t: dict[str, Any]) -> str:
-    return f"teacher {t['sha256'][:12]}… ({t.get('export', '?')})"
+    return f"teacher {t['sha256'][:12]}… ({t.get('export') or t.get('name', '?')})"
 
 
 def check_same_build(cache_dir: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:

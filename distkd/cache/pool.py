@@ -91,15 +91,16 @@ def _last_line(e: BaseException) -> str:
 
 
 class WorkerPool:
-    def __init__(self, plan: PoolPlan, export_dir: str, max_attempts: int, log: Callable[[str], None],
+    def __init__(self, plan: PoolPlan, teacher: Any, max_attempts: int, log: Callable[[str], None],
                  worker: type = CacheWorker):
+        """`teacher`: what each worker's constructor loads (a TeacherRef, see distkd.models.teacher)."""
         import ray
 
         self.plan, self.max_attempts, self.log = plan, max_attempts, log
         actor = ray.remote(worker).options(
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=max_attempts, max_task_retries=0,
         )
-        self.actors = [actor.remote(export_dir, plan.device, plan.threads) for _ in range(plan.workers)]
+        self.actors = [actor.remote(teacher, plan.device, plan.threads) for _ in range(plan.workers)]
         self.info: dict[int, dict[str, Any]] = {}
         self.created = time.perf_counter()
         self.first_ready: float | None = None  # perf_counter when the first worker had its teacher loaded

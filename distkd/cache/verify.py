@@ -5,7 +5,10 @@ file exists with the committed size and sha256; its footer has the log shard's r
 the manifest's teacher and the contract's columns; the log shard still has the fingerprint
 the cache was built from; and the `example_id` of every row group of the log shard hashes to
 the checksum stored in the cache file. With `--teacher`, the export's sha256 must be the
-manifest's. Every problem is listed (file and row group); any problem exits non-zero.
+manifest's fingerprint (any teacher form, distkd.models.teacher). With `--recompute F`, the
+teacher runs again on a seeded sample of a fraction F of the row groups and its logits must
+match the cached ones (distkd.cache.recompute). Every problem is listed (file and row
+group); any problem exits non-zero.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
@@ -22,8 +25,10 @@ from distkd.cache import manifest as mf
 from distkd.cache.lock import BuildLock
 from distkd.cache.manifest import CacheError
 from distkd.cache.reader import check_file, check_identity, check_input, load_manifest
-from distkd.models.export import read_meta, sha256_file
-from distkd.data.schema import LogsError
+from distkd.config import ConfigError
+from distkd.models.export import sha256_file
+from distkd.data.schema import LogsError, load_schema
+from distkd.models.teacher import TeacherSpec, as_spec, describe
 
 
 def _log(msg: str) -> None:
@@ -47,25 +52,28 @@ def check_ids(cache_dir: str | Path, log_path: str, rel: str, sums: list[str], i
         raise CacheError(f"{log_path}: cannot read: {e}") from None
 
 
-def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Path | None = None,
-                 log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Verify everything; return a summary, or raise CacheError after listing every problem."""
+def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Path | TeacherSpec | None" = None,
+                 log: Callable[[str], None] = _log, recompute: Optional[float] = None, seed: Optional[int] = None,
+                 tolerance: int = 0) -> dict[str, Any]:
+    """Verify everything; return a summary, or raise CacheError after listing every problem.
+    `recompute`: the fraction of row groups to score again (with `teacher`, else the manifest's)."""
     start = time.perf_counter()
     cache_dir = str(cache_dir)
     manifest = load_manifest(cache_dir)
     problems: list[str] = []
     rows = size = shards = 0
+    intact: list[str] = []  # shards that pass every other check: the ones recomputation samples
+    spec = None if teacher is None else as_spec(str(teacher) if isinstance(teacher, Path) else teacher)
     with BuildLock(cache_dir, shared=True):
         try:
             check_identity(cache_dir, manifest, logs_dir)
         except LogsError as e:
             problems.append(str(e))
-        if teacher is not None:
-            meta = read_meta(teacher)
-            digest = sha256_file(Path(teacher) / meta["file"])
+        if spec is not None:
+            digest = describe(spec)["sha256"]
             if digest != manifest["teacher"]["sha256"]:
                 problems.append(f"{cache_dir}: holds logits of {mf.describe_teacher(manifest['teacher'])}, "
-                                f"the teacher {teacher} has sha256 {digest[:12]}…")
+                                f"the teacher {spec.name} has sha256 {digest[:12]}…")
         id_col = manifest["schema"]["spec"]["id"]
         for rel in mf.missing_shards(manifest):
             problems.append(f"{mf.cache_file(cache_dir, rel)}: not committed (the cache is incomplete; "
@@ -93,12 +101,19 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
             if len(problems) > before:
                 continue
             shards += 1
+            intact.append(rel)
             rows += entry["output"]["rows"]
             size += entry["output"]["bytes"]
         known = {storage.absolute(mf.cache_file(cache_dir, rel)) for rel in [*mf.planned(manifest), *manifest["shards"]]}
         for p in storage.list_files(cache_dir, ".parquet", recursive=True):
             if not storage.is_temp(storage.basename(p)) and storage.absolute(p) not in known:
                 problems.append(f"{p}: a Parquet file the manifest does not list")
+        report = None
+        if recompute is not None and not problems:  # a teacher mismatch or a broken file says enough
+            from distkd.cache.recompute import recompute as rerun
+
+            report = rerun(cache_dir, str(logs_dir), manifest, load_schema(logs_dir), intact, recompute, seed,
+                           tolerance, spec, problems, log)
         temps = mf.temp_files(cache_dir)
     if temps:
         log(f"cache verify: note: {len(temps)} temporary file(s) of an interrupted build (the next build removes them)")
@@ -109,7 +124,8 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
     tasks = len(manifest["content"]["tasks"])
     summary = {"cache": str(cache_dir), "rows": rows, "shards": shards, "bytes": size,
                "bytes_per_row_per_task": size / rows / tasks if rows else 0.0,
-               "teacher": manifest["teacher"]["sha256"], "seconds": time.perf_counter() - start}
+               "teacher": manifest["teacher"]["sha256"], "seconds": time.perf_counter() - start,
+               "recompute": report}
     log(f"cache {cache_dir}: OK — {shards} shards, {rows:,} rows aligned with {logs_dir}, every file's sha256 and "
         f"every row group's example_id checksum match; teacher {manifest['teacher']['sha256'][:12]}…; "
         f"{summary['bytes_per_row_per_task']:.2f} bytes/row/task ({summary['seconds']:.1f}s)")
@@ -118,5 +134,10 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: str | Pat
 
 def run(args) -> int:
     """`distkd cache verify`."""
-    verify_cache(args.cache, args.logs, args.teacher)
+    from distkd.models.teacher import spec_from_args
+
+    if args.tolerance < 0:
+        raise ConfigError(f"--tolerance: ulps must be >= 0, got {args.tolerance}")
+    verify_cache(args.cache, args.logs, spec_from_args(args), recompute=args.recompute, seed=args.seed,
+                 tolerance=args.tolerance)
     return 0

@@ -8,6 +8,10 @@ hashing the bytes as they are written. `storage.write_atomic` commits it whole (
 fsync and rename; object storage: a complete temporary object moved to the final key);
 the caller (the driver) records it in the manifest.
 
+Every teacher output is checked as it comes (distkd.models.teacher: shape, dtype, tasks,
+NaN/inf, on every batch): a bad one raises CacheError naming the shard, row group and row,
+before the commit, so nothing of that shard is published.
+
 `CacheWorker` is the Ray actor around it (the driver wraps it with `ray.remote`).
 """
 
@@ -37,6 +41,7 @@ from distkd.data.checks import check_row_group
 from distkd.data.batch import to_batch
 from distkd.data.rows import decode
 from distkd.data.schema import Schema
+from distkd.models.teacher import Teacher, TeacherError, TeacherRef, TeacherSpec
 
 
 @dataclass
@@ -135,7 +140,7 @@ class _Reader:
 
 
 @torch.inference_mode()
-def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, device: torch.device,
+def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: torch.device,
                   worker: dict[str, Any] | None = None,
                   on_row_group: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the cache file of one log shard; return its entry for the manifest.
@@ -145,10 +150,11 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
     if diff := fingerprint_diff(task.expected, now):
         raise CacheError(f"{task.log_path}: the log shard changed after the build was planned ({'; '.join(diff)})")
     n_tasks = len(schema.tasks)
-    hidden_dim = model.hidden_dim if task.hidden else None
+    hidden_dim = teacher.hidden_dim if task.hidden else None
     np_dtype = np.float16 if task.dtype == "fp16" else np.float32
+    # batch_size: `cache verify --recompute` batches rows as the build did (bit-exact recomputation)
     meta = {"format": FORMAT, "teacher_sha256": task.teacher_sha256, "tasks": schema.task_names,
-            "dtype": task.dtype, "input": now}
+            "dtype": task.dtype, "input": now, "batch_size": task.batch_size}
     checksums: list[str] = []
     forward_s = write_s = wait_s = written = 0.0
     sink: _HashingSink | None = None
@@ -160,6 +166,7 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
         with pq.ParquetWriter(sink, output_schema(n_tasks, task.dtype, hidden_dim), compression="zstd",
                               use_dictionary=False, write_statistics=False) as writer:
             t0 = time.perf_counter()
+            row0 = 0
             for g, n, checksum, batches in reader:
                 t1 = time.perf_counter()
                 wait_s += t1 - t0
@@ -167,12 +174,24 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
                 hidden = np.empty((n, hidden_dim), np.float16) if hidden_dim else None
                 a = 0
                 for batch in batches:
-                    o = model(batch.sparse.to(device, non_blocking=True), batch.dense.to(device, non_blocking=True))
+                    try:
+                        o = teacher(batch.sparse.to(device, non_blocking=True),
+                                    batch.dense.to(device, non_blocking=True), hidden=hidden is not None)
+                    except TeacherError as e:
+                        at = f", row {a + e.row} (row {row0 + a + e.row} of the shard)" if e.row is not None else ""
+                        raise CacheError(f"{task.log_path}: row group {g}{at}: {e}; nothing of this shard "
+                                         "is published") from None
                     b = a + len(batch)
                     logits[a:b] = o.logits.float().cpu().numpy()
+                    if not np.isfinite(logits[a:b]).all():  # finite in the teacher's dtype, not in fp16
+                        r = int(np.argwhere(~np.isfinite(logits[a:b]))[0][0])
+                        raise CacheError(f"{task.log_path}: row group {g}, row {a + r}: teacher {teacher.name}'s "
+                                         f"logits {o.logits[r].tolist()} exceed the {task.dtype} range; cache with "
+                                         "dtype fp32; nothing of this shard is published")
                     if hidden is not None:
                         hidden[a:b] = o.hidden.float().cpu().numpy()
                     a = b
+                row0 += n
                 del batches
                 t2 = time.perf_counter()
                 forward_s += t2 - t1
@@ -213,18 +232,25 @@ def compute_shard(model: torch.nn.Module, schema: Schema, task: ShardTask, devic
 
 
 class CacheWorker:
-    """Ray actor: loads the teacher once (sha256-verified), then builds shards on request."""
+    """Ray actor: loads the teacher once (fingerprint-verified), then builds shards on request.
+    `teacher`: a TeacherRef from the driver (or an export directory)."""
 
-    def __init__(self, export_dir: str, device: str, threads: int):
+    def __init__(self, teacher: TeacherRef | TeacherSpec | str, device: str, threads: int):
         from distkd.dist import quiet
-        from distkd.models.export import load_export
+        from distkd.models.teacher import load_teacher
 
         quiet()
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.model, self.meta = load_export(export_dir, verify=True, device=self.device)
-        self.schema = self.model.schema
+        ref = teacher if isinstance(teacher, TeacherRef) else None
+        try:
+            self.teacher = load_teacher(ref.spec if ref else teacher, ref.schema if ref else None, self.device,
+                                        expect_sha256=ref.sha256 if ref else None)
+        except TeacherError as e:  # a one-line reason in the driver's "worker is gone" message
+            raise CacheError(f"worker {socket.gethostname()}:{os.getpid()}: {e}") from None
+        self.meta = {"sha256": self.teacher.sha256}
+        self.schema = self.teacher.schema
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
                      "threads": torch.get_num_threads(), "teacher_load_s": round(time.perf_counter() - t0, 3)}
 
@@ -237,7 +263,7 @@ class CacheWorker:
                 f"worker {self.info['host']}:{self.info['pid']} loaded teacher {self.meta['sha256'][:12]}…, "
                 f"the build expects {task.teacher_sha256[:12]}…: the export changed during the build"
             )
-        return compute_shard(self.model, self.schema, task, self.device, self.info, self.on_row_group)
+        return compute_shard(self.teacher, self.schema, task, self.device, self.info, self.on_row_group)
 
     def on_row_group(self, g: int) -> None:
         """Called as each row group is written; a seam for tests (subclasses), nothing here."""

@@ -1,0 +1,168 @@
+"""`distkd cache verify --recompute FRACTION`: run the teacher again on a sample of row groups.
+
+The sha256 checks prove the files are the ones committed; they cannot prove the committed
+logits are what this teacher computes. This does: a seeded random sample of the cache's row
+groups (the seed is reported, `--seed` repeats the sample) is decoded exactly as the build
+did (same batch size, read from each file's footer, and the worker's thread count) and
+scored again, and the result, rounded to the cache's dtype, is compared with the cached
+values. The difference is counted in ulps of that dtype (units in the last place: adjacent
+fp16 values are 1 ulp apart), so the default tolerance, 0, means bit-identical: what the
+same teacher, library build and hardware give. Another BLAS, CPU or GPU may move a logit by
+an ulp (`--tolerance 1`); another build of the teacher moves many by far more.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distkd import storage
+from distkd.cache import manifest as mf
+from distkd.cache.manifest import CacheError
+from distkd.data.batch import to_batch
+from distkd.data.checks import check_row_group
+from distkd.data.rows import decode
+from distkd.data.schema import Schema
+from distkd.models.teacher import Teacher, TeacherError, TeacherSpec, as_spec, load_teacher
+
+DEFAULT_BATCH = 8192  # CacheJob's default, for files written before the footer recorded it
+
+
+def ordered(a: np.ndarray) -> np.ndarray:
+    """IEEE floats as integers in value order: adjacent floats differ by 1 (±0 both map to 0)."""
+    bits, sign = (np.uint16, 0x8000) if a.dtype == np.float16 else (np.uint32, 0x80000000)
+    i = np.ascontiguousarray(a).view(bits).astype(np.int64)
+    mag = i & (sign - 1)
+    return np.where(i & sign, -mag, mag)
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(ordered(a) - ordered(b))
+
+
+def manifest_teacher(manifest: dict[str, Any]) -> TeacherSpec:
+    """The teacher the manifest says built the cache (caches from before the spec was recorded
+    name an export directory)."""
+    t = manifest["teacher"]
+    if t.get("spec"):
+        from distkd.config import from_dict
+
+        return from_dict(TeacherSpec, t["spec"], "manifest.json:teacher.spec")
+    if t.get("export"):
+        return TeacherSpec(export=t["export"])
+    raise CacheError("manifest.json: records no teacher to recompute with; give --teacher")
+
+
+def sample(manifest: dict[str, Any], rels: list[str], fraction: float, seed: int) -> list[tuple[str, int]]:
+    """A seeded sample (at least one) of the (shard, row group) pairs of `rels`, in file order."""
+    units = [(rel, g) for rel in rels for g in range(len(manifest["shards"][rel]["input"]["row_groups"]))]
+    if not units:
+        return []
+    k = min(len(units), max(1, math.ceil(fraction * len(units))))
+    pick = np.random.default_rng(seed).choice(len(units), size=k, replace=False)
+    return [units[i] for i in sorted(pick)]
+
+
+def _column(table: pa.Table, name: str, dtype) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(col), -1)
+
+
+@torch.inference_mode()
+def _row_group(teacher: Teacher, schema: Schema, log_path: str, cache_path: str, g: int, row0: int,
+               batch_size: int, dtype, hidden: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{column: (cached, recomputed in the cache's dtype)} of one row group."""
+    with storage.open_parquet(log_path) as pf:
+        table = pf.read_row_group(g, columns=schema.training_columns())
+    check_row_group(table, schema, log_path, g, row0)
+    rows = decode(table, schema, log_path)
+    keys = [f.name for f in schema.sparse]
+    logits, hid = [], []
+    for a in range(0, len(rows), batch_size):
+        batch = to_batch(rows.slice(a, min(a + batch_size, len(rows))), keys)
+        try:
+            o = teacher(batch.sparse, batch.dense, hidden=hidden)
+        except TeacherError as e:
+            at = f", row {a + e.row}" if e.row is not None else ""
+            raise CacheError(f"{log_path}: row group {g}{at}: {e}") from None
+        logits.append(o.logits.float().numpy().astype(dtype))
+        if hidden:
+            hid.append(o.hidden.float().numpy().astype(np.float16))
+    with storage.open_parquet(cache_path) as pf:
+        cached = pf.read_row_group(g, columns=["logits", "hidden"] if hidden else ["logits"])
+    out = {"logits": (_column(cached, "logits", dtype), np.concatenate(logits))}
+    if hidden:
+        out["hidden"] = (_column(cached, "hidden", np.float16), np.concatenate(hid))
+    return out
+
+
+def recompute(cache_dir: str, logs_dir: str, manifest: dict[str, Any], schema: Schema, rels: list[str],
+              fraction: float, seed: Optional[int], tolerance: int, teacher: "str | TeacherSpec | None",
+              problems: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Recompute a sample of the row groups of shards `rels`; append problems; return the report."""
+    if not 0 < fraction <= 1:
+        raise CacheError(f"--recompute: the fraction of row groups must be in (0, 1], got {fraction}")
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    spec = as_spec(teacher) if teacher is not None else manifest_teacher(manifest)
+    content = manifest["content"]
+    dtype = np.float16 if content["dtype"] == "fp16" else np.float32
+    report: dict[str, Any] = {"fraction": fraction, "seed": seed, "tolerance_ulp": tolerance, "dtype": content["dtype"],
+                              "row_groups": 0, "of": sum(len(manifest["shards"][r]["input"]["row_groups"]) for r in rels),
+                              "max_ulp": 0, "max_abs": 0.0, "worst": None, "sampled": []}
+    try:
+        loaded = load_teacher(spec, schema, "cpu", expect_sha256=manifest["teacher"]["sha256"])
+    except TeacherError as e:
+        problems.append(f"{cache_dir}: cannot recompute: {e}")
+        return report
+    hidden = bool(content["hidden"])
+    if hidden:
+        loaded.hidden_dim = int(content["hidden_dim"])
+    before = torch.get_num_threads()
+    try:
+        for rel, g in sample(manifest, rels, fraction, seed):
+            entry = manifest["shards"][rel]
+            torch.set_num_threads(int(entry.get("timings", {}).get("worker", {}).get("threads") or 1))
+            cache_path = mf.cache_file(cache_dir, rel)
+            meta, _, _ = mf.read_file_meta(cache_path)
+            counts = entry["input"]["row_groups"]
+            try:
+                cols = _row_group(loaded, schema, storage.join(logs_dir, rel), cache_path, g, sum(counts[:g]),
+                                  int(meta.get("batch_size") or DEFAULT_BATCH), dtype, hidden)
+            except CacheError as e:
+                problems.append(str(e))
+                continue
+            report["row_groups"] += 1
+            report["sampled"].append(f"{rel}#{g}")
+            for name, (cached, now) in cols.items():
+                if cached.shape != now.shape:
+                    problems.append(f"{cache_path}: row group {g}: '{name}' has shape {list(cached.shape)}, the "
+                                    f"teacher now gives {list(now.shape)}")
+                    continue
+                ulp = ulp_distance(cached, now)
+                diff = np.abs(cached.astype(np.float32) - now.astype(np.float32))
+                report["max_abs"] = max(report["max_abs"], float(diff.max(initial=0.0)))
+                if ulp.size and (report["worst"] is None or int(ulp.max()) > report["max_ulp"]):
+                    r, c = np.unravel_index(int(ulp.argmax()), ulp.shape)
+                    report["max_ulp"] = int(ulp.max())
+                    report["worst"] = {"file": cache_path, "row_group": g, "row": int(r), "column": name,
+                                       "index": content["tasks"][c] if name == "logits" else int(c),
+                                       "cached": float(cached[r, c]), "recomputed": float(now[r, c])}
+    finally:
+        torch.set_num_threads(before)
+    w = report["worst"]
+    if w is not None and report["max_ulp"] > tolerance:
+        what = f"task '{w['index']}'" if w["column"] == "logits" else f"hidden unit {w['index']}"
+        problems.append(
+            f"{w['file']}: row group {w['row_group']}, row {w['row']} ({what}): cached {w['column']} {w['cached']!r}, "
+            f"the teacher now gives {w['recomputed']!r}: {report['max_ulp']} ulp of {content['dtype']} apart "
+            f"(tolerance {tolerance}); written by another build of the teacher, other library versions or "
+            "other hardware")
+    log(f"cache verify: recomputed {report['row_groups']} of {report['of']} row groups (fraction {fraction}, "
+        f"seed {seed}: --seed {seed} repeats the sample); largest difference {report['max_ulp']} ulp of "
+        f"{content['dtype']} (|Δ| {report['max_abs']:.3g}), tolerance {tolerance} ulp")
+    return report
