@@ -33,6 +33,9 @@ def _launch_flags(p) -> None:
     p.add_argument("--max-restarts", dest="max_restarts", type=int, default=None,
                    help="local ranks: restart a failed rank group this often, resuming from the last checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="run the ranks as a Ray Train TorchTrainer on this Ray cluster (HOST:6379 or auto; "
+                        "default: $RAY_ADDRESS, or launch.launcher: ray for an embedded Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
