@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs (= torchrun ranks) per node; 0 for CPU nodes (one gloo rank each)")
         p.add_argument("--image", default=None,
                        help="container image (default registry.example.com/distkd:0.1.0-gpu, or -cpu with 0 GPUs)")
+        p.add_argument("--launcher", default="torchrun", choices=["torchrun", "ray"],
+                       help="DDP stages on k8s: torchrun in a PyTorchJob (default) or Ray Train in a KubeRay RayJob")
         _overrides(p)
 
     p = _cmd(top, "eval", "distkd.evaluate:run",
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report directory (report.md, result.json, PNG plots)")
     p.add_argument("--split", default=None, help="split to evaluate on (default test)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per forward pass (default 16384)")
+    _overrides(p)
+
+    p = _cmd(top, "sweep", "distkd.launch.sweep:run",
+             "many students from one cache: a Ray Tune search over a distill/student job's fields, then the report")
+    p.add_argument("--config", required=True, help="sweep YAML (e.g. jobs/demo/sweep.yaml)")
     _overrides(p)
 
     p = _cmd(top, "distill", "distkd.launch:run", "distill the student from cached teacher logits (DDP + TorchRec)")

@@ -206,14 +206,16 @@ def configs(job: TrainJob, run: str):
     return scaling, run_config, torch_config
 
 
-def launch(prepared, resume: bool = False, callbacks: Sequence = ()) -> dict[str, Any]:
-    """Run the prepared job as a TorchTrainer; return rank 0's summary."""
+def launch(prepared, resume: bool = False, callbacks: Sequence = (), run_callbacks: Sequence = ()) -> dict[str, Any]:
+    """Run the prepared job as a TorchTrainer; return rank 0's summary. `callbacks` go to the
+    trainer on every rank, `run_callbacks` to Ray Train's controller (e.g. Tune's reporter)."""
     from ray.train.torch import TorchTrainer
 
     job = prepared.job
     connect(address(job))
     run = f"{job.role}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     scaling, run_config, torch_config = configs(job, run)
+    run_config.callbacks = list(run_callbacks) or None
     print(f"ray train: {scaling.num_workers} worker(s) x {scaling.resources_per_worker} "
           f"({torch_config.backend}), max_failures {job.launch.max_failures}, run {run_config.storage_path}/{run}",
           file=sys.stderr, flush=True)
