@@ -108,14 +108,22 @@ def _abs(path):
     return path if path is None or storage.is_remote(path) else str(Path(path).resolve())
 
 
-def base_job(study: Study, extra: list[str] = ()) -> dict:
-    """The study's base job as a dict with its overrides and absolute paths (trials run elsewhere)."""
+def base_job(study: Study, extra: list[str] = (), teacher: Optional[str] = None) -> dict:
+    """The study's base job as a dict with its overrides and absolute paths (trials run elsewhere).
+    With `teacher`, a cache root laid out as the demo's (<cache>/<teacher sha256[:12]>/) resolves
+    to that teacher's cache."""
     data = apply_overrides(read_yaml(study.base), list(study.overrides) + list(extra), where=study.base)
     data["logs"] = _abs(data.get("logs", "runs/demo/logs"))
+    sha = None
+    if teacher and (Path(teacher) / "export.json").is_file():
+        sha = json.loads((Path(teacher) / "export.json").read_text())["sha256"]
     for t in (data.get("objective") or {}).get("teachers") or []:
         for k in ("cache", "export"):
             if t.get(k):
                 t[k] = _abs(t[k])
+        own = Path(t["cache"]) / sha[:12] if sha and t.get("cache") else None
+        if own and not (Path(t["cache"]) / "manifest.json").is_file() and (own / "manifest.json").is_file():
+            t["cache"], t["sha256"] = str(own), sha
     return data
 
 
@@ -134,7 +142,7 @@ def trial_job(data: dict, params: dict[str, Any], out: Path, where: str):
 def check(cfg: SweepConfig, where: str) -> None:
     """Every study's base job loads with the space's first values: a typo fails before any trial."""
     for name, study in cfg.studies().items():
-        data = base_job(study)
+        data = base_job(study, teacher=cfg.teacher)
         first = {k: next(iter(v.values()))[0] for k, v in study.space.items()}
         try:
             trial_job(data, first, Path(cfg.out) / "check", f"{where}: {name}")
@@ -253,7 +261,7 @@ def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list
     from distkd.launch.sweep_report import Progress
 
     out = Path(cfg.out).resolve()
-    data = base_job(study, extra)
+    data = base_job(study, extra, cfg.teacher)
     probe = trial_job(data, {}, out, where)
     meta = {"job": data, "trials": str(out / name / "trials"), "where": f"{where}: {name}", "ranks": cfg.ranks_per_trial,
             "cpus": cfg.cpus_per_rank, "gpus": cfg.gpus_per_rank}
