@@ -86,8 +86,12 @@ def connect(ray_address: str | None) -> None:
 
 def flat_metrics(trainer, result: dict[str, dict[str, float]]) -> dict[str, Any]:
     """A validation pass as flat scalars: valid/<task>/<metric>, valid/mean/<metric>, step."""
-    out: dict[str, Any] = {"step": trainer.state.step, "validations": len(trainer.validator.history),
-                           "rows": trainer.state.rows, "epoch": trainer.state.epoch}
+    return {"step": trainer.state.step, "validations": len(trainer.validator.history), "rows": trainer.state.rows,
+            "epoch": trainer.state.epoch, **valid_scalars(result)}
+
+
+def valid_scalars(result: dict[str, dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
     for name in REPORTED:
         values = [m[name] for m in result.values() if name in m]
         for task, m in result.items():

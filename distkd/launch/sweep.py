@@ -163,7 +163,7 @@ def trainable(config: dict, meta: dict) -> None:
     from ray import tune
 
     from distkd import dist
-    from distkd.launch.ray_train import Report
+    from distkd.launch.ray_train import Report, valid_scalars
     from distkd.train.checkpoint import latest
     from distkd.train.prepare import prepare
     from distkd.train.trainer import Trainer
@@ -182,7 +182,7 @@ def trainable(config: dict, meta: dict) -> None:
         summary = Trainer(job, prepared.schema, prepared.objective, env, resume=resume, callbacks=[report]).train()
         dist.shutdown()
         last = report.last
-    tune.report({**last, **flat("valid", summary["valid"]), **flat("test", summary["test"]),
+    tune.report({**last, **valid_scalars(summary["valid"]), **flat("test", summary["test"]),
                  "step": summary["steps"], "finished": 1, "train_seconds": time.time() - t0})
 
 
@@ -266,7 +266,8 @@ def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list
     meta = {"job": data, "trials": str(out / name / "trials"), "where": f"{where}: {name}", "ranks": cfg.ranks_per_trial,
             "cpus": cfg.cpus_per_rank, "gpus": cfg.gpus_per_rank}
     space = fixed if fixed is not None else param_space(study, cfg.search)
-    per_trial = ({"CPU": 0} if cfg.ranks_per_trial > 1 else
+    # a TorchTrainer trial's own process only waits for its workers: no CPU (Tune needs a bundle: 1 byte)
+    per_trial = ({"CPU": 0, "memory": 1} if cfg.ranks_per_trial > 1 else
                  {"CPU": cfg.cpus_per_rank, **({"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {})})
     fn = tune.with_resources(tune.with_parameters(trainable, meta=meta), per_trial)
     path = out / "tune" / name

@@ -159,11 +159,11 @@ def plot(table: list[dict], metric: str, space: dict, path: Path) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
 
 
-def best_export(table: list[dict], folder: Path) -> dict | None:
+def best_export(table: list[dict], folder: Path, metric: str) -> dict | None:
     """Copy the best finished trial's export to <folder>/best/export; return its row."""
     for row in table:
         src = row.get("export")
-        if row["status"] == "done" and src and Path(src).is_dir():
+        if row["status"] == "done" and src and Path(src).is_dir() and row.get(metric) is not None:
             dst = folder / "best" / "export"
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)
@@ -201,7 +201,7 @@ def finish(cfg, grids: dict, where: str) -> int:
         write_table(table, folder)
         study = cfg.studies()[name]
         plot(table, cfg.metric, study.space, folder / f"{_slug(cfg.metric)}.png")
-        row = best_export(table, folder)
+        row = best_export(table, folder, cfg.metric)
         if row is None:
             print(f"sweep {name}: no trial finished; nothing to compare", file=sys.stderr)
             return 1
