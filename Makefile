@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-loader bench-train bench-cache bench-distill clean
+.PHONY: install demo test bench bench-loader bench-train bench-cache bench-distill bench-sweep clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-bench: bench-loader bench-train bench-cache bench-distill
+bench: bench-loader bench-train bench-cache bench-distill bench-sweep
 
 bench-loader: $(STAMP)
 	$(PY) -m distkd.bench.loader
@@ -31,6 +31,9 @@ bench-cache: $(STAMP)
 
 bench-distill: $(STAMP)
 	$(PY) -m distkd.bench.distill
+
+bench-sweep: $(STAMP)
+	$(PY) -m distkd.bench.sweep
 
 clean:
 	rm -rf runs

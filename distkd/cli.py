@@ -33,6 +33,9 @@ def _launch_flags(p) -> None:
     p.add_argument("--max-restarts", dest="max_restarts", type=int, default=None,
                    help="local ranks: restart a failed rank group this often, resuming from the last checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="run the ranks as a Ray Train TorchTrainer on this Ray cluster (HOST:6379 or auto; "
+                        "default: $RAY_ADDRESS, or launch.launcher: ray for an embedded Ray)")
 
 
 def _teacher_flags(p, export_help: str) -> None:
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs (= torchrun ranks) per node; 0 for CPU nodes (one gloo rank each)")
         p.add_argument("--image", default=None,
                        help="container image (default registry.example.com/distkd:0.1.0-gpu, or -cpu with 0 GPUs)")
+        p.add_argument("--launcher", default="torchrun", choices=["torchrun", "ray"],
+                       help="DDP stages on k8s: torchrun in a PyTorchJob (default) or Ray Train in a KubeRay RayJob")
         _overrides(p)
 
     p = _cmd(top, "eval", "distkd.evaluate:run",
@@ -196,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: torchscript, pt2, onnx (default torchscript)")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8 row-wise embedding tables (uint8 + float32 scale/bias per row)")
+
+    p = _cmd(top, "sweep", "distkd.launch.sweep:run",
+             "many students from one cache: a Ray Tune search over a distill/student job's fields, then the report")
+    p.add_argument("--config", required=True, help="sweep YAML (e.g. jobs/demo/sweep.yaml)")
+    _overrides(p)
 
     p = _cmd(top, "distill", "distkd.launch:run", "distill the student from cached teacher logits (DDP + TorchRec)")
     p.set_defaults(role="student", distill_required=True)

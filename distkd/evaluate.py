@@ -328,6 +328,7 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
         "curve_every": stride,
         "models": out,
         "eta": {t: gap_report(out, t, gap) for t in schema.task_names} if set(gap) <= set(out) else {},
+        "paired": paired_differences(out, schema.task_names, gap[1], gap[2]),
         "min_gap": MIN_GAP,
         **({"serving": serving} if serving is not None else {}),
     }
@@ -372,3 +373,38 @@ if __name__ == "__main__":
     from distkd.cli import main
 
     sys.exit(main(["eval", *sys.argv[1:]]))
+
+
+# -- paired differences over seeds (KD − hard, same seed) -----------------------------------------
+
+# two-sided 95% Student t quantiles t(0.975, df), df = 1..30; beyond, the normal's 1.96 is within 2%
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_interval(diffs: list[float]) -> dict[str, Any]:
+    """Mean of `diffs` and its 95% t interval over the n values (None below two values)."""
+    a = np.asarray(diffs, dtype=np.float64)
+    n = int(a.size)
+    if n < 2:
+        return {"n": n, "mean": float(a.mean()) if n else None, "low": None, "high": None}
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * a.std(ddof=1) / math.sqrt(n)
+    return {"n": n, "mean": float(a.mean()), "low": float(a.mean() - half), "high": float(a.mean() + half)}
+
+
+def paired_differences(models: dict[str, dict], tasks: list[str], a: str = KD, b: str = HARD) -> dict[str, Any]:
+    """Per task and metric of GAP_METRICS: the per-seed differences a − b (same training seed) and
+    their 95% t interval. Empty when the exports of a and b do not pair by seed."""
+    if a not in models or b not in models:
+        return {}
+    ka, kb = _by_seed(models[a]["exports"]), _by_seed(models[b]["exports"])
+    if not ka or not kb or not set(ka) & set(kb):
+        return {}
+    seeds = sorted(set(ka) & set(kb))
+    out: dict[str, Any] = {"pair": f"{a} − {b}", "seeds": seeds}
+    for task in tasks:
+        out[task] = {}
+        for metric in GAP_METRICS:
+            d = [ka[s]["metrics"][task][metric] - kb[s]["metrics"][task][metric] for s in seeds]
+            out[task][metric] = {"per_seed": d, **t_interval(d)}
+    return out

@@ -206,6 +206,7 @@ def render_markdown(result: dict, plots: dict[str, str], auc_plot: Optional[str]
         for task, e in result["eta"].items():
             md.append(f"- **{task}**: {_eta_text(e['auc'], 'AUC')}; {_eta_text(e['logloss'], 'logloss')}")
         md.append("")
+    md += paired_markdown(result)
     for task in result["tasks"]:
         md += [f"## Task `{task}`", "", *_table(result, task), ""]
         if task in plots:
@@ -242,3 +243,19 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
     path = out / "report.md"
     _write_text(path, render_markdown(result, plots, "auc.png"))
     return path
+
+
+def paired_markdown(result: dict) -> list[str]:
+    """The per-seed paired differences (KD − hard, same seed) with their 95% t interval."""
+    p = result.get("paired") or {}
+    if not p:
+        return []
+    md = [f"## Paired differences over seeds ({p['pair']}, same seed)", "",
+          f"Seeds {', '.join(map(str, p['seeds']))}; 95% t interval over the seeds. "
+          "For AUC above 0 favours KD, for logloss below 0 does.", "",
+          "| task | metric | mean difference | 95% interval | per seed |", "|---|---|---|---|---|"]
+    for task in result["tasks"]:
+        for metric, d in p.get(task, {}).items():
+            ci = f"[{d['low']:+.4f}, {d['high']:+.4f}]" if d["low"] is not None else "–"
+            md.append(f"| {task} | {metric} | {d['mean']:+.4f} | {ci} | {', '.join(f'{x:+.4f}' for x in d['per_seed'])} |")
+    return md + [""]

@@ -5,7 +5,12 @@
   tunnel); with --wait it streams the job's logs and exits with the job's status.
 * slurm: renders cluster/slurm/train.sbatch (multi-node torchrun) and creates the folder its
   log goes to (runs/slurm/).
-* k8s: renders cluster/k8s/pytorchjob.yaml (DDP stages) or cluster/kuberay/rayjob-cache.yaml (cache).
+* k8s: renders cluster/k8s/pytorchjob.yaml (DDP stages under torchrun), with `--launcher ray`
+  cluster/kuberay/rayjob-train.yaml (DDP stages as a Ray Train TorchTrainer), or
+  cluster/kuberay/rayjob-cache.yaml (cache).
+
+DDP stages sent to Ray (`--to ray`, or `--to k8s --launcher ray`) get `launch.launcher=ray`: the
+entrypoint starts a TorchTrainer on the cluster, so the ranks spread over its workers.
 
 The cluster/ files are the templates: their `{name}` fields are filled here (in YAML files the
 quoted form `"{name}"` is replaced by the value as a JSON scalar, list or mapping), so the files
@@ -36,6 +41,7 @@ TEMPLATES = {
     "slurm": CLUSTER / "slurm" / "train.sbatch",
     "pytorchjob": CLUSTER / "k8s" / "pytorchjob.yaml",
     "rayjob": CLUSTER / "kuberay" / "rayjob-cache.yaml",
+    "rayjob-train": CLUSTER / "kuberay" / "rayjob-train.yaml",
 }
 DEFAULT_IMAGE = "registry.example.com/distkd:0.1.0-{variant}"
 
@@ -137,7 +143,7 @@ def _values(args, argv: list[str]) -> dict:
         "image": image,
         "nodes": nodes,
         # PyTorchJob: Master + nodes-1 Workers; RayJob (cache): a CPU-only head + nodes workers
-        "workers": nodes if args.stage == "cache" else nodes - 1,
+        "workers": nodes if args.stage == "cache" or ray_train(args) else nodes - 1,
         "nproc_per_node": nproc if args.to == "slurm" else str(nproc),
         "gpu_directive": f"SBATCH --gpus-per-node={gpus}" if gpus else " no GPUs requested: CPU nodes, gloo ranks",
         "resources": resources,
@@ -146,6 +152,23 @@ def _values(args, argv: list[str]) -> dict:
         # torchrun reads PET_NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT set by the training operator
         "command": ["torchrun", "--nproc-per-node", str(nproc), "-m", "distkd.cli", *argv],
     }
+
+
+def ray_train(args) -> bool:
+    """A DDP stage that runs as a Ray Train TorchTrainer on a Ray cluster."""
+    return args.stage in DDP_STAGES and (args.to == "ray" or getattr(args, "launcher", "torchrun") == "ray")
+
+
+def ray_overrides(args) -> list[str]:
+    """What a DDP stage on Ray adds to its command line: the launcher, and on k8s the ranks
+    (one Ray Train worker per GPU, or one per CPU node)."""
+    if not ray_train(args):
+        return []
+    if args.to == "ray":  # an existing cluster: the job file's launch.workers (default nproc) says how many
+        return ["launch.launcher=ray"]
+    gpus = max(0, args.gpus_per_node)
+    return ["launch.launcher=ray", f"launch.workers={max(1, args.nodes) * max(1, gpus)}",
+            f"launch.gpus_per_worker={1 if gpus else 0}"]
 
 
 def _submit_ray(args, entrypoint: str) -> int:
@@ -217,15 +240,19 @@ def run(args) -> int:
         raise ConfigError(f"{args.config}: job file not found")
     if getattr(args, "wait", False) and args.to != "ray":
         raise ConfigError(f"submit: --wait is for --to ray; {args.to} jobs are submitted by the printed command")
-    load_job(args.stage, args.config, list(args.overrides or []))
-    argv = stage_args(args.stage, args.config, list(args.overrides or []))
+    if getattr(args, "launcher", "torchrun") == "ray" and args.to == "slurm":
+        raise ConfigError("submit: --launcher ray is for --to k8s (a RayJob) or --to ray; Slurm runs torchrun")
+    overrides = list(args.overrides or []) + ray_overrides(args)
+    load_job(args.stage, args.config, overrides)
+    argv = stage_args(args.stage, args.config, overrides)
     values = _values(args, argv)
     if args.to == "ray":
         return _submit_ray(args, values["entrypoint"])
     if args.to == "slurm":
         template, ext = TEMPLATES["slurm"], "sbatch"
     else:
-        template, ext = TEMPLATES["rayjob" if args.stage == "cache" else "pytorchjob"], "yaml"
+        kind = "rayjob" if args.stage == "cache" else "rayjob-train" if ray_train(args) else "pytorchjob"
+        template, ext = TEMPLATES[kind], "yaml"
     text = render(template, values)
     if args.dry_run:
         print(text, end="")

@@ -65,7 +65,7 @@ def walk(node):
 
 def test_expected_files_exist():
     for rel in ("ray/cluster-aws.yaml", "ray/cluster-onprem.yaml", "kuberay/raycluster.yaml",
-                "kuberay/rayjob-cache.yaml", "slurm/train.sbatch", "k8s/pytorchjob.yaml",
+                "kuberay/rayjob-cache.yaml", "kuberay/rayjob-train.yaml", "slurm/train.sbatch", "k8s/pytorchjob.yaml",
                 "docker/Dockerfile.cpu", "docker/Dockerfile.gpu", "README.md"):
         assert (CLUSTER / rel).is_file(), rel
 
@@ -310,7 +310,12 @@ def load_job(path: Path):
     return load_job(path.stem, path)
 
 
-@pytest.mark.parametrize("path", sorted(JOBS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(JOBS)))
+def is_sweep(path: Path) -> bool:
+    return path.stem.startswith("sweep")
+
+
+@pytest.mark.parametrize("path", sorted(p for p in JOBS.rglob("*.yaml") if not is_sweep(p)),
+                         ids=lambda p: str(p.relative_to(JOBS)))
 def test_job_file_loads(path):
     assert path.stem in STAGE_NAMES, f"{path}: not a stage's job file"
     load_job(path)
@@ -322,7 +327,7 @@ def test_job_file_loads(path):
 def test_job_suite_is_consistent(suite):
     """The stages of a suite hand over through the same paths; the student and the distilled
     student differ only in the teacher; the student has at most a tenth of the teacher's parameters."""
-    assert sorted(p.stem for p in suite.glob("*.yaml")) == sorted(STAGE_NAMES), suite
+    assert sorted(p.stem for p in suite.glob("*.yaml") if not is_sweep(p)) == sorted(STAGE_NAMES), suite
     j = {stage: load_job(suite / f"{stage}.yaml") for stage in STAGE_NAMES}
     logs, export = j["teacher"].logs, f"{j['teacher'].out}/export"
     for stage in ("student", "cache", "distill", "eval"):
@@ -435,3 +440,41 @@ def test_wheel_carries_the_templates(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert str(site) in r.stderr  # the installed copy ran, not the checkout
     assert r.stdout == submit(*argv[1:]).stdout
+
+
+# -- sweeps and Ray Train ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(p for p in JOBS.rglob("*.yaml") if is_sweep(p)), ids=lambda p: str(p.relative_to(JOBS)))
+def test_sweep_file_loads_and_its_studies_search_their_suite(path):
+    """A sweep file loads, every study's base job loads with the space's first values, and it
+    searches the job files of its own suite."""
+    from distkd.config import load
+    from distkd.launch.sweep import SweepConfig, check
+
+    cfg = load(SweepConfig, path)
+    check(cfg, str(path))
+    assert cfg.metric.startswith("valid/")  # selection on the valid split only
+    for study in cfg.studies().values():
+        assert Path(study.base).parent == path.parent.relative_to(ROOT), study.base
+    assert Path(cfg.kd.base).stem == "distill" and (cfg.hard is None or Path(cfg.hard.base).stem == "student")
+
+
+def test_rayjob_train_template():
+    (job,) = docs(CLUSTER / "kuberay" / "rayjob-train.yaml")
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    out = submit("distill", "--to", "k8s", "--launcher", "ray", "--config", "jobs/demo/distill.yaml", "--dry-run",
+                 "--nodes", "3", "--gpus-per-node", "2", "--image", IMAGE, "train.seed=7")
+    assert out.returncode == 0, out.stderr
+    (job,) = yaml.safe_load_all(out.stdout)
+    assert job["kind"] == "RayJob" and job["metadata"]["name"] == "distkd-distill"
+    assert shlex.split(job["spec"]["entrypoint"]) == [
+        "python", "-m", "distkd.cli", "distill", "--config", "jobs/demo/distill.yaml", "train.seed=7",
+        "launch.launcher=ray", "launch.workers=6", "launch.gpus_per_worker=1"]
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 3 and group["template"]["spec"]["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": 2}}
+    out = submit("distill", "--to", "ray", "--config", "jobs/demo/distill.yaml", "--dry-run",
+                 env={"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    assert "entrypoint: python -m distkd.cli distill --config jobs/demo/distill.yaml launch.launcher=ray" in out.stdout
+    assert submit("distill", "--to", "slurm", "--launcher", "ray", "--config", "jobs/demo/distill.yaml",
+                  "--dry-run").returncode == 2

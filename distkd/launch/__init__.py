@@ -1,8 +1,10 @@
 """Launchers: one trainer, several ways to start its ranks.
 
     run_job(job)   the preflight, then the ranks: in this process under torchrun (or any
-                   launcher that set RANK/WORLD_SIZE), else `job.nproc` local ranks through
-                   the elastic launcher (distkd.launch.local), with `launch.max_restarts`.
+                   launcher that set RANK/WORLD_SIZE); as a Ray Train TorchTrainer when the job
+                   selects Ray (distkd.launch.ray_train: `launch.launcher: ray`, or a Ray
+                   address); else `job.nproc` local ranks through the elastic launcher
+                   (distkd.launch.local), with `launch.max_restarts`.
 
 Restarts come from the launcher; resuming from the last committed checkpoint is the
 trainer's (it resumes by itself when the launcher says this is a restart).
@@ -23,12 +25,18 @@ INSTALLED_CALLBACKS: list = []
 
 def run_job(job: TrainJob, *, resume: bool = False, where: str = "config", callbacks: Sequence = ()) -> dict[str, Any]:
     """Preflight `job`, run its ranks, return rank 0's summary."""
+    from distkd.launch import ray_train
     from distkd.launch.local import launch
 
+    use_ray = not under_launcher() and ray_train.selected(job)
+    if use_ray:
+        job = ray_train.absolute(job)  # Ray workers do not start in this folder
     prepared = prepare(job, where)
     callbacks = [*callbacks, *INSTALLED_CALLBACKS]
     if under_launcher():
         return run_rank(prepared, resume, callbacks)
+    if use_ray:
+        return ray_train.launch(prepared, resume, callbacks)
     return launch(run_rank, job.nproc, prepared, resume, callbacks, max_restarts=job.launch.max_restarts,
                   timeout_s=job.launch.timeout_s)[0]
 
@@ -46,5 +54,7 @@ def run(args) -> int:
         job.nproc = args.nproc
     if getattr(args, "max_restarts", None) is not None:
         job.launch.max_restarts = args.max_restarts
+    if getattr(args, "ray_address", None):
+        job.launch.ray_address = args.ray_address
     summary = run_job(job, resume=args.resume, where=where)
     return 0 if summary else 1

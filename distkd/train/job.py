@@ -4,7 +4,7 @@
     model / optim / sharding         the model, its optimizers, the embedding plan
     train                            the loop: batches, epochs, validation, checkpoints
     objective                        what the model learns from (`kind: hard | ctr_kd`)
-    launch                           restarts and timeouts
+    launch                           launcher (local | ray), restarts, timeouts, Ray Train resources
     partitions                       partitioned logs: the partition range of each split
 """
 
@@ -54,10 +54,24 @@ class LoopConfig:
 class LaunchConfig:
     max_restarts: int = 0  # the local launcher (--nproc) restarts a failed rank group this often
     timeout_s: float = DEFAULT_TIMEOUT_S  # a rendezvous or collective that cannot complete fails after this
+    # auto: Ray Train when a Ray address is given (ray_address, --ray-address or RAY_ADDRESS), else local
+    launcher: Literal["auto", "local", "ray"] = "auto"
+    ray_address: Optional[str] = None  # an existing cluster (HOST:6379, auto); null: RAY_ADDRESS, else embedded Ray
+    workers: Optional[int] = None  # Ray Train workers = ranks (default: nproc)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0: nccl, one GPU per rank
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"  # Ray's placement of the workers over nodes
+    max_failures: int = 0  # Ray Train restarts a failed worker group this often (FailureConfig)
+    storage_path: Optional[str] = None  # Ray Train's run state (tiny); default <out>/ray-train, shared on a cluster
 
     def validate(self) -> None:
         if self.max_restarts < 0 or self.timeout_s <= 0:
             raise ConfigError("max_restarts must be >= 0 and timeout_s > 0")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1 (or null), got {self.workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.max_failures < -1:
+            raise ConfigError("cpus_per_worker and gpus_per_worker must be >= 0, max_failures >= -1")
 
 
 @dataclass

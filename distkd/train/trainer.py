@@ -8,7 +8,9 @@ knows its aligned columns, what it adds to the model and its train module, not i
 
 Components: `Checkpointer` (DCP, resharding), `Validator` (metrics, early stopping),
 `MetricsLogger` (progress, TensorBoard, the loss log). Callbacks (`fn(trainer)` after each
-step) are the seam tests use to inject faults; production code installs none.
+step) are the seam tests use to inject faults; a callback may also have `on_valid(trainer,
+metrics)` and `on_checkpoint(trainer, path)` (every rank, after each validation pass and each
+committed checkpoint): the seam Ray Train and Ray Tune report through.
 """
 
 from __future__ import annotations
@@ -170,7 +172,13 @@ class Trainer:
     def validate(self, logger: MetricsLogger) -> bool:
         result, stop = self.validator(self.model, self.state.step)
         logger.valid(self.state.step, result)
+        self._hook("on_valid", result)
         return stop
+
+    def _hook(self, name: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            if (fn := getattr(callback, name, None)) is not None:
+                fn(self, *args)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -182,7 +190,9 @@ class Trainer:
             self.logger.flush()  # the loss log holds every step the checkpoint holds
         state = {"trainer": to_dict(self.state), "loader": self.train_loader.state_dict(),
                  "validator": self.validator.state_dict()}
-        return self.checkpointer.save(self.state.step, self._tensors(), state)
+        path = self.checkpointer.save(self.state.step, self._tensors(), state)
+        self._hook("on_checkpoint", path)
+        return path
 
     def resume_if_any(self) -> None:
         """Continue from the last committed checkpoint when asked to (--resume) or when the

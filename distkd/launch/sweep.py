@@ -1,0 +1,303 @@
+"""`distkd sweep --config jobs/demo/sweep.yaml`: many students from one cache, as Ray Tune trials.
+
+A sweep file names a base job (a distill or student train job file), the fields to search
+(any `key=value` path of the job: objective.temperature, objective.losses.*, optim.*, model.*,
+train.*) and how: the metric to rank by (a validation metric, `valid/<task>/<metric>` or
+`valid/mean/<metric>`), mode, num_samples, max_concurrent, the scheduler (ASHA: grace period
+and reduction factor, in validation passes) and the search algorithm (random, grid, or optuna
+where installed). A `kd:` study and an optional `hard:` study (the hard-label student, its
+learning rates searched the same way) run one after the other; `final_seeds` then retrains each
+study's best settings once per seed, and the best students are compared with the teacher in
+the usual report (distkd.launch.sweep_report).
+
+The trainable is a Tune function trainable running the one trainer on one rank (a one-rank
+gloo group in the trial's process): on a 2-CPU machine that lets two trials run at once, and
+each validation pass (`train.eval_every`) is a `tune.report`, which ASHA acts on. With
+`ranks_per_trial > 1` the trial instead starts a Ray Train TorchTrainer of that many workers
+(distkd.launch.ray_train) whose rank 0 reports through Ray Train to Tune.
+
+Every trial reads the same logs and cache (absolute paths, nothing copied) and writes its own
+run under `<out>/<study>/trials/<trial id>`. A rerun restores the Tune experiment at
+`<out>/tune/<study>` (`Tuner.restore`): finished trials are kept, unfinished ones start again
+and continue from their own last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from distkd.config import ConfigError, apply_overrides, from_dict, load, read_yaml, to_dict
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class Study:
+    base: str = ""  # the job file every trial starts from
+    overrides: list[str] = field(default_factory=list)  # fixed for every trial
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # path: {grid|choice|uniform|loguniform|randint: [...]}
+
+    def validate(self) -> None:
+        if not self.base:
+            raise ConfigError("base: the job file to search over is required")
+        for key, spec in self.space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise ConfigError(f"space.{key}: one of {{{'|'.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"space.{key}.{kind}: a non-empty list, got {values!r}")
+            if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or values[0] >= values[1]):
+                raise ConfigError(f"space.{key}.{kind}: [low, high] with low < high, got {values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"space.{key}.loguniform: low must be > 0, got {values[0]}")
+
+
+@dataclass
+class SchedulerConfig:
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # validation passes a trial always gets
+    reduction_factor: float = 2.0
+    max_t: Optional[int] = None  # validation passes of a whole run (default: max_steps / eval_every of the base job)
+
+
+@dataclass
+class SweepConfig:
+    out: str = "runs/demo/sweep"
+    kd: Study = field(default_factory=Study)
+    hard: Optional[Study] = None
+    teacher: Optional[str] = None  # export compared with the best students in the report
+    metric: str = "valid/mean/auc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 4
+    max_concurrent: int = 2
+    search: Literal["random", "grid", "optuna"] = "random"
+    seed: int = 0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    ranks_per_trial: int = 1
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0
+    max_failures: int = 1  # a trial that errors is retried this often (it resumes from its checkpoint)
+    ray_address: Optional[str] = None  # null: RAY_ADDRESS, else an embedded Ray
+    final_seeds: list[int] = field(default_factory=list)  # the best settings retrained once per seed
+    report_split: str = "test"
+
+    def validate(self) -> None:
+        if not self.metric.startswith("valid/") or len(self.metric.split("/")) != 3:
+            raise ConfigError(f"metric: valid/<task or mean>/<auc|logloss|ne|calibration>, got {self.metric!r}")
+        if min(self.num_samples, self.max_concurrent, self.ranks_per_trial) < 1:
+            raise ConfigError("num_samples, max_concurrent and ranks_per_trial must be >= 1")
+
+    def studies(self) -> dict[str, Study]:
+        return {"kd": self.kd, **({"hard": self.hard} if self.hard else {})}
+
+
+# -- the job of one trial ---------------------------------------------------------------------
+
+
+def _abs(path):
+    from distkd import storage
+
+    return path if path is None or storage.is_remote(path) else str(Path(path).resolve())
+
+
+def base_job(study: Study, extra: list[str] = (), teacher: Optional[str] = None) -> dict:
+    """The study's base job as a dict with its overrides and absolute paths (trials run elsewhere).
+    With `teacher`, a cache root laid out as the demo's (<cache>/<teacher sha256[:12]>/) resolves
+    to that teacher's cache."""
+    data = apply_overrides(read_yaml(study.base), list(study.overrides) + list(extra), where=study.base)
+    data["logs"] = _abs(data.get("logs", "runs/demo/logs"))
+    sha = None
+    if teacher and (Path(teacher) / "export.json").is_file():
+        sha = json.loads((Path(teacher) / "export.json").read_text())["sha256"]
+    for t in (data.get("objective") or {}).get("teachers") or []:
+        for k in ("cache", "export"):
+            if t.get(k):
+                t[k] = _abs(t[k])
+        own = Path(t["cache"]) / sha[:12] if sha and t.get("cache") else None
+        if own and not (Path(t["cache"]) / "manifest.json").is_file() and (own / "manifest.json").is_file():
+            t["cache"], t["sha256"] = str(own), sha
+    return data
+
+
+def overrides_of(params: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+
+
+def trial_job(data: dict, params: dict[str, Any], out: Path, where: str):
+    from distkd.train.job import TrainJob
+
+    job = from_dict(TrainJob, apply_overrides(data, overrides_of(params) + [f"out={out}", "tensorboard=false"], where),
+                    where)
+    return job
+
+
+def check(cfg: SweepConfig, where: str) -> None:
+    """Every study's base job loads with the space's first values: a typo fails before any trial."""
+    for name, study in cfg.studies().items():
+        data = base_job(study, teacher=cfg.teacher)
+        first = {k: next(iter(v.values()))[0] for k, v in study.space.items()}
+        try:
+            trial_job(data, first, Path(cfg.out) / "check", f"{where}: {name}")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (base {study.base} with the space's first values)") from None
+
+
+# -- the trainable ------------------------------------------------------------------------------
+
+
+def flat(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{prefix}/{t}/{m}": float(v) for t, ms in metrics.items() for m, v in ms.items()
+            if isinstance(v, (int, float)) and m != "rows"}
+
+
+def trainable(config: dict, meta: dict) -> None:
+    """One trial: the base job with this trial's parameters, trained and reported to Tune."""
+    from ray import tune
+
+    from distkd import dist
+    from distkd.launch.ray_train import Report, valid_scalars
+    from distkd.train.checkpoint import latest
+    from distkd.train.prepare import prepare
+    from distkd.train.trainer import Trainer
+
+    out = Path(meta["trials"]) / tune.get_context().get_trial_id()
+    job = trial_job(meta["job"], dict(config), out, meta["where"])
+    resume = latest(out / "checkpoints") is not None  # a restored or retried trial continues its own run
+    t0 = time.time()
+    if meta["ranks"] > 1:
+        summary = _on_ray_train(job, resume, meta)
+        last = {}
+    else:
+        prepared = prepare(job, meta["where"])
+        env = dist.init(timeout_s=job.launch.timeout_s)
+        report = Report(via="tune")
+        summary = Trainer(job, prepared.schema, prepared.objective, env, resume=resume, callbacks=[report]).train()
+        dist.shutdown()
+        last = report.last
+    tune.report({**last, **valid_scalars(summary["valid"]), **flat("test", summary["test"]),
+                 "step": summary["steps"], "finished": 1, "train_seconds": time.time() - t0})
+
+
+def _on_ray_train(job, resume: bool, meta: dict) -> dict:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distkd.launch import ray_train
+    from distkd.train.prepare import prepare
+
+    la = dataclasses.replace(job.launch, launcher="ray", workers=meta["ranks"], cpus_per_worker=meta["cpus"],
+                             gpus_per_worker=meta["gpus"])
+    job = ray_train.absolute(dataclasses.replace(job, launch=la))
+    return ray_train.launch(prepare(job, meta["where"]), resume, (), run_callbacks=[TuneReportCallback()])
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+
+def param_space(study: Study, search: str) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for key, spec in study.space.items():
+        kind, v = next(iter(spec.items()))
+        if kind == "grid" and search != "optuna":
+            space[key] = tune.grid_search(v)
+        elif kind in ("grid", "choice"):
+            space[key] = tune.choice(v)
+        elif kind == "uniform":
+            space[key] = tune.uniform(*v)
+        elif kind == "loguniform":
+            space[key] = tune.loguniform(*v)
+        else:
+            space[key] = tune.randint(v[0], v[1] + 1)  # inclusive, as written
+    return space
+
+
+def max_validations(job) -> int:
+    """Validation passes a whole run of `job` makes (ASHA's max_t), from its max_steps/eval_every."""
+    loop = job.train
+    if loop.eval_every and loop.max_steps:
+        return max(1, loop.max_steps // loop.eval_every)
+    return loop.epochs if not loop.eval_every else 100
+
+
+def searcher(cfg: SweepConfig):
+    if cfg.search != "optuna":
+        return None  # Tune's BasicVariantGenerator: grid entries crossed, the rest drawn at random
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("search: optuna needs the optuna package (pip install optuna); or use random | grid") from None
+    return OptunaSearch(seed=cfg.seed)
+
+
+def scheduler(cfg: SweepConfig, job):
+    if cfg.scheduler.kind == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.scheduler
+    # ASHA stops a trial whose time reaches max_t: one past the last validation, so a trial that
+    # survives every rung finishes its run (test split, export) and reports it
+    max_t = (s.max_t or max_validations(job)) + 1
+    return ASHAScheduler(time_attr="validations", max_t=max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list[str] = (),
+              fixed: Optional[dict] = None, num_samples: Optional[int] = None, asha: bool = True):
+    """One Tune experiment at <out>/tune/<name>: restored when it exists, else started. Returns its ResultGrid."""
+    from ray import tune
+
+    from distkd.launch.ray_train import connect
+    from distkd.launch.sweep_report import Progress
+
+    out = Path(cfg.out).resolve()
+    data = base_job(study, extra, cfg.teacher)
+    probe = trial_job(data, {}, out, where)
+    meta = {"job": data, "trials": str(out / name / "trials"), "where": f"{where}: {name}", "ranks": cfg.ranks_per_trial,
+            "cpus": cfg.cpus_per_rank, "gpus": cfg.gpus_per_rank}
+    space = fixed if fixed is not None else param_space(study, cfg.search)
+    # a TorchTrainer trial's own process only waits for its workers: no CPU (Tune needs a bundle: 1 byte)
+    per_trial = ({"CPU": 0, "memory": 1} if cfg.ranks_per_trial > 1 else
+                 {"CPU": cfg.cpus_per_rank, **({"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {})})
+    fn = tune.with_resources(tune.with_parameters(trainable, meta=meta), per_trial)
+    path = out / "tune" / name
+    connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    progress = Progress(name, cfg.metric, cfg.mode)
+    if tune.Tuner.can_restore(str(path)):
+        print(f"sweep {name}: resuming {path} (finished trials are kept)", file=sys.stderr, flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=True,
+                                   param_space=space)
+    else:
+        tuner = tune.Tuner(
+            fn, param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=num_samples or cfg.num_samples,
+                                        max_concurrent_trials=cfg.max_concurrent, search_alg=searcher(cfg) if fixed is None else None,
+                                        scheduler=scheduler(cfg, probe) if asha else None,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), callbacks=[progress], verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+    grid = tuner.fit()
+    progress.final(grid)
+    return grid
+
+
+def run(args) -> int:
+    """`distkd sweep --config SWEEP.yaml [key=value ...]`."""
+    from distkd.launch.sweep_report import finish
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checkpoint-only reports carry no metric
+    where = args.config
+    cfg = load(SweepConfig, args.config, list(args.overrides or []))
+    check(cfg, where)
+    grids = {name: run_study(cfg, name, study, where) for name, study in cfg.studies().items()}
+    return finish(cfg, grids, where)

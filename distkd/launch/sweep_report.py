@@ -1,0 +1,233 @@
+"""What a sweep shows and leaves: progress lines, the trial table, the plot, the best export, the report.
+
+    <out>/<study>/trials.csv, trials.md     every trial ranked by the sweep's validation metric:
+                                            parameters, valid and test metrics per task, steps, seconds
+    <out>/<study>/<metric>.png              that metric against each searched parameter
+    <out>/<study>/best/export               the best finished trial's export (copied: a few MB)
+    <out>/report/                           teacher vs the best KD student vs the best hard-label
+                                            student (their final_seeds runs where given), on report_split
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from distkd.storage import atomic_write_bytes
+
+SHOWN = ("auc", "logloss")
+
+
+def _status(trial_status: str, metrics: dict) -> str:
+    if trial_status == "ERROR":
+        return "errored"
+    if trial_status == "TERMINATED":
+        return "done" if metrics.get("finished") else "stopped"
+    return trial_status.lower()
+
+
+def _params(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("__")}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+class Progress(tune.Callback):
+    """One line per change: trials done / running / stopped (ASHA) / errored, and the best so far."""
+
+    def __init__(self, name: str, metric: str, mode: str, every_s: float = 15.0):
+        self.name, self.metric, self.mode, self.every_s = name, metric, mode, every_s
+        self.last_line, self.last_t = "", 0.0
+
+    def _say(self, trials, force: bool = False) -> None:
+        counts: dict[str, int] = {}
+        best = None
+        for t in trials:
+            counts[_status(t.status, t.last_result or {})] = counts.get(_status(t.status, t.last_result or {}), 0) + 1
+            v = (t.last_result or {}).get(self.metric)
+            if v is not None and (best is None or (v > best[0] if self.mode == "max" else v < best[0])):
+                best = (v, t)
+        parts = ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "stopped", "pending", "errored") if counts.get(k))
+        line = f"sweep {self.name}: {len(trials)} trials: {parts}"
+        if best:
+            params = ", ".join(f"{k}={_fmt(v)}" for k, v in _params(best[1].config).items())
+            line += f"; best {self.metric} {best[0]:.4f} ({best[1].trial_id}: {params})"
+        now = time.monotonic()
+        if line != self.last_line and (force or now - self.last_t >= self.every_s):
+            print(line, file=sys.stderr, flush=True)
+            self.last_line, self.last_t = line, now
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._say(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._say(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trials, force=True)
+
+    def final(self, grid) -> None:
+        counts: dict[str, int] = {}
+        for r in grid:
+            s = "errored" if r.error else _status("TERMINATED", r.metrics or {})
+            counts[s] = counts.get(s, 0) + 1
+        print(f"sweep {self.name}: finished, {len(grid)} trials: "
+              + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr, flush=True)
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def rows(grid, metric: str, mode: str) -> list[dict[str, Any]]:
+    """Every trial of a ResultGrid, ranked by `metric` (trials without it last)."""
+    out = []
+    for r in grid:
+        m = r.metrics or {}
+        row = {"trial": m.get("trial_id") or Path(r.path).name, "status": "errored" if r.error else _status("TERMINATED", m)}
+        row.update(_params(r.config or {}))
+        row[metric] = m.get(metric)
+        for key in sorted(m, key=lambda k: (not k.startswith("valid/"), k)):  # valid first, then test
+            if key.startswith(("valid/", "test/")) and key.rsplit("/", 1)[1] in SHOWN and key != metric:
+                row[key] = m[key]
+        row["steps"] = m.get("step")
+        row["seconds"] = round(m["time_total_s"], 1) if m.get("time_total_s") is not None else None
+        row["path"] = r.path
+        out.append(row)
+    sign = -1 if mode == "max" else 1
+    out.sort(key=lambda row: (row[metric] is None, sign * (row[metric] or 0.0)))
+    for i, row in enumerate(out, 1):
+        row["rank"] = i
+    return out
+
+
+def _columns(table: list[dict]) -> list[str]:
+    cols = ["rank"]
+    for row in table:
+        cols += [k for k in row if k not in cols and k != "path"]
+    return cols
+
+
+def write_table(table: list[dict], folder: Path) -> None:
+    cols = _columns(table)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(table)
+    atomic_write_bytes(folder / "trials.csv", lambda fh: fh.write(buf.getvalue().encode()))
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join("–" if row.get(c) is None else _fmt(row[c]) for c in cols) + " |" for row in table]
+    atomic_write_bytes(folder / "trials.md", lambda fh: fh.write(("\n".join(md) + "\n").encode()))
+
+
+def plot(table: list[dict], metric: str, space: dict, path: Path) -> None:
+    """The metric against each searched parameter (one panel each; log x for loguniform)."""
+    from matplotlib.figure import Figure
+
+    names = list(space) or ["trial"]
+    fig = Figure(figsize=(3.6 * len(names), 3.4))
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        for status, marker in (("done", "o"), ("stopped", "x"), ("errored", "s")):
+            pts = [(row.get(name, row["rank"]), row[metric]) for row in table
+                   if row["status"] == status and row[metric] is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                if not all(isinstance(x, (int, float)) for x in xs):
+                    xs = [str(x) for x in xs]
+                ax.scatter(xs, ys, marker=marker, label=status)
+        if "loguniform" in space.get(name, {}):
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=metric)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{metric} of every trial (x: stopped early by the scheduler)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+
+
+def best_export(table: list[dict], folder: Path, metric: str) -> dict | None:
+    """Copy the best finished trial's export to <folder>/best/export; return its row."""
+    for row in table:
+        src = row.get("export")
+        if row["status"] == "done" and src and Path(src).is_dir() and row.get(metric) is not None:
+            dst = folder / "best" / "export"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+            info = {k: v for k, v in row.items() if k != "path"} | {"source": str(src)}
+            atomic_write_bytes(folder / "best" / "best.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
+            return row
+    return None
+
+
+# -- the whole sweep --------------------------------------------------------------------------
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def exports(grid, trials: Path) -> list[str]:
+    return [str(trials / Path(r.path).name / "export") for r in grid
+            if not r.error and (trials / Path(r.path).name / "export").is_dir()]
+
+
+def finish(cfg, grids: dict, where: str) -> int:
+    """Tables, plots and best exports of every study; then the final seeds and the report."""
+    from distkd.launch.sweep import base_job, run_study
+
+    out = Path(cfg.out).resolve()
+    best: dict[str, dict] = {}
+    for name, grid in grids.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        table = rows(grid, cfg.metric, cfg.mode)
+        for row in table:
+            export = folder / "trials" / row["trial"] / "export"
+            row["export"] = str(export) if row["status"] == "done" and export.is_dir() else None
+        write_table(table, folder)
+        study = cfg.studies()[name]
+        plot(table, cfg.metric, study.space, folder / f"{_slug(cfg.metric)}.png")
+        row = best_export(table, folder, cfg.metric)
+        if row is None:
+            print(f"sweep {name}: no trial finished; nothing to compare", file=sys.stderr)
+            return 1
+        best[name] = row
+        params = ", ".join(f"{k}={_fmt(row[k])}" for k in study.space)
+        print(f"sweep {name}: best {cfg.metric} {row[cfg.metric]:.4f}: {params}; export {folder / 'best' / 'export'}; "
+              f"table {folder / 'trials.md'}")
+
+    students: dict[str, list[str]] = {n: [str(out / n / "best" / "export")] for n in best}
+    if cfg.final_seeds:
+        for name, row in best.items():
+            study = cfg.studies()[name]
+            fixed = {k: row[k] for k in study.space} | {"train.seed": tune.grid_search(list(cfg.final_seeds))}
+            grid = run_study(cfg, f"{name}-seeds", study, where, fixed=fixed, num_samples=1, asha=False)
+            students[name] = exports(grid, out / f"{name}-seeds" / "trials")
+            write_table(rows(grid, cfg.metric, cfg.mode), (out / f"{name}-seeds"))
+    if not cfg.teacher:
+        return 0
+    from distkd.evaluate import HARD, KD, TEACHER, evaluate_models
+    from distkd.report import format_comparison, write_report
+
+    logs = base_job(cfg.kd)["logs"]
+    models = {TEACHER: [cfg.teacher], KD: students["kd"], **({HARD: students["hard"]} if "hard" in students else {})}
+    result = evaluate_models(logs, models, split=cfg.report_split)
+    result["command"] = f"distkd sweep --config {where}"
+    path = write_report(result, out / "report")
+    print(format_comparison(result))
+    print(f"\nreport: {path}")
+    return 0

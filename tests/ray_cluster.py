@@ -1,0 +1,112 @@
+"""A real Ray cluster on this machine for the tests: a head and worker nodes, each its own
+`ray start --block` process on 127.0.0.1 with its own CPUs and custom resources, in a private
+temp dir, every port picked free. Torn down by signalling the processes started here, then
+killing what is left of their sessions by pid (never by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from distkd.dist import free_port
+from tests.test_submit_live import session_pids
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 120
+# `ray start`, kept on loopback. Ray rewrites --node-ip-address 127.0.0.1 to the machine's outside
+# address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with it 0 refuses to start worker nodes.
+# So every process gets it 0 (their own address look-ups say 127.0.0.1), and in these `ray start`
+# processes alone the worker-node check passes and 127.0.0.1 is taken as given.
+RAY_START = ("import sys; import ray._private.ray_constants as c, ray._private.services as s; "
+             "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda host: host; "
+             "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    # Ray workers are started by the raylets: this checkout's distkd (and tests.faults) on their path
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1", "DISTKD_NO_PROGRESS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    return env
+
+
+def _ports() -> list[str]:
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+
+def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "block forever" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ray start did not come up within {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):  # workers first, the head last
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10
+    left = []
+    while time.monotonic() < deadline:
+        left = [p for proc in procs for p in session_pids(proc.pid) if p != os.getpid()]
+        if not left:
+            break
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()):
+    """Yields the GCS address (127.0.0.1:PORT) of a head with `head_cpus` CPUs and one worker
+    node per entry of `workers` ({"cpus": n, "resources": {...}}); a dashboard only on the head
+    (127.0.0.1, for the Jobs API), yielded as `cluster.dashboard`."""
+    temp_dir = tempfile.mkdtemp(prefix="dkr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env, port, dashboard = _env(), free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        head = [sys.executable, "-c", RAY_START, "start", "--head", "--block", f"--num-cpus={head_cpus}",
+                f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={temp_dir}", *_ports()]
+        procs.append(_start(head, logdir / "head.log", {**env, "DASHBOARD_METRIC_PORT": str(free_port()),
+                                                         "AUTOSCALER_METRIC_PORT": str(free_port())}))
+        for i, w in enumerate(workers):
+            cmd = [sys.executable, "-c", RAY_START, "start", "--block", f"--address=127.0.0.1:{port}",
+                   f"--num-cpus={w.get('cpus', 1)}", f"--resources={json.dumps(w.get('resources', {}))}", *_ports()]
+            procs.append(_start(cmd, logdir / f"worker-{i}.log", env))
+        yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", [p.pid for p in procs])
+    finally:
+        _stop(procs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class Cluster(str):
+    def __new__(cls, address: str, dashboard: str, sids: list[int]):
+        obj = super().__new__(cls, address)
+        obj.dashboard, obj.sids = dashboard, sids
+        return obj

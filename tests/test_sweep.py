@@ -1,0 +1,128 @@
+"""`distkd sweep` for real: a 4-trial ASHA search over a distill job on a Ray cluster (a head
+with two CPUs, started here on 127.0.0.1), its driver SIGKILLed once a trial has finished and
+rerun: the experiment is restored, the finished trials are not rerun, and the best trial's
+export loads and evaluates. Every trial reads the one cache: it is untouched, and no copy of
+it (no Parquet at all) appears under the sweep's folder."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distkd.evaluate import evaluate_models
+from distkd.models.export import load_export
+from tests.ray_cluster import ROOT, _env, ray_cluster
+from tests.test_torchrun import cache  # noqa: F401  (the module's teacher + logit cache fixture)
+
+KILL_TIMEOUT_S = 400
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ray_cluster(tmp_path_factory.mktemp("sweep-cluster"), head_cpus=2) as c:
+        yield c
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def sweep(config: Path, address: str) -> subprocess.Popen:
+    env = {**_env(), "RAY_ADDRESS": address}
+    return subprocess.Popen([sys.executable, "-m", "distkd.cli", "sweep", "--config", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished_trials(state_dir: Path) -> set[str]:
+    """Trials the Tune experiment state (what a restore reads) records as finished."""
+    done = set()
+    for f in state_dir.glob("experiment_state-*.json"):
+        try:
+            for entry in json.loads(f.read_text()).get("trial_data", []):
+                trial = json.loads(entry[0])
+                if trial.get("status") == "TERMINATED":
+                    done.add(trial["trial_id"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue  # being rewritten: read it again
+    return done
+
+
+def test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_evaluates(
+        cluster, small_logs, cache, tmp_path):  # noqa: F811
+    cache_dir, sha = cache
+    job, out = tmp_path / "distill.yaml", tmp_path / "sweep"
+    job.write_text(yaml.safe_dump({
+        "logs": str(small_logs), "out": str(tmp_path / "unused"), "role": "student", "tensorboard": False,
+        "model": {"embedding_dim": 8, "dense_arch": [16], "cross_layers": 0, "deep_arch": [32, 16]},
+        "optim": {"embedding_lr": 0.2, "dense_lr": 0.01},
+        "train": {"batch_size": 512, "max_steps": 40, "eval_every": 10, "checkpoint_every": 10, "seed": 0,
+                  "eval_batch_size": 4096},
+        "objective": {"kind": "ctr_kd", "teachers": [{"cache": str(cache_dir), "sha256": sha}],
+                      "losses": {"hard": 1.0, "mse": 1.0}},
+    }))
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "out": str(out), "metric": "valid/click/auc", "mode": "max", "num_samples": 4, "max_concurrent": 2,
+        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        "kd": {"base": str(job), "space": {"optim.dense_lr": {"loguniform": [0.003, 0.03]},
+                                            "objective.losses.mse": {"choice": [0.5, 2.0]}}},
+    }))
+    before = snapshot(cache_dir)
+
+    t0 = time.monotonic()
+    first = sweep(config, cluster)
+    state = out / "tune" / "kd"
+    while not (done := finished_trials(state)):
+        if first.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed:\n{first.stdout.read()[-4000:]}")
+        if time.monotonic() - t0 > KILL_TIMEOUT_S:
+            first.kill()
+            pytest.fail(f"no trial finished within {KILL_TIMEOUT_S}s:\n{first.communicate()[0][-4000:]}")
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    kept = {t: snapshot(out / "kd" / "trials" / t) for t in done if (out / "kd" / "trials" / t).is_dir()}
+
+    second = sweep(config, cluster)
+    try:
+        log = second.communicate(timeout=600)[0]
+    except subprocess.TimeoutExpired:
+        second.kill()
+        pytest.fail(f"the resumed sweep did not finish:\n{second.communicate()[0][-4000:]}")
+    assert second.returncode == 0, log[-4000:]
+    assert f"sweep kd: resuming {state}" in log, log[-3000:]
+    assert "sweep kd: finished, 4 trials" in log, log[-3000:]
+
+    for trial, files in kept.items():  # a trial finished before the kill is not run again
+        assert snapshot(out / "kd" / "trials" / trial) == files, trial
+    lines = (out / "kd" / "trials.md").read_text().splitlines()
+    assert len(lines) == 2 + 4, lines  # header, rule, one row per trial
+    rows = list(csv_rows(out / "kd" / "trials.csv"))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    scores = [float(r["valid/click/auc"]) for r in rows if r["valid/click/auc"]]
+    assert scores == sorted(scores, reverse=True)
+    assert rows[0]["status"] == "done" and {r["status"] for r in rows} <= {"done", "stopped"}
+    assert (out / "kd" / "valid_click_auc.png").stat().st_size > 1000
+
+    best = out / "kd" / "best" / "export"
+    model, meta = load_export(best)
+    assert json.loads((out / "kd" / "best" / "best.json").read_text())["trial"] == rows[0]["trial"]
+    result = evaluate_models(small_logs, {"best": [str(best)]}, split="test")
+    assert result["models"]["best"]["metrics"]["click"]["rows"]["mean"] == 4_000
+
+    assert snapshot(cache_dir) == before  # the one cache, read by every trial, untouched
+    assert not list(out.rglob("*.parquet")), "a trial copied the cache"
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path) as fh:
+        yield from csv.DictReader(fh)
