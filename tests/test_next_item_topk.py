@@ -45,12 +45,13 @@ def test_pack_unpack_is_exact(tmp_path, tail, proposal, tau):
         assert torch.equal(sliced.tail_ids, top.tail_ids[37:137])
         assert not (top.tail_ids[:, :, None] == top.ids[:, None, :]).any()  # draws come from the tail only
     path = tmp_path / "c.parquet"
-    pq.write_table(table, path, row_group_size=128, **tk.WRITE_OPTIONS)
+    pq.write_table(table, path, row_group_size=128, **fmt.parquet_options())
     back = tk.unpack(pq.read_table(path))
     for a, b in zip(top, back):
         assert (a is None and b is None) or torch.equal(a, b)
     pf = pq.ParquetFile(path)
     assert pf.num_row_groups == 3 and pf.metadata.row_group(0).column(0).compression == "ZSTD"
+    assert "BYTE_STREAM_SPLIT" in pf.metadata.row_group(0).column(1).encodings  # the fp16 logits
 
 
 def test_lse_and_tail_mass_are_consistent():
@@ -114,6 +115,6 @@ def test_bytes_per_entry_at_k64_on_next_item_logits(tmp_path):
     logits = torch.from_numpy(truth.log_probs(values, offsets, rng.integers(0, truth.preset.surfaces, 4096)))
     fmt = tk.TopKFormat(truth.num_items, 64)
     path = tmp_path / "k64.parquet"
-    pq.write_table(tk.pack(tk.select(logits, fmt), fmt), path, row_group_size=4096, **tk.WRITE_OPTIONS)
+    pq.write_table(tk.pack(tk.select(logits, fmt), fmt), path, row_group_size=4096, **fmt.parquet_options())
     per_entry = path.stat().st_size / (4096 * 64)
     assert per_entry <= 4.5, per_entry

@@ -24,8 +24,12 @@ the tail estimate of sampled_tail_kl is unbiased with no weight variance. "unifo
 is unbiased too but its weights follow the teacher's skewed tail, a much noisier estimate. log q
 is recomputed from the stored tail logits and the LSE at unpack time, so it costs no bytes.
 
-Packing and unpacking are vectorized numpy (np.packbits over a [B, m, b] bit array); writers
-use zstd with dictionaries and statistics off (`WRITE_OPTIONS`).
+Packing and unpacking are vectorized numpy (np.packbits over a [B, m, b] bit array). Writers
+take `parquet_options(fmt)`: zstd level 6, dictionaries and statistics off, and the fp16 logits
+byte-stream-split (their high bytes, sign and exponent, are alike across a row group and
+compress well once apart). On a trained teacher's k = 64 logits this is 2.65 bytes an entry
+against 3.42 with pyarrow's default zstd level and no split; the bit-packed ids are near random
+and compress by about 5% whatever the codec.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ import torch
 
 META_KEY = "distkd.topk"
 FORMAT = 1
-WRITE_OPTIONS = dict(compression="zstd", use_dictionary=False, write_statistics=False)
 _CHUNK = 64  # rows per selection pass: [64, N] float32 temporaries stay in the CPU cache
 
 
@@ -77,6 +80,12 @@ class TopKFormat:
 
     def metadata(self) -> dict:
         return {"format": FORMAT, **asdict(self), "id_bits": self.id_bits}
+
+    def parquet_options(self) -> dict:
+        """Keyword arguments for pyarrow.parquet.write_table / ParquetWriter."""
+        split = ["topk_logits.list.element"] + (["tail_logits.list.element"] if self.tail else [])
+        return dict(compression="zstd", compression_level=6, use_dictionary=False, write_statistics=False,
+                    use_byte_stream_split=split)
 
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> "TopKFormat":

@@ -11,15 +11,20 @@ The truth, drawn once from the seed:
 
 History items come from the session's clusters (a primary, a secondary, and some globally
 popular items), so the mean of their latents says where the next item lies. The latent spectrum
-decays fast (effective rank ~5), so a low-dimensional student can represent the truth; what it
-lacks on hard labels is the teacher's sample efficiency, which is what distillation transfers. The
-truth is in the model family of `distkd.models.next_item` (mean-pooled history plus a context
-embedding, dotted with item embeddings, plus an item bias).
+decays fast (latent_decay 0.75), so a dim-12 student can represent nearly all of the truth (a
+dim-5 one cannot: it stays ~0.03 Recall@10 lower); what a small student lacks on hard labels,
+one draw from a 20,000-way softmax per row, is the sample efficiency that the teacher's soft
+distribution gives. The truth is in the model family of `distkd.models.next_item` (mean-pooled
+history plus a context embedding, dotted with item embeddings, plus an item bias).
+
+With the default preset (20,000 items, oracle Recall@10 0.36, popularity alone 0.26) a dim-128
+teacher on 1M rows reaches 96% of the oracle's Recall@10 in one pass; see distkd.bench.next_item.
 
 Evaluation-only columns (float32, like synth.py's p_click): `oracle_rank`, the label's 0-based
 rank under the true distribution, and `oracle_logp`, its true log-probability: the oracle
 Recall@K / NDCG@K / MRR follow from them without the truth. `Truth.log_probs` gives the full true
-log-probabilities of any rows.
+log-probabilities of any rows; `load_truth(logs)` rebuilds the truth from `generator.yaml`
+(seed and preset), written beside `schema.yaml`, which holds the contract's fields only.
 
 Vectorized; one row group at a time; the softmax is computed in chunks of rows that fit the CPU
 cache and sampled by inverse CDF over blocks of items. Each row group is seeded by
