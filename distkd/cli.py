@@ -81,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-group-rows", type=int, default=65_536)
     p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
 
+    p = _cmd(data, "synth-next-item", "distkd.data.synth_next_item:run",
+             "write synthetic next-item logs (a known true next-item distribution) as sharded Parquet")
+    p.add_argument("--out", required=True, help="logs directory to write")
+    p.add_argument("--rows", type=int, default=1_250_000, help="total rows over all splits")
+    p.add_argument("--shards", type=int, default=4, help="train shards")
+    p.add_argument("--row-group-rows", type=int, default=16_384)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", choices=["default", "small"])
+    p.add_argument("--num-items", type=int, default=None, help="catalog size (default: the preset's)")
+    p.add_argument("--unlabeled-fraction", type=float, default=0.1, help="share of train rows logged without a next item")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes writing shards")
+    p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+
+    p = _cmd(data, "movielens-next", "distkd.data.movielens_next:run",
+             "convert a MovieLens CSV release to next-movie logs (history -> next movie rated), split by time")
+    p.add_argument("path", help="directory with ratings.csv and movies.csv")
+    p.add_argument("--out", required=True, help="logs directory to write")
+    p.add_argument("--history", type=int, default=20, help="movies of history per row (the most recent)")
+    p.add_argument("--min-history", dest="min_history", type=int, default=1)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--row-group-rows", type=int, default=65_536)
+    p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+
     p = _cmd(data, "validate", "distkd.data.validate:run", "check every shard of a logs directory against its schema")
     p.add_argument("logs", help="logs directory (with schema.yaml)")
 
@@ -153,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", default="jobs", help="folder holding demo/ and movielens/ job files")
     p.add_argument("--seeds", type=int, default=3, help="students trained per setup (the report shows their spread)")
     p.add_argument("--skip-movielens", action="store_true", help="only the synthetic suite")
+    p.add_argument("--next-item", dest="next_item", action="store_true",
+                   help="instead: the next-item suite (jobs/next-item: a top-k cache, next-item distillation)")
 
     submit = top.add_parser(
         "submit", help="run a stage on a cluster: Ray Jobs API, or render the Slurm script / Kubernetes manifest"

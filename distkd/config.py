@@ -90,6 +90,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
 
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` as type `tp` (a dataclass, a union of them tagged by `kind:`, a list, ...)."""
+    return _coerce(value, tp, where)
+
+
 def _by_kind(options: list) -> dict[str, type]:
     """{kind: dataclass} when every option is a dataclass with a `kind: Literal[...]` field
     (the first option's kind is the default), else {}."""

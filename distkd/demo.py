@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from distkd.config import ConfigError, load, to_dict
 from distkd.data.schema import SCHEMA_FILE, SPLITS
@@ -28,8 +28,9 @@ class DataJob:
     """How the demo's logs are made: synthetic (`source: synth`) or converted MovieLens."""
 
     out: str = "runs/demo/logs"
-    source: str = "synth"  # synth | movielens
-    path: Optional[str] = None  # MovieLens release directory (source: movielens)
+    # synth | movielens (CTR); synth_next_item | movielens_next (next item, a multiclass task)
+    source: Literal["synth", "movielens", "synth_next_item", "movielens_next"] = "synth"
+    path: Optional[str] = None  # MovieLens release directory (source: movielens, movielens_next)
     rows: int = 1_000_000
     shards: int = 4
     seed: int = 0
@@ -38,6 +39,8 @@ class DataJob:
     unlabeled_fraction: float = 0.1
     row_group_rows: int = 65_536
     workers: Optional[int] = None  # synth: processes writing shards (default 2)
+    num_items: Optional[int] = None  # synth_next_item: the catalog (default: the preset's)
+    history: int = 20  # movielens_next: movies of history per row
 
 
 @dataclass
@@ -66,8 +69,11 @@ def make_logs(job: DataJob) -> None:
     out = Path(job.out)
     stamp = out / "data-job.json"
     want = {k: v for k, v in to_dict(job).items() if k != "workers"}  # the logs don't depend on it
-    if job.source == "synth":
-        from distkd.data.synth import PRESETS
+    if job.source in ("synth", "synth_next_item"):
+        if job.source == "synth":
+            from distkd.data.synth import PRESETS
+        else:
+            from distkd.data.synth_next_item import PRESETS
 
         if job.preset in PRESETS:  # the truth's parameters live in code: a change there means new logs
             want["truth"] = repr(PRESETS[job.preset])
@@ -75,12 +81,21 @@ def make_logs(job: DataJob) -> None:
         say(f"logs: reusing {out} (same parameters)")
         return
     say(f"logs: writing {out}")
+    if job.source in ("movielens", "movielens_next") and not (job.path and Path(job.path).is_dir()):
+        raise ConfigError(f"data.path: MovieLens directory {job.path!r} not found")
     if job.source == "movielens":
         from distkd.data.movielens import convert
 
-        if not job.path or not Path(job.path).is_dir():
-            raise ConfigError(f"data.path: MovieLens directory {job.path!r} not found")
         convert(job.path, out, shards=job.shards, row_group_rows=job.row_group_rows, force=True)
+    elif job.source == "movielens_next":
+        from distkd.data.movielens_next import convert_next
+
+        convert_next(job.path, out, job.history, shards=job.shards, row_group_rows=job.row_group_rows, force=True)
+    elif job.source == "synth_next_item":
+        from distkd.data.synth_next_item import generate as generate_next
+
+        generate_next(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset, num_items=job.num_items,
+                      unlabeled_fraction=job.unlabeled_fraction, workers=job.workers or 2, force=True)
     else:
         from distkd.data.synth import generate, summarize
 
@@ -171,7 +186,15 @@ def load_out(config: Path) -> str:
 
 def run(args) -> int:
     start = time.perf_counter()
-    suites = [Suite("synthetic", Path(args.jobs) / "demo", seeds=list(range(args.seeds)))]
+    seeds = list(range(args.seeds))
+    if getattr(args, "next_item", False):  # its own run: the next-item teacher alone takes ~15 min here
+        suites = [Suite("next-item (synthetic)", Path(args.jobs) / "next-item", seeds=seeds)]
+        results = [run_suite(s) for s in suites]
+        for r in results:
+            print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")
+        print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+        return 0
+    suites = [Suite("synthetic", Path(args.jobs) / "demo", seeds=seeds)]
     if not args.skip_movielens:
         ml = Suite("ml-latest-small", Path(args.jobs) / "movielens", seeds=list(range(args.seeds)))
         path = load(DataJob, ml.jobs / "data.yaml").path

@@ -35,16 +35,15 @@ from distkd.config import ConfigError, load, to_dict
 from distkd.models.export import META_FILE, load_export, read_meta
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.loader import LogLoader
-from distkd.metrics import METRICS, TaskMetrics
+from distkd.metrics import SchemaMetrics, TaskMetrics
 from distkd.report import format_comparison, write_report
 from distkd.data.schema import LogsError, Schema, load_schema
+from distkd.eval_stats import (CURVE_BINS, GAP_METRICS, HARD, KD, MIN_GAP, ORACLE, TEACHER,  # noqa: F401 (re-exported)
+                               _by_seed, calibration_curve, gap_recovered, gap_report, paired_differences, seed_pairs,
+                               spread, t_interval)
 
-TEACHER, KD, HARD, ORACLE = "teacher", "student-KD", "student-hard", "oracle"
-MIN_GAP = 1e-4  # |teacher − hard| below this: η is undefined, not a huge number
-CURVE_BINS = 15
 CURVE_ROWS = 1_000_000  # at most this many rows per export kept for calibration curves
 RESULT_FORMAT = 1
-GAP_METRICS = {"auc": +1, "logloss": -1}  # +1: higher is better
 
 
 @dataclass
@@ -109,7 +108,8 @@ def evaluate_export(export_dir: Path, loader: LogLoader, stride: int = 1) -> tup
     Returns (entry, probabilities [N', T] float32, labels [N', T]) for every `stride`-th row.
     """
     model, meta = load_export(export_dir)
-    metrics = TaskMetrics(loader.schema.task_names)
+    metrics = SchemaMetrics(loader.schema)
+    binary = bool(loader.schema.binary)  # calibration curves: probabilities of binary tasks only
     probs, labels = [], []
     seconds, row0 = 0.0, 0
     for batch in loader:
@@ -118,10 +118,11 @@ def evaluate_export(export_dir: Path, loader: LogLoader, stride: int = 1) -> tup
         t0 = time.perf_counter()
         logits = model(batch.sparse, batch.dense).logits
         seconds += time.perf_counter() - t0
-        metrics.update(logits, batch.labels)
-        keep = torch.from_numpy(_every(row0, len(batch), stride))
-        probs.append(torch.sigmoid(logits[keep].float()).numpy())
-        labels.append(batch.labels[keep].numpy())
+        metrics.update(logits, batch)
+        if binary:
+            keep = torch.from_numpy(_every(row0, len(batch), stride))
+            probs.append(torch.sigmoid(logits[keep].float()).numpy())
+            labels.append(batch.labels[keep].numpy())
         row0 += len(batch)
     seed = (meta.get("job") or {}).get("train", {}).get("seed")
     entry = {
@@ -135,6 +136,8 @@ def evaluate_export(export_dir: Path, loader: LogLoader, stride: int = 1) -> tup
         "rows_per_s": row0 / seconds if seconds > 0 else float("nan"),
         "metrics": metrics.compute(),
     }
+    if not binary:
+        return entry, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
     return entry, np.concatenate(probs), np.concatenate(labels)
 
 
@@ -143,7 +146,10 @@ def oracle_metrics(files: list[str], schema: Schema) -> Optional[dict[str, dict[
 
     By convention the true probability of task T is the evaluation-only column `p_T`
     (synthetic logs have them); other evaluation columns (MovieLens keeps `rating`) are not
-    probabilities and never make an oracle."""
+    probabilities and never make an oracle. A next-item task's oracle is the eval column
+    `oracle_rank`: the label's rank under the true distribution (synthetic next-item logs)."""
+    if schema.classes:
+        return _next_item_oracle(files, schema)
     oracle = [f"p_{task}" for task in schema.task_names]
     if not set(oracle) <= set(schema.eval_columns):
         return None
@@ -165,93 +171,21 @@ def oracle_metrics(files: list[str], schema: Schema) -> Optional[dict[str, dict[
     return metrics.compute()
 
 
-# -- reductions ---------------------------------------------------------------------------
+def _next_item_oracle(files: list[str], schema: Schema) -> Optional[dict[str, dict[str, float]]]:
+    from distkd.metrics_retrieval import RetrievalMetrics
 
-
-def calibration_curve(p: np.ndarray, y: np.ndarray, bins: int = CURVE_BINS) -> dict[str, list[float]]:
-    """Mean prediction vs observed rate in `bins` quantile bins of the prediction (labelled rows)."""
-    keep = ~np.isnan(y)
-    p, y = p[keep].astype(np.float64), y[keep].astype(np.float64)
-    if p.size == 0:
-        return {"pred": [], "obs": [], "count": []}
-    edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
-    k = max(len(edges) - 1, 1)
-    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, k - 1)
-    count = np.bincount(idx, minlength=k)
-    nz = count > 0
-    pred = np.bincount(idx, weights=p, minlength=k)[nz] / count[nz]
-    obs = np.bincount(idx, weights=y, minlength=k)[nz] / count[nz]
-    return {"pred": pred.tolist(), "obs": obs.tolist(), "count": count[nz].tolist()}
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """mean, sample std (None for one value) and n."""
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()) if a.size else float("nan"),
-            "std": float(a.std(ddof=1)) if a.size > 1 else None, "n": int(a.size)}
-
-
-def gap_recovered(kd: Optional[float], hard: Optional[float], teacher: Optional[float],
-                  min_gap: float = MIN_GAP) -> Optional[float]:
-    """η = (kd − hard) / (teacher − hard): 1 when KD reaches the teacher, 0 when it adds nothing.
-
-    Negating all three leaves the ratio unchanged, so for a lower-is-better metric (logloss)
-    the same formula is positive when the gap is recovered. None when a value is missing or
-    |teacher − hard| < min_gap: there is no gap to share out.
-    """
-    if any(v is None or not math.isfinite(v) for v in (kd, hard, teacher)):
+    if "oracle_rank" not in schema.eval_columns or len(schema.classes) != 1:
         return None
-    gap = teacher - hard
-    return None if abs(gap) < min_gap else (kd - hard) / gap
-
-
-def _by_seed(entries: list[dict]) -> Optional[dict]:
-    seeds = [e["seed"] for e in entries]
-    return dict(zip(seeds, entries)) if None not in seeds and len(set(seeds)) == len(seeds) else None
-
-
-def seed_pairs(teacher: list[dict], kd: list[dict], hard: list[dict]) -> list[tuple[str, dict, dict, dict]]:
-    """(label, teacher, kd, hard) triples: by training seed where all carry one, else by position
-    for equal counts; a single teacher serves every pair. Empty when they do not line up."""
-    sk, sh, st = _by_seed(kd), _by_seed(hard), _by_seed(teacher)
-    if sk and sh and set(sk) == set(sh):
-        triples = [(f"seed {s}", sk[s], sh[s]) for s in sorted(sk)]
-        t_of = (lambda i, s: st[s]) if st and set(sk) <= set(st) else None
-    elif len(kd) == len(hard):
-        triples = [(f"#{i + 1}", k, h) for i, (k, h) in enumerate(zip(kd, hard))]
-        t_of = None
-    else:
-        return []
-    if len(teacher) == 1:
-        t_of = lambda i, s: teacher[0]  # noqa: E731
-    elif t_of is None and len(teacher) == len(triples):
-        t_of = lambda i, s: teacher[i]  # noqa: E731
-    if t_of is None:
-        return []
-    return [(lab, t_of(i, k["seed"]), k, h) for i, (lab, k, h) in enumerate(triples)]
-
-
-def gap_report(models: dict[str, dict], task: str, names=(TEACHER, KD, HARD)) -> dict[str, dict]:
-    """η per metric of GAP_METRICS for one task: from the seed means, and per seed pair."""
-    t_name, k_name, h_name = names
-    out = {}
-    for metric, sign in GAP_METRICS.items():
-        mean = {n: models[n]["metrics"][task][metric]["mean"] for n in names}
-        gap = mean[t_name] - mean[h_name]
-        pairs = [{"pair": lab, "eta": gap_recovered(k["metrics"][task][metric], h["metrics"][task][metric],
-                                                    t["metrics"][task][metric])}
-                 for lab, t, k, h in seed_pairs(models[t_name]["exports"], models[k_name]["exports"],
-                                               models[h_name]["exports"])]
-        defined = [p["eta"] for p in pairs if p["eta"] is not None]
-        out[metric] = {
-            "value": gap_recovered(mean[k_name], mean[h_name], mean[t_name]),
-            "gap": gap,
-            "teacher_better": bool(sign * gap > 0),
-            "pairs": pairs,
-            "per_pair": spread(defined) | {"min": min(defined, default=None), "max": max(defined, default=None),
-                                           "undefined": len(pairs) - len(defined)},
-        }
-    return out
+    task = schema.classes[0]
+    metrics = RetrievalMetrics(task.num_classes)
+    for path in files:
+        with storage.open_parquet(path) as pf:
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=[task.label, "oracle_rank"])
+                keep = t.column(task.label).is_valid().to_numpy(zero_copy_only=False)
+                ranks = t.column("oracle_rank").to_numpy(zero_copy_only=False)[keep]
+                metrics.update_ranks(torch.from_numpy(np.asarray(ranks, np.float64)))
+    return {task.name: metrics.compute()}
 
 
 # -- the whole comparison -----------------------------------------------------------------
@@ -292,16 +226,16 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
             out[name] = {
                 "n": len(entries),
                 "exports": entries,
-                "metrics": {t: {m: spread([e["metrics"][t][m] for e in entries]) for m in METRICS}
+                "metrics": {t: {m: spread([e["metrics"][t][m] for e in entries]) for m in entries[0]["metrics"][t]}
                             for t in schema.task_names},
                 "parameters": spread([e["parameters"] for e in entries]),
                 "rows_per_s": spread([e["rows_per_s"] for e in entries]),
                 "calibration": {t: calibration_curve(pooled_p[:, i], pooled_y[:, i])
-                                for i, t in enumerate(schema.task_names)},
+                                for i, t in enumerate(schema.binary_names)},
             }
             del probs, pooled_p, pooled_y
         serving = None
-        if serving_dir is not None and TEACHER in dirs and KD in dirs:
+        if serving_dir is not None and TEACHER in dirs and KD in dirs and not schema.classes:  # ranking models only
             from distkd.serve.figures import serving_figures
 
             serving = serving_figures({TEACHER: dirs[TEACHER][0], KD: dirs[KD][0]}, loader, files, serving_dir,
@@ -373,38 +307,3 @@ if __name__ == "__main__":
     from distkd.cli import main
 
     sys.exit(main(["eval", *sys.argv[1:]]))
-
-
-# -- paired differences over seeds (KD − hard, same seed) -----------------------------------------
-
-# two-sided 95% Student t quantiles t(0.975, df), df = 1..30; beyond, the normal's 1.96 is within 2%
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t_interval(diffs: list[float]) -> dict[str, Any]:
-    """Mean of `diffs` and its 95% t interval over the n values (None below two values)."""
-    a = np.asarray(diffs, dtype=np.float64)
-    n = int(a.size)
-    if n < 2:
-        return {"n": n, "mean": float(a.mean()) if n else None, "low": None, "high": None}
-    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * a.std(ddof=1) / math.sqrt(n)
-    return {"n": n, "mean": float(a.mean()), "low": float(a.mean() - half), "high": float(a.mean() + half)}
-
-
-def paired_differences(models: dict[str, dict], tasks: list[str], a: str = KD, b: str = HARD) -> dict[str, Any]:
-    """Per task and metric of GAP_METRICS: the per-seed differences a − b (same training seed) and
-    their 95% t interval. Empty when the exports of a and b do not pair by seed."""
-    if a not in models or b not in models:
-        return {}
-    ka, kb = _by_seed(models[a]["exports"]), _by_seed(models[b]["exports"])
-    if not ka or not kb or not set(ka) & set(kb):
-        return {}
-    seeds = sorted(set(ka) & set(kb))
-    out: dict[str, Any] = {"pair": f"{a} − {b}", "seeds": seeds}
-    for task in tasks:
-        out[task] = {}
-        for metric in GAP_METRICS:
-            d = [ka[s]["metrics"][task][metric] - kb[s]["metrics"][task][metric] for s in seeds]
-            out[task][metric] = {"per_seed": d, **t_interval(d)}
-    return out

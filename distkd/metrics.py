@@ -79,8 +79,16 @@ class TaskMetrics:
         self.sums.zero_()
 
 
-def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics=METRICS) -> str:
-    """rows: name -> task -> metric -> value, as a fixed-width table."""
+RETRIEVAL = ("recall@10", "ndcg@10", "mrr", "recall@50", "accuracy", "macro_precision", "macro_recall",
+             "macro_f1", "rows")
+
+
+def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics=None) -> str:
+    """rows: name -> task -> metric -> value, as a fixed-width table (binary-task metrics, or
+    retrieval ones when the tasks have no AUC)."""
+    if metrics is None:
+        first = next((v for tasks in rows.values() for v in tasks.values()), {})
+        metrics = METRICS if "auc" in first else RETRIEVAL
     head = f"{'model':<18} {'task':<12} " + " ".join(f"{m:>11}" for m in metrics)
     lines = [head, "-" * len(head)]
     for name, tasks in rows.items():
@@ -91,3 +99,31 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics=METRICS) 
                 cells.append(f"{int(v):>11,}" if m == "rows" and v == v else f"{v:>11.4f}")
             lines.append(f"{name:<18} {task:<12} " + " ".join(cells))
     return "\n".join(lines)
+
+
+class SchemaMetrics:
+    """Every task of a schema: TaskMetrics for the binary ones (on the logits, one per task),
+    RetrievalMetrics for a multiclass one (on the catalog logits and the batch's class ids)."""
+
+    def __init__(self, schema):
+        from distkd.metrics_retrieval import RetrievalMetrics
+
+        self.binary = TaskMetrics(schema.binary_names) if schema.binary else None
+        self.classes = [(t.name, RetrievalMetrics(t.num_classes)) for t in schema.classes]
+
+    def update(self, logits: torch.Tensor, batch) -> None:
+        if self.binary is not None:
+            self.binary.update(logits, batch.labels)
+        for j, (_, m) in enumerate(self.classes):
+            m.update(logits, batch.classes[:, j])
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        out = self.binary.compute() if self.binary is not None else {}
+        out.update({name: m.compute() for name, m in self.classes})
+        return out
+
+
+def headline(result: dict[str, dict[str, float]]) -> float:
+    """One number to rank runs by (higher is better): the mean over tasks of AUC for a binary
+    task, Recall@10 for a multiclass one."""
+    return sum(m["auc"] if "auc" in m else m["recall@10"] for m in result.values()) / len(result)

@@ -18,6 +18,21 @@ from distkd.storage import atomic_write_bytes
 
 COLUMNS = [("auc", "AUC"), ("logloss", "logloss"), ("ne", "NE"), ("calibration", "calibration"),
            ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1")]
+# a next-item (multiclass) task: retrieval of the logged next item, and the brief's top-1 metrics
+RETRIEVAL_COLUMNS = [("recall@10", "Recall@10"), ("ndcg@10", "NDCG@10"), ("mrr", "MRR"), ("recall@1", "Recall@1"),
+                     ("recall@50", "Recall@50"), ("accuracy", "accuracy (top-1)"),
+                     ("macro_precision", "precision (macro)"), ("macro_recall", "recall (macro)"),
+                     ("macro_f1", "F1 (macro)")]
+ETA_NAMES = {"auc": "AUC", "logloss": "logloss", "recall@10": "Recall@10", "ndcg@10": "NDCG@10"}
+
+
+def _columns(result: dict, task: str) -> list[tuple[str, str]]:
+    first = next(iter(result["models"].values()))["metrics"][task]
+    return COLUMNS if "auc" in first else RETRIEVAL_COLUMNS
+
+
+def _eta_lines(e: dict) -> list[str]:
+    return [_eta_text(v, ETA_NAMES.get(metric, metric)) for metric, v in e.items()]
 
 HOW_TO_READ = """\
 **How to read this.** Each model is evaluated on the same rows of the held-out split; with
@@ -72,18 +87,19 @@ def format_comparison(result: dict[str, Any]) -> str:
     """The console table: per task, one row per model, then the η line."""
     lines = [f"{result['split']} split of {result['logs']}: {result['rows']:,} rows; CPU inference, "
              f"{result['threads']} thread, batch {result['batch_size']:,}"]
-    head = f"{'model':<16} {'n':>2} {'AUC':>17} {'logloss':>9} {'calib.':>7} {'params':>13} {'rows/s':>11}"
     for task in result["tasks"]:
+        binary = _columns(result, task) is COLUMNS
+        cols = (["AUC", "logloss", "calib."] if binary else ["Recall@10", "NDCG@10", "MRR"])
+        head = f"{'model':<16} {'n':>2} {cols[0]:>17} {cols[1]:>17} {cols[2]:>9} {'params':>13} {'rows/s':>11}"
         lines += ["", f"task {task}", head, "-" * len(head)]
         for name, m in result["models"].items():
             c = m["metrics"][task]
             n = str(m["n"]) if m["exports"] else "-"
-            lines.append(f"{name:<16} {n:>2} {_pm(c['auc']):>17} {_num(c['logloss']['mean']):>9} "
-                         f"{_num(c['calibration']['mean'], 3):>7} {_int(m['parameters']):>13} {_int(m['rows_per_s']):>11}")
+            a, b, d = ("auc", "logloss", "calibration") if binary else ("recall@10", "ndcg@10", "mrr")
+            lines.append(f"{name:<16} {n:>2} {_pm(c[a]):>17} {_pm(c[b]):>17} {_num(c[d]['mean'], 3 if binary else 4):>9} "
+                         f"{_int(m['parameters']):>13} {_int(m['rows_per_s']):>11}")
         if task in result.get("eta", {}):
-            e = result["eta"][task]
-            lines.append(_eta_text(e["auc"], "AUC"))
-            lines.append(_eta_text(e["logloss"], "logloss"))
+            lines += _eta_lines(result["eta"][task])
     if result.get("serving"):
         lines += ["", *serving_lines(result["serving"])]
     return "\n".join(lines)
@@ -159,15 +175,17 @@ def plot_calibration(result: dict, task: str, path: Path) -> None:
 
 
 def plot_auc(result: dict, path: Path) -> None:
+    """Bars per task and model of the task's headline metric: AUC (binary) or Recall@10 (next item)."""
     from matplotlib.figure import Figure
 
     tasks, names = result["tasks"], list(result["models"])
+    metric = {t: "auc" if _columns(result, t) is COLUMNS else "recall@10" for t in tasks}
     fig = Figure(figsize=(1.5 + 1.6 * len(tasks) * max(1, len(names)) / 3, 4))
     ax = fig.subplots()
     width = 0.8 / len(names)
     lo, hi = 1.0, 0.0
     for j, name in enumerate(names):
-        cells = [result["models"][name]["metrics"][t]["auc"] for t in tasks]
+        cells = [result["models"][name]["metrics"][t][metric[t]] for t in tasks]
         means = [c["mean"] for c in cells]
         errs = [c["std"] or 0.0 for c in cells]
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(tasks))]
@@ -178,17 +196,35 @@ def plot_auc(result: dict, path: Path) -> None:
     pad = max(0.01, (hi - lo) * 0.15) if hi >= lo else 0.05
     ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi >= lo else 1.0)
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(ylabel="AUC (axis does not start at 0)", title=f"AUC per task, {result['split']} split (error bars: seed std)")
+    label = " / ".join(sorted({ETA_NAMES[m] for m in metric.values()}))
+    ax.set(ylabel=f"{label} (axis does not start at 0)",
+           title=f"{label} per task, {result['split']} split (error bars: seed std)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_recall_curve(result: dict, task: str, path: Path) -> None:
+    """Recall@K against K per model (seed means): how much of the next-item mass each ranks high."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 4))
+    ax = fig.subplots()
+    for name, m in result["models"].items():
+        ks = sorted(int(k.split("@")[1]) for k in m["metrics"][task] if k.startswith("recall@"))
+        ax.plot(ks, [m["metrics"][task][f"recall@{k}"]["mean"] for k in ks], marker="o", ms=3,
+                label=f"{name} (n={m['n']})")
+    ax.set(xscale="log", xlabel="K", ylabel="Recall@K", title=f"Recall@K, {task} ({result['split']})")
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
 def _table(result: dict, task: str) -> list[str]:
-    head = ["model", "n"] + [label for _, label in COLUMNS] + ["parameters", "rows/s (CPU, 1 thread)"]
+    columns = _columns(result, task)
+    head = ["model", "n"] + [label for _, label in columns] + ["parameters", "rows/s (CPU, 1 thread)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in result["models"].items():
         c = m["metrics"][task]
-        cells = [name, str(m["n"]) if m["exports"] else "–"] + [_pm(c[k]) for k, _ in COLUMNS]
+        cells = [name, str(m["n"]) if m["exports"] else "–"] + [_pm(c[k]) if k in c else "–" for k, _ in columns]
         cells += [_int(m["parameters"]), _int(m["rows_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     rows = next(iter(result["models"].values()))["metrics"][task]["rows"]["mean"]
@@ -204,17 +240,17 @@ def render_markdown(result: dict, plots: dict[str, str], auc_plot: Optional[str]
         md += ["## Share of the teacher–student gap recovered (η)", "",
                "η = (metric_KD − metric_hard) / (metric_teacher − metric_hard), from the seed means.", ""]
         for task, e in result["eta"].items():
-            md.append(f"- **{task}**: {_eta_text(e['auc'], 'AUC')}; {_eta_text(e['logloss'], 'logloss')}")
+            md.append(f"- **{task}**: " + "; ".join(_eta_lines(e)))
         md.append("")
     md += paired_markdown(result)
     for task in result["tasks"]:
         md += [f"## Task `{task}`", "", *_table(result, task), ""]
         if task in plots:
-            md += [f"![calibration {task}]({plots[task]})", ""]
+            md += [f"![{task}]({plots[task]})", ""]
     if result.get("serving"):
         md += ["## Serving: size and latency", "", *serving_lines(result["serving"], markdown=True), ""]
     if auc_plot:
-        md += ["## AUC per model", "", f"![AUC]({auc_plot})", ""]
+        md += ["## The headline metric per model", "", f"![per model]({auc_plot})", ""]
     md += [HOW_TO_READ.format(min_gap=result["min_gap"], batch_size=result["batch_size"]), "", "## Reproduce", ""]
     if result.get("command"):
         md += ["```", result["command"], "```", ""]
@@ -236,8 +272,12 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots: dict[str, str] = {}
     for task in result["tasks"]:
-        plots[task] = f"calibration_{_slug(task)}.png"
-        plot_calibration(result, task, out / plots[task])
+        if _columns(result, task) is COLUMNS:
+            plots[task] = f"calibration_{_slug(task)}.png"
+            plot_calibration(result, task, out / plots[task])
+        else:
+            plots[task] = f"recall_at_k_{_slug(task)}.png"
+            plot_recall_curve(result, task, out / plots[task])
     plot_auc(result, out / "auc.png")
     _write_text(out / "result.json", json.dumps(_clean(result), indent=2))
     path = out / "report.md"
@@ -252,7 +292,7 @@ def paired_markdown(result: dict) -> list[str]:
         return []
     md = [f"## Paired differences over seeds ({p['pair']}, same seed)", "",
           f"Seeds {', '.join(map(str, p['seeds']))}; 95% t interval over the seeds. "
-          "For AUC above 0 favours KD, for logloss below 0 does.", "",
+          "For AUC, Recall@10 and NDCG@10 above 0 favours KD, for logloss below 0 does.", "",
           "| task | metric | mean difference | 95% interval | per seed |", "|---|---|---|---|---|"]
     for task in result["tasks"]:
         for metric, d in p.get(task, {}).items():

@@ -100,7 +100,7 @@ def test_overrides_reach_nested_fields_and_list_items(tmp_path):
     assert job.train.batch_size == 64 and job.model.deep_arch == [8, 4]
     assert job.objective.kind == "ctr_kd" and job.objective.teachers[1].cache == "b"
     assert job.objective.teachers[1].weight == 3.0
-    with pytest.raises(ConfigError, match=r"objective\.kind: must be one of \['hard', 'ctr_kd'\], got 'kd'"):
+    with pytest.raises(ConfigError, match=r"objective\.kind: must be one of \['hard', 'ctr_kd', 'next_item_kd'\], got 'kd'"):
         load(TrainJob, None, ["objective={kind: kd}"])
     with pytest.raises(ConfigError, match=r"objective: unknown field\(s\) \['teachers'\]"):
         load(TrainJob, None, ["objective={teachers: [{cache: a}]}"])  # kind: hard, the default, has none

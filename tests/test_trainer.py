@@ -138,7 +138,7 @@ def test_heads_start_at_the_base_rates(small_logs):
     import pyarrow.parquet as pq
 
     from distkd.models.ranking import ModelConfig, RankingModel
-    from distkd.train.trainer import label_rates, set_prior
+    from distkd.models import label_rates, set_prior
 
     schema = load_schema(small_logs)
     files = split_files(small_logs, "train")

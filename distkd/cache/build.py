@@ -60,6 +60,9 @@ class CacheJob:
     batch_size: int = 8192
     prefetch: int = 2  # row groups decoded ahead of the teacher, per worker
     max_attempts: int = 3  # per shard, counting worker deaths
+    # A next-item (multiclass) teacher: what each row keeps of its softmax over the catalog
+    # (distkd.cache.topk); the default when the logs' task is multiclass.
+    topk: Optional[TopKSpec] = None
 
     def validate(self) -> None:
         if not self.splits:
@@ -73,6 +76,37 @@ class CacheJob:
             raise ConfigError(f"teacher: {self.teacher}: the export must be a path every worker can open "
                               "(a shared file system); copy it there from object storage")
         as_spec(self.teacher)
+
+
+@dataclass
+class TopKSpec:
+    k: int = 64  # the teacher's top-k items and logits per row
+    tail: int = 0  # s items sampled from the rest (RS-KD: an unbiased estimate of the tail)
+    proposal: Literal["teacher", "uniform"] = "teacher"
+    tau: float = 1.0  # temperature of the cached log-sum-exp (and of the proposal): train at this tau
+
+    def validate(self) -> None:
+        if self.k < 1 or self.tail < 0 or self.tau <= 0:
+            raise ConfigError(f"topk: need k >= 1, tail >= 0, tau > 0; got {self}")
+
+
+def content_for(job: "CacheJob", schema) -> dict[str, Any]:
+    """What the cache files hold: per-task logits (CTR) or a top-k of the catalog (next item)."""
+    if schema.classes:
+        if schema.binary or len(schema.classes) != 1:
+            raise ConfigError(f"{job.logs}: a cache of a next-item teacher needs logs with one multiclass task "
+                              f"and no binary ones; these have {schema.task_names}")
+        if job.hidden:
+            raise ConfigError("hidden: caching a next-item teacher's hidden layer is not supported")
+        spec = job.topk or TopKSpec()
+        n = schema.classes[0].num_classes
+        if spec.k > n or (spec.tail and spec.k >= n):
+            raise ConfigError(f"topk: k={spec.k} (tail {spec.tail}) for a catalog of {n} items")
+        return {"dtype": "fp16", "hidden": False, "hidden_dim": None, "tasks": schema.task_names,
+                "topk": {"num_items": n, **to_dict(spec)}}
+    if job.topk is not None:
+        raise ConfigError(f"topk: is for a next-item teacher; the tasks of {job.logs} are binary")
+    return None
 
 
 def _log(msg: str) -> None:
@@ -98,7 +132,8 @@ def _header(job: CacheJob) -> tuple[dict[str, Any], Any]:
         "kind": mf.KIND,
         "teacher": teacher,
         "schema": {"fingerprint": schema.fingerprint(), "spec": to_dict(schema)},
-        "content": {"dtype": job.dtype, "hidden": job.hidden, "hidden_dim": hidden_dim, "tasks": schema.task_names},
+        "content": content_for(job, schema) or {"dtype": job.dtype, "hidden": job.hidden, "hidden_dim": hidden_dim,
+                                                "tasks": schema.task_names},
         "logs": storage.absolute(job.logs),
         "splits": {},
         "shards": {},
@@ -185,10 +220,13 @@ def _totals(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
     shards = [manifest["shards"][r] for r in mf.planned(manifest) if r in manifest["shards"]]
     rows = sum(s["output"]["rows"] for s in shards)
     size = sum(s["output"]["bytes"] for s in shards)
-    tasks = len(manifest["content"]["tasks"])
+    topk = manifest["content"].get("topk")
+    # per cached value: a task's logit (CTR), or one of a row's top-k + tail items (next item)
+    per_row = topk["k"] + topk["tail"] if topk else len(manifest["content"]["tasks"])
     return {"rows": rows, "shards": len(shards), "bytes": size,
             "bytes_per_row": size / rows if rows else 0.0,
-            "bytes_per_row_per_task": size / rows / tasks if rows else 0.0}
+            "bytes_per_row_per_task": size / rows / per_row if rows else 0.0,
+            "values_per_row": per_row, "topk": topk}
 
 
 def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[[str, int], None] | None = None,
@@ -258,7 +296,7 @@ def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, A
         tasks = [
             ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp["path"])),
                       storage.absolute(mf.cache_file(out, fp["path"])), fp, manifest["teacher"]["sha256"],
-                      job.dtype, job.hidden, job.batch_size, job.prefetch)
+                      job.dtype, job.hidden, job.batch_size, job.prefetch, topk=manifest["content"].get("topk"))
             for fp in todo
         ]
         progress = Progress(sum(fp["rows"] for fp in todo), len(todo))
@@ -295,7 +333,9 @@ def format_summary(s: dict[str, Any], n_tasks: int) -> str:
     lines = [
         f"cache {s['cache']}: {state}, {s['rows']:,} rows in {s['shards']} shards, "
         f"{s['bytes'] / 2**20:,.1f} MiB on disk = {s['bytes_per_row']:.2f} bytes/row = "
-        f"{s['bytes_per_row_per_task']:.2f} bytes/row/task ({n_tasks} tasks)",
+        + (f"{s['bytes_per_row_per_task']:.2f} bytes per cached entry (top-{s['topk']['k']}"
+           f"{' + ' + str(s['topk']['tail']) + ' tail' if s['topk']['tail'] else ''} of {s['topk']['num_items']:,} items)"
+           if s.get("topk") else f"{s['bytes_per_row_per_task']:.2f} bytes/row/task ({n_tasks} tasks)"),
         f"this run: computed {s['computed']} shards ({s['rows_computed']:,} rows), skipped {s['skipped']} committed; "
         f"{s['rows_per_s']:,.0f} rows/s over {s['compute_s']:.1f}s of compute"
         + (f" with {s['pool']}" if s.get("pool") else "")

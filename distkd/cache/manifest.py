@@ -159,6 +159,23 @@ def remove_temp_files(cache_dir: str | Path) -> list[str]:
 
 # -- cache files ------------------------------------------------------------------------
 
+def topk_format(content: dict[str, Any]):
+    """The TopKFormat of a next-item cache's content (None for a CTR cache)."""
+    if not content.get("topk"):
+        return None
+    from distkd.cache.topk import TopKFormat
+
+    return TopKFormat(**content["topk"])
+
+
+def content_schema(content: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema of the cache files of a manifest's content."""
+    fmt = topk_format(content)
+    if fmt is not None:
+        return fmt.arrow_schema()
+    return output_schema(len(content["tasks"]), content["dtype"], content["hidden_dim"] if content["hidden"] else None)
+
+
 def output_schema(n_tasks: int, dtype: str, hidden_dim: int | None) -> pa.Schema:
     fields = [pa.field("logits", pa.list_(DTYPES[dtype], n_tasks), nullable=False)]
     if hidden_dim:
@@ -239,10 +256,10 @@ def check_same_build(cache_dir: str | Path, old: dict[str, Any], new: dict[str, 
             f"{where} was built for logs with schema {old['schema']['fingerprint']}, these logs have "
             f"{new['schema']['fingerprint']}; build into a new cache directory"
         )
-    for k in ("dtype", "hidden", "tasks"):
-        if old["content"][k] != new["content"][k]:
+    for k in ("dtype", "hidden", "tasks", "topk"):
+        if old["content"].get(k) != new["content"].get(k):
             raise CacheError(
-                f"{where} has {k}={old['content'][k]!r}, this build asks {k}={new['content'][k]!r}; "
+                f"{where} has {k}={old['content'].get(k)!r}, this build asks {k}={new['content'].get(k)!r}; "
                 "build into a new cache directory"
             )
 

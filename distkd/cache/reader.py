@@ -99,8 +99,7 @@ def check_file(cache_dir: str | Path, manifest: dict[str, Any], rel: str) -> lis
     if meta.get("teacher_sha256") != manifest["teacher"]["sha256"]:
         raise CacheError(f"{path}: written by teacher {str(meta.get('teacher_sha256'))[:12]}…, the manifest's is "
                          f"{manifest['teacher']['sha256'][:12]}…")
-    content = manifest["content"]
-    want = mf.output_schema(len(content["tasks"]), content["dtype"], content["hidden_dim"] if content["hidden"] else None)
+    want = mf.content_schema(manifest["content"])
     for field in want:
         i = schema.get_field_index(field.name)
         if i < 0 or schema.field(i).type != field.type:
@@ -127,6 +126,18 @@ class CacheColumns(Aligned):
     teacher_sha256: str
     hidden_dim: Optional[int] = None
     check_columns: Sequence[str] = ()
+    topk: Optional[dict[str, Any]] = None  # a next-item cache: its TopKFormat fields
+
+    def decode(self, table: pa.Table, source: str) -> dict:
+        """A top-k cache's columns unpacked ({name}.topk_ids int64 [B, k], .topk_logits, .lse,
+        and with a tail .tail_ids, .tail_logits, .tail_logq); per-task logits otherwise."""
+        if not self.topk:
+            return super().decode(table, source)
+        from distkd.cache.topk import TopKFormat, unpack
+
+        top = unpack(table, TopKFormat(**self.topk))
+        names = {"ids": "topk_ids", "logits": "topk_logits"}
+        return {f"{self.name}.{names.get(k, k)}": v.numpy() for k, v in top._asdict().items() if v is not None}
 
     def pin(self):
         """Hold the cache against `distkd cache gc` while this process reads it."""
@@ -183,7 +194,8 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
     cache_dir = resolve_cache(cache_dir, teacher_sha256)
     manifest = load_manifest(cache_dir)
     check_identity(cache_dir, manifest, logs_dir, teacher_sha256)
-    columns = ["logits"]
+    topk = manifest["content"].get("topk")
+    columns = list(mf.content_schema(manifest["content"]).names) if topk else ["logits"]
     if hidden:
         if not manifest["content"]["hidden"]:
             raise CacheError(f"{cache_dir}: was built without the teacher's hidden layer; rebuild with --hidden")
@@ -197,4 +209,4 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
     hidden_dim = int(manifest["content"]["hidden_dim"]) if hidden else None
     return CacheColumns(name=name, cache_dir=str(cache_dir), split=split, columns=columns, side=side,
                         expected=expected, id_column=manifest["schema"]["spec"]["id"],
-                        teacher_sha256=manifest["teacher"]["sha256"], hidden_dim=hidden_dim)
+                        teacher_sha256=manifest["teacher"]["sha256"], hidden_dim=hidden_dim, topk=topk)

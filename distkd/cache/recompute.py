@@ -24,6 +24,7 @@ import torch
 from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.manifest import CacheError
+from distkd.cache.topk import TopK, select, unpack
 from distkd.data.batch import to_batch
 from distkd.data.checks import check_row_group
 from distkd.data.rows import decode
@@ -75,14 +76,17 @@ def _column(table: pa.Table, name: str, dtype) -> np.ndarray:
 
 @torch.inference_mode()
 def _row_group(teacher: Teacher, schema: Schema, log_path: str, cache_path: str, g: int, row0: int,
-               batch_size: int, dtype, hidden: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{column: (cached, recomputed in the cache's dtype)} of one row group."""
+               batch_size: int, dtype, hidden: bool, fmt=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{column: (cached, recomputed in the cache's dtype)} of one row group. A top-k cache: its
+    items and their fp16 logits, selected again as the build did (the tail drawn from the same
+    seed, the row group's id checksum)."""
     with storage.open_parquet(log_path) as pf:
         table = pf.read_row_group(g, columns=schema.training_columns())
     check_row_group(table, schema, log_path, g, row0)
     rows = decode(table, schema, log_path)
     keys = [f.name for f in schema.sparse]
-    logits, hid = [], []
+    logits, hid, tops = [], [], []
+    gen = torch.Generator().manual_seed(int(mf.ids_checksum(rows.ids), 16) % 2**63) if fmt is not None else None
     for a in range(0, len(rows), batch_size):
         batch = to_batch(rows.slice(a, min(a + batch_size, len(rows))), keys)
         try:
@@ -90,9 +94,21 @@ def _row_group(teacher: Teacher, schema: Schema, log_path: str, cache_path: str,
         except TeacherError as e:
             at = f", row {a + e.row}" if e.row is not None else ""
             raise CacheError(f"{log_path}: row group {g}{at}: {e}") from None
+        if fmt is not None:
+            tops.append(select(o.logits.float(), fmt, gen))
+            continue
         logits.append(o.logits.float().numpy().astype(dtype))
         if hidden:
             hid.append(o.hidden.float().numpy().astype(np.float16))
+    if fmt is not None:
+        with storage.open_parquet(cache_path) as pf:
+            cached = unpack(pf.read_row_group(g), fmt)
+        now = TopK(*(None if p[0] is None else torch.cat(p) for p in zip(*tops)))
+        out = {"topk_ids": (cached.ids.numpy(), now.ids.numpy()),
+               "topk_logits": (cached.logits.numpy().astype(np.float16), now.logits.numpy().astype(np.float16))}
+        if fmt.tail:
+            out["tail_ids"] = (cached.tail_ids.numpy(), now.tail_ids.numpy())
+        return out
     with storage.open_parquet(cache_path) as pf:
         cached = pf.read_row_group(g, columns=["logits", "hidden"] if hidden else ["logits"])
     out = {"logits": (_column(cached, "logits", dtype), np.concatenate(logits))}
@@ -111,6 +127,7 @@ def recompute(cache_dir: str, logs_dir: str, manifest: dict[str, Any], schema: S
     spec = as_spec(teacher) if teacher is not None else manifest_teacher(manifest)
     content = manifest["content"]
     dtype = np.float16 if content["dtype"] == "fp16" else np.float32
+    fmt = mf.topk_format(content)
     report: dict[str, Any] = {"fraction": fraction, "seed": seed, "tolerance_ulp": tolerance, "dtype": content["dtype"],
                               "row_groups": 0, "of": sum(len(manifest["shards"][r]["input"]["row_groups"]) for r in rels),
                               "max_ulp": 0, "max_abs": 0.0, "worst": None, "sampled": []}
@@ -132,7 +149,7 @@ def recompute(cache_dir: str, logs_dir: str, manifest: dict[str, Any], schema: S
             counts = entry["input"]["row_groups"]
             try:
                 cols = _row_group(loaded, schema, storage.join(logs_dir, rel), cache_path, g, sum(counts[:g]),
-                                  int(meta.get("batch_size") or DEFAULT_BATCH), dtype, hidden)
+                                  int(meta.get("batch_size") or DEFAULT_BATCH), dtype, hidden, fmt)
             except CacheError as e:
                 problems.append(str(e))
                 continue
@@ -142,6 +159,13 @@ def recompute(cache_dir: str, logs_dir: str, manifest: dict[str, Any], schema: S
                 if cached.shape != now.shape:
                     problems.append(f"{cache_path}: row group {g}: '{name}' has shape {list(cached.shape)}, the "
                                     f"teacher now gives {list(now.shape)}")
+                    continue
+                if name.endswith("_ids"):  # a top-k cache's items: the same ones, or a finding
+                    if (bad := np.argwhere(cached != now)).size:
+                        r, c = bad[0]
+                        problems.append(f"{cache_path}: row group {g}, row {int(r)}: cached {name}[{int(c)}] is item "
+                                        f"{int(cached[r, c])}, the teacher now ranks item {int(now[r, c])} there; "
+                                        "written by another build of the teacher, other library versions or hardware")
                     continue
                 ulp = ulp_distance(cached, now)
                 diff = np.abs(cached.astype(np.float32) - now.astype(np.float32))
@@ -156,7 +180,8 @@ def recompute(cache_dir: str, logs_dir: str, manifest: dict[str, Any], schema: S
         torch.set_num_threads(before)
     w = report["worst"]
     if w is not None and report["max_ulp"] > tolerance:
-        what = f"task '{w['index']}'" if w["column"] == "logits" else f"hidden unit {w['index']}"
+        what = (f"task '{w['index']}'" if w["column"] == "logits" else f"hidden unit {w['index']}"
+                if w["column"] == "hidden" else f"top-k position {w['index']}")
         problems.append(
             f"{w['file']}: row group {w['row_group']}, row {w['row']} ({what}): cached {w['column']} {w['cached']!r}, "
             f"the teacher now gives {w['recomputed']!r}: {report['max_ulp']} ulp of {content['dtype']} apart "

@@ -121,14 +121,15 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
         for p in problems if len(problems) > 1 else ():
             log(f"cache verify: {p}")
         raise CacheError(f"{cache_dir}: {len(problems)} problem(s); first: {problems[0]}")
-    tasks = len(manifest["content"]["tasks"])
+    topk = manifest["content"].get("topk")  # bytes per cached value: a task's logit, or a top-k/tail item
+    tasks = topk["k"] + topk["tail"] if topk else len(manifest["content"]["tasks"])
     summary = {"cache": str(cache_dir), "rows": rows, "shards": shards, "bytes": size,
                "bytes_per_row_per_task": size / rows / tasks if rows else 0.0,
                "teacher": manifest["teacher"]["sha256"], "seconds": time.perf_counter() - start,
                "recompute": report}
     log(f"cache {cache_dir}: OK — {shards} shards, {rows:,} rows aligned with {logs_dir}, every file's sha256 and "
         f"every row group's example_id checksum match; teacher {manifest['teacher']['sha256'][:12]}…; "
-        f"{summary['bytes_per_row_per_task']:.2f} bytes/row/task ({summary['seconds']:.1f}s)")
+        f"{summary['bytes_per_row_per_task']:.2f} bytes per cached value ({summary['seconds']:.1f}s)")
     return summary
 
 

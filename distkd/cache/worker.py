@@ -37,6 +37,7 @@ from distkd.cache.manifest import (
     FILE_META_KEY, FORMAT, CacheError, combine_checksums, fingerprint_diff, ids_checksum, input_fingerprint,
     output_schema,
 )
+from distkd.cache.topk import TopKFormat, pack, select
 from distkd.data.checks import check_row_group
 from distkd.data.batch import to_batch
 from distkd.data.rows import decode
@@ -56,6 +57,7 @@ class ShardTask:
     batch_size: int = 8192
     prefetch: int = 2
     attempt: int = 1
+    topk: dict[str, Any] | None = None  # a next-item teacher: the TopKFormat fields (distkd.cache.topk)
 
 
 class _HashingSink:
@@ -149,12 +151,15 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
     now = input_fingerprint(task.logs_dir, task.log_path)
     if diff := fingerprint_diff(task.expected, now):
         raise CacheError(f"{task.log_path}: the log shard changed after the build was planned ({'; '.join(diff)})")
-    n_tasks = len(schema.tasks)
+    n_tasks = len(schema.binary)
     hidden_dim = teacher.hidden_dim if task.hidden else None
     np_dtype = np.float16 if task.dtype == "fp16" else np.float32
+    fmt = TopKFormat(**task.topk) if task.topk else None
+    file_schema = fmt.arrow_schema() if fmt else output_schema(n_tasks, task.dtype, hidden_dim)
+    options = fmt.parquet_options() if fmt else dict(compression="zstd", use_dictionary=False, write_statistics=False)
     # batch_size: `cache verify --recompute` batches rows as the build did (bit-exact recomputation)
     meta = {"format": FORMAT, "teacher_sha256": task.teacher_sha256, "tasks": schema.task_names,
-            "dtype": task.dtype, "input": now, "batch_size": task.batch_size}
+            "dtype": task.dtype, "input": now, "batch_size": task.batch_size, "topk": task.topk}
     checksums: list[str] = []
     forward_s = write_s = wait_s = written = 0.0
     sink: _HashingSink | None = None
@@ -163,15 +168,17 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
     def write(fh: Any) -> None:
         nonlocal forward_s, write_s, wait_s, written, sink
         sink = _HashingSink(fh)
-        with pq.ParquetWriter(sink, output_schema(n_tasks, task.dtype, hidden_dim), compression="zstd",
-                              use_dictionary=False, write_statistics=False) as writer:
+        with pq.ParquetWriter(sink, file_schema, **options) as writer:
             t0 = time.perf_counter()
             row0 = 0
             for g, n, checksum, batches in reader:
                 t1 = time.perf_counter()
                 wait_s += t1 - t0
-                logits = np.empty((n, n_tasks), np_dtype)
+                logits = np.empty((n, n_tasks), np_dtype) if fmt is None else None
                 hidden = np.empty((n, hidden_dim), np.float16) if hidden_dim else None
+                tops = []  # next item: each batch's top-k, packed
+                # tail draws seeded by the shard and row group: a rebuild writes the same bytes
+                gen = torch.Generator().manual_seed(int(checksum, 16) % 2**63) if fmt is not None else None
                 a = 0
                 for batch in batches:
                     try:
@@ -182,6 +189,10 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
                         raise CacheError(f"{task.log_path}: row group {g}{at}: {e}; nothing of this shard "
                                          "is published") from None
                     b = a + len(batch)
+                    if fmt is not None:
+                        tops.append(pack(select(o.logits.float().cpu(), fmt, gen), fmt))
+                        a = b
+                        continue
                     logits[a:b] = o.logits.float().cpu().numpy()
                     if not np.isfinite(logits[a:b]).all():  # finite in the teacher's dtype, not in fp16
                         r = int(np.argwhere(~np.isfinite(logits[a:b]))[0][0])
@@ -195,10 +206,14 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
                 del batches
                 t2 = time.perf_counter()
                 forward_s += t2 - t1
-                cols = {"logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), n_tasks)}
-                if hidden is not None:
-                    cols["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), hidden_dim)
-                writer.write_table(pa.table(cols, schema=writer.schema), row_group_size=max(n, 1))
+                if fmt is not None:
+                    table = pa.concat_tables(tops) if tops else fmt.arrow_schema().empty_table()
+                else:
+                    cols = {"logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), n_tasks)}
+                    if hidden is not None:
+                        cols["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), hidden_dim)
+                    table = pa.table(cols, schema=writer.schema)
+                writer.write_table(table, row_group_size=max(n, 1))
                 checksums.append(checksum)
                 if on_row_group is not None:
                     on_row_group(g)

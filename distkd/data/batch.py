@@ -22,10 +22,11 @@ __all__ = ["Batch", "to_batch"]
 class Batch:
     sparse: KeyedJaggedTensor  # keys = schema.sparse names; int64 values, int32 lengths
     dense: torch.Tensor  # float32 [B, n_dense], transforms applied
-    labels: torch.Tensor  # float32 [B, n_tasks], NaN where the label is null
+    labels: torch.Tensor  # float32 [B, binary tasks], NaN where the label is null
     example_id: torch.Tensor  # int64 [B]
     request_id: torch.Tensor | None  # int64 [B] if the schema has one
-    extras: dict[str, torch.Tensor]  # aligned side columns, float32 [B] or [B, k]
+    extras: dict[str, torch.Tensor]  # aligned side columns, float32 [B] or [B, k] (int64 item ids)
+    classes: torch.Tensor | None = None  # int64 [B, multiclass tasks], -1 where none
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -38,6 +39,7 @@ class Batch:
             mv(self.example_id),
             mv(self.request_id),
             {k: mv(v) for k, v in self.extras.items()},
+            mv(self.classes),
         )
 
     def __len__(self) -> int:
@@ -71,4 +73,5 @@ def to_batch(rows: Rows, keys: list[str]) -> Batch:
         _tensor(rows.ids),
         None if rows.request is None else _tensor(rows.request),
         {k: _tensor(v) for k, v in rows.extras.items()},
+        None if rows.classes is None else _tensor(rows.classes),
     )

@@ -89,7 +89,16 @@ def check_row_group(table: pa.Table, schema: Schema, source: str, row_group: int
             i = int(np.flatnonzero(np.abs(v) > F32_MAX)[0])
             raise LogsError(f"{_where(source, row_group, row0, f.name, i)}: dense value {float(v[i])!r} overflows float32")
 
-    for t in schema.tasks:
+    for t in schema.classes:
+        col = _plain(table.column(t.label).combine_chunks())
+        v = col.to_numpy(zero_copy_only=False) if not col.null_count else pc.fill_null(col, 0).to_numpy()
+        bad = (v < 0) | (v >= t.num_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise LogsError(f"{_where(source, row_group, row0, t.label, i)}: class {int(v[i])} is not in "
+                            f"[0, {t.num_classes}) (num_classes of task '{t.name}')")
+
+    for t in schema.binary:
         col = _plain(table.column(t.label).combine_chunks())
         if pa.types.is_boolean(col.type):
             continue

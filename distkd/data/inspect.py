@@ -16,8 +16,8 @@ def inspect_split(logs: str, split: str = "train", batch_size: int = 8192, progr
     loader = LogLoader(split_files(logs, split), schema, batch_size)
     start = time.perf_counter()
     rows, ids_per_feature = 0, torch.zeros(len(schema.sparse), dtype=torch.float64)
-    labelled = torch.zeros(len(schema.tasks), dtype=torch.float64)
-    positives = torch.zeros(len(schema.tasks), dtype=torch.float64)
+    labelled = torch.zeros(len(schema.binary), dtype=torch.float64)
+    positives = torch.zeros(len(schema.binary), dtype=torch.float64)
     for step, batch in enumerate(loader, 1):
         rows += len(batch)
         lengths = batch.sparse.lengths().view(len(schema.sparse), -1)
@@ -41,8 +41,8 @@ def inspect_split(logs: str, split: str = "train", batch_size: int = 8192, progr
         "seconds": took,
         "rows_per_s": rows / took if took else float("nan"),
         "ids_per_row": {f.name: float(n) / max(rows, 1) for f, n in zip(schema.sparse, ids_per_feature)},
-        "label_rate": {t.name: float(p / max(n, 1)) for t, p, n in zip(schema.tasks, positives, labelled)},
-        "labelled": {t.name: int(n) for t, n in zip(schema.tasks, labelled)},
+        "label_rate": {t.name: float(p / max(n, 1)) for t, p, n in zip(schema.binary, positives, labelled)},
+        "labelled": {t.name: int(n) for t, n in zip(schema.binary, labelled)},
     }
 
 

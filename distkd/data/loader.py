@@ -60,6 +60,10 @@ class Aligned:
     def read_columns(self) -> list[str]:
         return list(dict.fromkeys([*self.columns, *self.check_columns]))
 
+    def decode(self, table: pa.Table, source: str) -> dict[str, np.ndarray]:
+        """The batch extras of a side row group (slice): `{name}.{column}` as float32."""
+        return decode_extras(table, self.name, self.columns, source)
+
 
 @dataclass
 class SideFiles(Aligned):
@@ -267,7 +271,7 @@ class LogLoader:
                     f"{side}: row group {g} has {st.num_rows} rows, {path} has {table.num_rows}"
                 )
             al.check(table, st, path, g)
-            rows.extras.update(decode_extras(st.slice(a, b - a), al.name, al.columns, side))
+            rows.extras.update(al.decode(st.slice(a, b - a), side))
         return rows
 
     @staticmethod

@@ -33,8 +33,9 @@ class Rows:
     request: np.ndarray | None  # int64 [n]
     sparse: list[Jagged]  # one per schema.sparse, in order
     dense: np.ndarray  # float32 [n, n_dense]
-    labels: np.ndarray  # float32 [n, n_tasks]
-    extras: dict[str, np.ndarray]  # float32 [n] or [n, k]
+    labels: np.ndarray  # float32 [n, binary tasks], NaN for none
+    extras: dict[str, np.ndarray]  # float32 [n] or [n, k] (int64 for cached item ids)
+    classes: np.ndarray | None = None  # int64 [n, multiclass tasks], -1 for none
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,6 +50,7 @@ class Rows:
             self.dense[a:b],
             self.labels[a:b],
             {k: v[a:b] for k, v in self.extras.items()},
+            None if self.classes is None else self.classes[a:b],
         )
 
     def take(self, idx: np.ndarray) -> "Rows":
@@ -59,6 +61,7 @@ class Rows:
             self.dense[idx],
             self.labels[idx],
             {k: v[idx] for k, v in self.extras.items()},
+            None if self.classes is None else self.classes[idx],
         )
 
     @staticmethod
@@ -73,6 +76,7 @@ class Rows:
             np.concatenate([p.dense for p in parts]),
             np.concatenate([p.labels for p in parts]),
             {k: np.concatenate([p.extras[k] for p in parts]) for k in p0.extras},
+            None if p0.classes is None else np.concatenate([p.classes for p in parts]),
         )
 
 
@@ -252,11 +256,19 @@ def decode(table: pa.Table, schema: Schema, source: str) -> Rows:
     for j, f in enumerate(schema.dense):
         dense[:, j] = _floats(_array(table, f.name))
     _transform(dense, schema, source)
-    labels = np.empty((n, len(schema.tasks)), np.float32)
-    for j, t in enumerate(schema.tasks):
+    labels = np.empty((n, len(schema.binary)), np.float32)
+    for j, t in enumerate(schema.binary):
         labels[:, j] = _floats(_array(table, t.label))
+    classes = None
+    if schema.classes:
+        classes = np.empty((n, len(schema.classes)), np.int64)
+        for j, t in enumerate(schema.classes):
+            arr = _array(table, t.label)
+            if isinstance(arr, pa.DictionaryArray):
+                arr = arr.dictionary_decode()
+            classes[:, j] = pc.fill_null(pc.cast(arr, pa.int64()), -1).to_numpy(zero_copy_only=False)
     request = _int64(_array(table, schema.request_id)) if schema.request_id else None
-    return Rows(_int64(_array(table, schema.id)), request, sparse, dense, labels, {})
+    return Rows(_int64(_array(table, schema.id)), request, sparse, dense, labels, {}, classes)
 
 
 def decode_extras(table: pa.Table, prefix: str, columns: list[str], source: str) -> dict[str, np.ndarray]:

@@ -130,6 +130,18 @@ class DenseFeature:
 class Task:
     name: str
     label: str
+    # binary: a 0/1 label (CTR). multiclass: a class or item id in [0, num_classes) (next item),
+    # null for none; `item_feature` names the sparse feature sharing the label's ids (the history).
+    kind: Literal["binary", "multiclass"] = "binary"
+    num_classes: Optional[int] = None
+    item_feature: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.kind == "multiclass":
+            if not self.num_classes or self.num_classes < 2:
+                raise ConfigError(f"task '{self.name}': a multiclass task needs num_classes >= 2")
+        elif self.num_classes is not None or self.item_feature is not None:
+            raise ConfigError(f"task '{self.name}': num_classes and item_feature are for kind: multiclass")
 
 
 @dataclass
@@ -158,6 +170,30 @@ class Schema:
         tdup = sorted({t.name for t in self.tasks if [u.name for u in self.tasks].count(t.name) > 1})
         if tdup:
             raise ConfigError(f"task name(s) {tdup} used more than once")
+        sparse = {f.name: f for f in self.sparse}
+        for t in self.classes:
+            f = sparse.get(t.item_feature) if t.item_feature else None
+            if t.item_feature and (f is None or f.rows != t.num_classes):
+                raise ConfigError(f"task '{t.name}': item_feature '{t.item_feature}' must be a sparse feature with "
+                                  f"{t.num_classes} rows (the label's ids)")
+
+    @property
+    def binary(self) -> list[Task]:
+        """The 0/1 tasks (CTR heads, BCE, AUC)."""
+        return [t for t in self.tasks if t.kind == "binary"]
+
+    @property
+    def classes(self) -> list[Task]:
+        """The multiclass tasks (a softmax over num_classes: the next item)."""
+        return [t for t in self.tasks if t.kind == "multiclass"]
+
+    @property
+    def binary_names(self) -> list[str]:
+        return [t.name for t in self.binary]
+
+    @property
+    def binary_labels(self) -> list[str]:
+        return [t.label for t in self.binary]
 
     @property
     def feature_names(self) -> list[str]:
@@ -185,7 +221,8 @@ class Schema:
             ids = pa.string() if f.hash is not None else pa.int64()
             fields.append(pa.field(f.name, pa.list_(ids) if f.multi_valued else ids))
         fields += [pa.field(f.name, pa.float32()) for f in self.dense]
-        fields += [pa.field(t.label, pa.int8(), nullable=True) for t in self.tasks]
+        fields += [pa.field(t.label, pa.int8() if t.kind == "binary" else pa.int64(), nullable=True)
+                   for t in self.tasks]
         if self.request_id:
             fields.append(pa.field(self.request_id, pa.int64()))
         fields += [pa.field(c, pa.float32()) for c in self.eval_columns]
@@ -198,6 +235,10 @@ class Schema:
             for k in _OPTIONAL:
                 if k in f and f[k] is None:
                     del f[k]
+        for t in d["tasks"]:  # binary tasks read as they did before multiclass ones existed
+            if t.get("kind") == "binary":
+                for k in ("kind", "num_classes", "item_feature"):
+                    t.pop(k, None)
         return d
 
     def fingerprint(self) -> str:
@@ -294,6 +335,8 @@ def _accepts(schema: Schema, name: str, got: pa.DataType) -> tuple[bool, str]:
         return _is_int(inner), " (or any integer width, or a dictionary of integers)"
     if name in (schema.id, schema.request_id):
         return pa.types.is_integer(got), " (or any integer width)"
+    if name in [t.label for t in schema.classes]:
+        return _is_int(got), " (class ids: any integer width, or a dictionary of integers)"
     if name in schema.label_columns:
         return _is_number(got) or pa.types.is_boolean(_plain(got)), _LABEL
     if name in schema.eval_columns:

@@ -350,3 +350,17 @@ def iter_row_groups(path: str, columns: list[str] | None = None):
     with storage.open_parquet(path) as pf:
         for g in range(pf.num_row_groups):
             yield pf.read_row_group(g, columns=columns)
+
+
+def run(args) -> int:
+    """`distkd data synth-next-item`."""
+    import time
+
+    t0 = time.perf_counter()
+    schema = generate(args.out, args.rows, args.shards, args.seed, args.row_group_rows, args.preset,
+                      num_items=args.num_items, unlabeled_fraction=args.unlabeled_fraction, workers=args.workers,
+                      force=args.force)
+    task = schema["tasks"][0]
+    print(f"wrote {args.rows:,} next-item rows ({task['num_classes']:,} items) to {args.out} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0

@@ -76,7 +76,7 @@ def _check_shard(path: str, schema: Schema, stats: dict, acc: st.Accumulator | N
         if acc is not None:
             acc.update(table)
         ids.append(table.column(schema.id).to_numpy().astype(np.int64, copy=False))
-        for t in schema.tasks:
+        for t in schema.binary:
             label = _floats(table.column(t.label).combine_chunks())  # NaN: no label
             labeled = int(np.count_nonzero(~np.isnan(label)))
             positives = int(np.nansum(label, dtype=np.float64))
@@ -189,7 +189,7 @@ def validate_logs(logs_dir: str | Path) -> dict:
     acc = st.Accumulator(schema, sample=False)
     for split, shards in _groups(logs_dir).items():
         stats = {"rows": 0, "shards": 0, "row_groups": 0,
-                 "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.tasks}}
+                 "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.binary}}
         for path in shards:  # scale warnings from train (split folders) or from every partition
             ids.append(_check_shard(path, schema, stats, acc if split in ("train", "*") or "=" in split else None))
             paths.append(path)

@@ -19,7 +19,6 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from distkd import storage
 from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError, from_dict, to_dict
-from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import Schema
 
 EXPORT_FORMAT = 1
@@ -55,7 +54,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_export(out_dir: str | Path, role: str, schema: Schema, cfg: ModelConfig,
+def write_export(out_dir: str | Path, role: str, schema: Schema, cfg,
                  state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     payload = {
@@ -89,7 +88,7 @@ def read_meta(export_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_export(export_dir: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> tuple[RankingModel, dict[str, Any]]:
+def load_export(export_dir: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exported model (unsharded, eval mode) and return it with its metadata.
 
     With verify, the file's sha256 must match export.json: a model that is not the
@@ -106,8 +105,11 @@ def load_export(export_dir: str | Path, verify: bool = True, device: str | torch
     if payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {payload.get('format')} is not {EXPORT_FORMAT}")
     schema = from_dict(Schema, payload["schema"], f"{path}:schema")
-    cfg = from_dict(ModelConfig, payload["model"], f"{path}:model")
-    model = RankingModel(schema, cfg, device=torch.device(device), sparse_device=torch.device(device))
+    from distkd.config import coerce
+    from distkd.models import ModelSpec, build_model
+
+    cfg = coerce(payload["model"], ModelSpec, f"{path}:model")
+    model = build_model(schema, cfg, device=torch.device(device), sparse_device=torch.device(device))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, meta

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, Literal, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from torchrec.modules.mlp import MLP
 
 @dataclass
 class NextItemConfig:
+    kind: Literal["next_item"] = "next_item"
     embedding_dim: int = 64
     # Hidden widths of an MLP on the concatenated pooled features; [] = their sum (the pooling
     # model, which is the synthetic truth's family).
@@ -45,7 +46,9 @@ class NextItemConfig:
 
     def validate(self) -> None:
         if self.embedding_dim <= 0 or any(w <= 0 for w in self.tower):
-            raise ValueError("embedding_dim and tower widths must be positive")
+            from distkd.config import ConfigError
+
+            raise ConfigError("embedding_dim and tower widths must be positive")
 
 
 class Feature(NamedTuple):
@@ -110,6 +113,11 @@ class NextItemModel(nn.Module):
             self.tower = None
         self.item_embedding = nn.Parameter(torch.randn(num_items, dim, device=device) * cfg.output_init_std)
         self.item_bias = nn.Parameter(torch.zeros(num_items, device=device)) if cfg.item_bias else None
+
+    @property
+    def hidden_dim(self) -> None:
+        """No hidden layer is cached for feature distillation of a next-item teacher."""
+        return None
 
     def query(self, sparse: KeyedJaggedTensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         pooled = self.ebc(sparse).to_dict()  # by name: a sharded EBC orders its output by shard

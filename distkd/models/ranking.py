@@ -32,6 +32,7 @@ from distkd.data.schema import Schema
 
 @dataclass
 class ModelConfig:
+    kind: Literal["ranking"] = "ranking"
     embedding_dim: int = 96
     interaction: Literal["dot", "cat"] = "dot"
     dense_arch: list[int] = field(default_factory=lambda: [128])  # the last layer is embedding_dim
@@ -100,7 +101,7 @@ class RankingModel(nn.Module):
         super().__init__()
         self.schema, self.cfg = schema, cfg
         self.features = [f.name for f in schema.sparse]
-        n_sparse, n_dense, n_tasks = len(schema.sparse), len(schema.dense), len(schema.tasks)
+        n_sparse, n_dense, n_tasks = len(schema.sparse), len(schema.dense), len(schema.binary)
         self.ebc = EmbeddingBagCollection(
             tables=embedding_configs(schema, cfg),
             device=sparse_device if sparse_device is not None else torch.device("meta"),

@@ -189,7 +189,7 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
             raise TeacherError(f"{spec.export}: the teacher was exported for schema {meta.get('schema_fingerprint')}, "
                                f"the logs have schema {schema.fingerprint()}")
         rec.update({k: meta.get(k) for k in ("sha256", "role", "model", "parameters", "bytes")})
-        rec.update(export=spec.export, hidden_dim=int(meta["model"]["deep_arch"][-1]))
+        rec.update(export=spec.export, hidden_dim=int(meta["model"]["deep_arch"][-1]) if "deep_arch" in meta["model"] else None)
         return rec
     if spec.program:
         rec.update(sha256=sha256_file(spec.program), bytes=Path(spec.program).stat().st_size)
@@ -238,7 +238,9 @@ class Teacher:
     def __init__(self, module: Any, spec: TeacherSpec, sha256: str, schema: Schema, hidden_dim: Optional[int]):
         self.module, self.spec, self.sha256, self.schema = module, spec, sha256, schema
         self.hidden_dim = hidden_dim
-        self.tasks = schema.task_names
+        # CTR teachers score each binary task; next-item teachers the whole catalog
+        self.tasks = schema.binary_names if schema.binary else None
+        self.width = len(schema.binary) if schema.binary else schema.classes[0].num_classes
         self.keys = [f.name for f in schema.sparse]
         self.calls = 0
 
@@ -263,8 +265,9 @@ class Teacher:
     def check(self, out: Any, rows: int, hidden: bool = False) -> TeacherOutput:
         """Refuse an output that breaks the contract (shape, dtype, tasks, finiteness)."""
         logits, hid = _unpack(out)
-        want = f"floating logits of shape [{rows}, {len(self.tasks)}] (rows × tasks {self.tasks})"
-        if not isinstance(logits, Tensor) or not logits.is_floating_point() or tuple(logits.shape) != (rows, len(self.tasks)):
+        want = (f"floating logits of shape [{rows}, {self.width}] "
+                + (f"(rows × tasks {self.tasks})" if self.tasks else "(rows × catalog items)"))
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or tuple(logits.shape) != (rows, self.width):
             got = _describe(logits) if logits is not None else f"{_describe(out)} without logits"
             raise TeacherError(f"teacher {self.name}: returned {got}; expected {want}")
         _finite(self.name, "logits", logits, self.tasks)
@@ -283,7 +286,7 @@ def _finite(name: str, what: str, t: Tensor, tasks: Optional[list[str]]) -> None
         return
     row, col = (int(v) for v in (~ok).nonzero()[0])
     value = float(t[row, col])
-    col_name = f"task '{tasks[col]}'" if tasks else f"unit {col}"
+    col_name = f"task '{tasks[col]}'" if tasks else f"{'item' if what == 'logits' else 'unit'} {col}"
     e = TeacherError(f"teacher {name}: returned {value} in {what} at batch row {row} ({col_name})")
     e.row = row
     raise e

@@ -16,7 +16,7 @@ from typing import Literal, Optional
 from distkd.config import ConfigError
 from distkd.data.layout import PartitionRange
 from distkd.dist import DEFAULT_TIMEOUT_S
-from distkd.models.ranking import ModelConfig
+from distkd.models import ModelConfig, ModelSpec
 from distkd.objectives import ObjectiveConfig
 from distkd.objectives.hard import HardConfig
 from distkd.train.sharding import OptimConfig, ShardingConfig
@@ -80,7 +80,7 @@ class TrainJob:
     out: str = "runs/demo/teacher"
     role: Literal["teacher", "student"] = "teacher"
     nproc: int = 2
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelConfig)  # kind: ranking | next_item
     optim: OptimConfig = field(default_factory=OptimConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: LoopConfig = field(default_factory=LoopConfig)

@@ -28,9 +28,9 @@ class Prepared:
 
 def prepare(job: TrainJob, where: str = "config") -> Prepared:
     schema = load_schema(job.logs)
-    weights = job.train.task_weights or [1.0] * len(schema.tasks)
-    if len(weights) != len(schema.tasks):
-        raise ConfigError(f"{where}: train.task_weights: {len(weights)} weights for {len(schema.tasks)} tasks")
+    weights = job.train.task_weights or [1.0] * len(schema.binary)
+    if len(weights) != len(schema.binary):
+        raise ConfigError(f"{where}: train.task_weights: {len(weights)} weights for {len(schema.binary)} binary tasks")
     try:
         objective = objectives.build(job.objective, ObjectiveContext(schema, job.logs, weights, where, job.partitions))
     except ConfigError as e:

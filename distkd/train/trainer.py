@@ -16,7 +16,6 @@ committed checkpoint): the seam Ray Train and Ray Tune report through.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,11 @@ import torch
 from distkd import dist, storage
 from distkd.config import to_dict
 from distkd.data.loader import LogLoader, split_files
-from distkd.data.rows import column_floats
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
 from distkd.models.export import gather_state_dict, write_export
-from distkd.models.ranking import RankingModel, count_parameters
+from distkd.models import build_model, initialize
+from distkd.models import count as count_params
 from distkd.objectives.base import Objective, StepOutput
 from distkd.train.checkpoint import Checkpointer, latest, optimizer_tensors
 from distkd.train.job import TrainJob
@@ -50,31 +49,6 @@ class TrainState:
     rows: int = 0  # training rows read in total, over all ranks
 
 
-def label_rates(schema: Schema, files: list[str], max_files: int = 8) -> list[float]:
-    """Each task's positive rate in the first row group of up to `max_files` shards (cheap at
-    any scale; labels that are null, unlabeled rows, are left out)."""
-    pos, n = np.zeros(len(schema.tasks)), np.zeros(len(schema.tasks))
-    for path in files[:max_files]:
-        with storage.open_parquet(path) as pf:
-            table = pf.read_row_group(0, columns=schema.label_columns)
-        for i, col in enumerate(schema.label_columns):
-            y = column_floats(table, col)  # bool, any int or float labels; NaN (null) = no label
-            y = y[~np.isnan(y)].astype(np.float64)
-            pos[i], n[i] = pos[i] + y.sum(), n[i] + len(y)
-    return [float(np.clip(p / max(k, 1.0), 1e-4, 1 - 1e-4)) if k else 0.5 for p, k in zip(pos, n)]
-
-
-def set_prior(model: RankingModel, rates: list[float]) -> None:
-    """Start the heads at the base rates' log-odds: from a zero bias (p = 0.5) Adam moves the
-    bias at most ~lr a step, and a CTR model would spend its one pass still learning the base rate
-    (it showed as over-prediction, calibration ~1.1)."""
-    logit = torch.tensor([math.log(r / (1 - r)) for r in rates])
-    with torch.no_grad():
-        for head in (model.head, model.aux_head):
-            if head is not None:
-                head.bias.copy_(logit.to(head.bias.device))
-
-
 def run_identity(job: TrainJob, schema: Schema, model_cfg) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it (world size excluded)."""
     return {"role": job.role, "schema": schema.fingerprint(), "model": to_dict(model_cfg),
@@ -90,8 +64,8 @@ class Trainer:
         self.out = Path(job.out)
         torch.manual_seed(job.train.seed)
         self.model_cfg = objective.model_config(job.model)
-        model = RankingModel(schema, self.model_cfg, device=env.device)
-        set_prior(model, label_rates(schema, split_files(job.logs, "train", job.partitions)))
+        model = build_model(schema, self.model_cfg, device=env.device)
+        initialize(model, schema, split_files(job.logs, "train", job.partitions))
         self.dmp, self.optimizer = shard(objective.train_module(model, env.device), env, job.sharding, job.optim)
         loop = job.train
         self.train_loader = self._loader("train", loop.batch_size, objective.aligned, objective.keep_requests)
@@ -143,7 +117,7 @@ class Trainer:
         self.schedule.total = max(total, 1)
         self.logger = logger = MetricsLogger(self.out, env.is_main, total, self.state.step,
                                              loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
-        self.log(f"{job.role}: {count_parameters(self.schema, self.model_cfg)['total']:,} parameters on "
+        self.log(f"{job.role}: {count_params(self.schema, self.model_cfg)['total']:,} parameters on "
                  f"{env.world_size} rank(s) ({env.backend}); plan {describe_plan(self.dmp)}")
         stop = self.state.step >= total
         while not stop and self.state.epoch < loop.epochs:
@@ -234,7 +208,7 @@ class Trainer:
             "rows_per_s": logger.rate(),
             "loss": logger.loss_summary(),
             "plan": describe_plan(self.dmp),
-            "parameters": count_parameters(self.schema, self.model_cfg),
+            "parameters": count_params(self.schema, self.model_cfg),
             "valid": valid,
             "test": test,
             "replica_drift": replica_drift(self.dmp),

@@ -10,7 +10,7 @@ import torch
 
 from distkd.data.loader import LogLoader
 from distkd.data.schema import Schema
-from distkd.metrics import TaskMetrics
+from distkd.metrics import SchemaMetrics, headline
 
 
 @torch.no_grad()
@@ -18,16 +18,14 @@ def evaluate(model: torch.nn.Module, loader: LogLoader, schema: Schema, device: 
     """Collective: metrics of `model` over the loader's whole split, aggregated over ranks."""
     was_training = model.training
     model.eval()
-    metrics = TaskMetrics(schema.task_names)
+    metrics = SchemaMetrics(schema)
     for batch in loader:
         batch = batch.to(device)
-        metrics.update(model(batch.sparse, batch.dense).logits, batch.labels)
+        metrics.update(model(batch.sparse, batch.dense).logits, batch)
     model.train(was_training)
     return metrics.compute()
 
 
-def mean_auc(result: dict[str, dict[str, float]]) -> float:
-    return sum(m["auc"] for m in result.values()) / len(result)
 
 
 @dataclass
@@ -48,9 +46,8 @@ class Validator:
         result = evaluate(model, self.loader, self.schema, self.device)
         self.history.append({"step": step, "metrics": result})
         if self.is_main:
-            print(f"step {step}: valid " + ", ".join(f"{t} AUC {m['auc']:.4f} logloss {m['logloss']:.4f}"
-                                                      for t, m in result.items()), file=sys.stderr, flush=True)
-        score = mean_auc(result)
+            print(f"step {step}: valid " + ", ".join(_brief(t, m) for t, m in result.items()), file=sys.stderr, flush=True)
+        score = headline(result)
         if score > self.best:
             self.best, self.stale = score, 0
         else:
@@ -62,3 +59,9 @@ class Validator:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.best, self.stale, self.history = sd["best"], sd["stale"], list(sd["history"])
+
+
+def _brief(task: str, m: dict[str, float]) -> str:
+    if "auc" in m:
+        return f"{task} AUC {m['auc']:.4f} logloss {m['logloss']:.4f}"
+    return f"{task} Recall@10 {m['recall@10']:.4f} NDCG@10 {m['ndcg@10']:.4f}"
