@@ -31,7 +31,7 @@ from torchrec.modules.mlp import MLP
 
 @dataclass
 class NextItemConfig:
-    kind: Literal["next_item"] = "next_item"
+    kind: Literal["next_item"] = field(default="next_item", kw_only=True)  # keyword-only: positional args stay the sizes
     embedding_dim: int = 64
     # Hidden widths of an MLP on the concatenated pooled features; [] = their sum (the pooling
     # model, which is the synthetic truth's family).

@@ -32,7 +32,7 @@ from distkd.data.schema import Schema
 
 @dataclass
 class ModelConfig:
-    kind: Literal["ranking"] = "ranking"
+    kind: Literal["ranking"] = field(default="ranking", kw_only=True)  # keyword-only: positional args stay the sizes
     embedding_dim: int = 96
     interaction: Literal["dot", "cat"] = "dot"
     dense_arch: list[int] = field(default_factory=lambda: [128])  # the last layer is embedding_dim
