@@ -266,7 +266,6 @@ def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list
     """One study, its trials in <out>/<name>/state.json: those not finished there run (all of
     them the first time), as a fresh Tune experiment; `points` fixes the trial list instead of
     drawing it from the space. Returns the study's state."""
-    from distkd.launch.ray_train import connect
     from distkd.launch.sweep_report import final
 
     out = Path(cfg.out).resolve()
@@ -286,7 +285,6 @@ def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list
     # a TorchTrainer trial's own process only waits for its workers: no CPU (Tune needs a bundle: 1 byte)
     per_trial = ({"CPU": 0, "memory": 1} if cfg.ranks_per_trial > 1 else
                  {"CPU": cfg.cpus_per_rank, **({"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {})})
-    connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     todo = state.unfinished()
     if todo:  # the listed trials not finished yet, their parameters fixed
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -313,8 +311,10 @@ def _fit(cfg: SweepConfig, state: StudyState, per_trial: dict, meta: dict, space
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from distkd.launch.ray_train import connect
     from distkd.launch.sweep_report import Record
 
+    connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # only when trials run: a finished study needs no Ray
     run = f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(_RUNS)}"
     fn = tune.with_resources(tune.with_parameters(trainable, meta=meta), per_trial)
     tuner = tune.Tuner(
