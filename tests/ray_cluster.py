@@ -81,17 +81,18 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()):
+def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = (), dashboard: bool = True):
     """Yields the GCS address (127.0.0.1:PORT) of a head with `head_cpus` CPUs and one worker
     node per entry of `workers` ({"cpus": n, "resources": {...}}); a dashboard only on the head
-    (127.0.0.1, for the Jobs API), yielded as `cluster.dashboard`."""
+    (127.0.0.1, for the Jobs API), yielded as `cluster.dashboard` (None with dashboard=False:
+    one process fewer to start on a loaded machine, for tests that need no Jobs API)."""
     temp_dir = tempfile.mkdtemp(prefix="dkr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env, port, dashboard = _env(), free_port(), free_port()
+    env, port, dash_port = _env(), free_port(), free_port()
     procs: list[subprocess.Popen] = []
     try:
         head = [sys.executable, "-c", RAY_START, "start", "--head", "--block", f"--num-cpus={head_cpus}",
-                f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                f"--port={port}", f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}",
                 f"--temp-dir={temp_dir}", *_ports()]
         procs.append(_start(head, logdir / "head.log", {**env, "DASHBOARD_METRIC_PORT": str(free_port()),
                                                          "AUTOSCALER_METRIC_PORT": str(free_port())}))
@@ -99,7 +100,8 @@ def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()
             cmd = [sys.executable, "-c", RAY_START, "start", "--block", f"--address=127.0.0.1:{port}",
                    f"--num-cpus={w.get('cpus', 1)}", f"--resources={json.dumps(w.get('resources', {}))}", *_ports()]
             procs.append(_start(cmd, logdir / f"worker-{i}.log", env))
-        yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", [p.pid for p in procs])
+        yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None,
+                      [p.pid for p in procs])
     finally:
         _stop(procs)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,12 +1,14 @@
 """`distkd sweep` for real: a 4-trial ASHA search over a distill job on a Ray cluster (a head
 with two CPUs, started here on 127.0.0.1), its driver SIGKILLed once a trial has finished and
-rerun: the experiment is restored, the finished trials are not rerun, and the best trial's
-export loads and evaluates. Every trial reads the one cache: it is untouched, and no copy of
+rerun: the rerun reads only distkd's own state (<out>/kd/state.json), never Tune's (a pickle
+planted where `Tuner.restore` would look executes nothing), the finished trials are not rerun,
+and the best trial's export loads and evaluates. Every trial reads the one cache: it is untouched, and no copy of
 it (no Parquet at all) appears under the sweep's folder."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -27,7 +29,7 @@ KILL_TIMEOUT_S = 400
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with ray_cluster(tmp_path_factory.mktemp("sweep-cluster"), head_cpus=2) as c:
+    with ray_cluster(tmp_path_factory.mktemp("sweep-cluster"), head_cpus=2, dashboard=False) as c:
         yield c
 
 
@@ -42,18 +44,22 @@ def sweep(config: Path, address: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finished_trials(state_dir: Path) -> set[str]:
-    """Trials the Tune experiment state (what a restore reads) records as finished."""
-    done = set()
-    for f in state_dir.glob("experiment_state-*.json"):
-        try:
-            for entry in json.loads(f.read_text()).get("trial_data", []):
-                trial = json.loads(entry[0])
-                if trial.get("status") == "TERMINATED":
-                    done.add(trial["trial_id"])
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            continue  # being rewritten: read it again
-    return done
+def finished_trials(state: Path) -> set[str]:
+    """Trials the sweep's own state (what a rerun reads) records as finished (done, or stopped by ASHA)."""
+    try:
+        return {t["id"] for t in json.loads(state.read_text())["trials"] if t["status"] in ("done", "stopped")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # not written yet (it is replaced atomically, never seen half-written)
+
+
+class Planted:
+    """Unpickled, it creates the file at `path`: what a restore of Tune's pickles would execute."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_evaluates(
@@ -80,7 +86,7 @@ def test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_
 
     t0 = time.monotonic()
     first = sweep(config, cluster)
-    state = out / "tune" / "kd"
+    state = out / "kd" / "state.json"
     while not (done := finished_trials(state)):
         if first.poll() is not None:
             pytest.fail(f"the sweep ended before it could be killed:\n{first.stdout.read()[-4000:]}")
@@ -91,6 +97,15 @@ def test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_
     first.send_signal(signal.SIGKILL)
     first.communicate()
     kept = {t: snapshot(out / "kd" / "trials" / t) for t in done if (out / "kd" / "trials" / t).is_dir()}
+    assert kept, done
+    # what Tune wrote is never read back: a crafted pickle where Tuner.restore looks (<out>/tune/kd,
+    # tuner.pkl) and in place of every pickle of the first run's experiment would create `sentinel`
+    sentinel = tmp_path / "restored-a-pickle"
+    tune_dir = out / "tune" / "kd"
+    for pkl in [tune_dir / "tuner.pkl", *tune_dir.rglob("*.pkl")]:
+        pkl.parent.mkdir(parents=True, exist_ok=True)
+        pkl.write_bytes(pickle.dumps(Planted(sentinel)))
+    tune_before = snapshot(tune_dir)
 
     second = sweep(config, cluster)
     try:
@@ -101,6 +116,12 @@ def test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_
     assert second.returncode == 0, log[-4000:]
     assert f"sweep kd: resuming {state}" in log, log[-3000:]
     assert "sweep kd: finished, 4 trials" in log, log[-3000:]
+    assert not sentinel.exists(), "the rerun unpickled Tune's experiment state"
+    after = snapshot(tune_dir)
+    assert {p: after.get(p) for p in tune_before} == tune_before, "the rerun touched the first run's Tune files"
+    final = json.loads(state.read_text())["trials"]
+    assert len(final) == 4 and {t["status"] for t in final} <= {"done", "stopped"}, final
+    assert all(len(t["runs"]) == 1 for t in final if t["id"] in kept), final  # kept, not run again
 
     for trial, files in kept.items():  # a trial finished before the kill is not run again
         assert snapshot(out / "kd" / "trials" / trial) == files, trial

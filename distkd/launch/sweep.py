@@ -17,14 +17,19 @@ each validation pass (`train.eval_every`) is a `tune.report`, which ASHA acts on
 (distkd.launch.ray_train) whose rank 0 reports through Ray Train to Tune.
 
 Every trial reads the same logs and cache (absolute paths, nothing copied) and writes its own
-run under `<out>/<study>/trials/<trial id>`. A rerun restores the Tune experiment at
-`<out>/tune/<study>` (`Tuner.restore`): finished trials are kept, unfinished ones start again
-and continue from their own last committed checkpoint.
+run under `<out>/<study>/trials/<trial id>`. The driver draws every trial's parameters itself
+(or, with optuna, records each as Tune's searcher proposes it) and keeps the trial list, each
+trial's status and last result in distkd's own JSON, `<out>/<study>/state.json`
+(distkd.launch.sweep_state). A rerun reads only that file: finished trials are kept, unfinished
+ones run again as a fresh Tune experiment over their fixed parameters and continue from their
+own last committed checkpoint. Tune writes each run's experiment under
+`<out>/tune/<study>/run-*`, and nothing there is ever read back (no Tuner.restore: it unpickles).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from distkd.config import ConfigError, apply_overrides, from_dict, load, read_yaml, to_dict
+from distkd.launch.sweep_state import StudyState, draw, fingerprint
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -168,8 +174,8 @@ def trainable(config: dict, meta: dict) -> None:
     from distkd.train.prepare import prepare
     from distkd.train.trainer import Trainer
 
-    out = Path(meta["trials"]) / tune.get_context().get_trial_id()
-    job = trial_job(meta["job"], dict(config), out, meta["where"])
+    out = Path(meta["trials"]) / (config.get("__trial") or tune.get_context().get_trial_id())
+    job = trial_job(meta["job"], {k: v for k, v in config.items() if not k.startswith("__")}, out, meta["where"])
     resume = latest(out / "checkpoints") is not None  # a restored or retried trial continues its own run
     t0 = time.time()
     if meta["ranks"] > 1:
@@ -228,15 +234,18 @@ def max_validations(job) -> int:
     return loop.epochs if not loop.eval_every else 100
 
 
-def searcher(cfg: SweepConfig):
-    if cfg.search != "optuna":
-        return None  # Tune's BasicVariantGenerator: grid entries crossed, the rest drawn at random
+def searcher(cfg: SweepConfig, done: list[dict] = ()):
+    """Tune's OptunaSearch, seeded, told the results of `done` trials (kept from an earlier run)."""
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
     except ImportError:
         raise ConfigError("search: optuna needs the optuna package (pip install optuna); or use random | grid") from None
-    return OptunaSearch(seed=cfg.seed)
+    done = [t for t in done if (t.get("result") or {}).get(cfg.metric) is not None]
+    if not done:
+        return OptunaSearch(seed=cfg.seed)
+    return OptunaSearch(seed=cfg.seed, points_to_evaluate=[dict(t["params"]) for t in done],
+                        evaluated_rewards=[t["result"][cfg.metric] for t in done])
 
 
 def scheduler(cfg: SweepConfig, job):
@@ -253,42 +262,72 @@ def scheduler(cfg: SweepConfig, job):
 
 
 def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list[str] = (),
-              fixed: Optional[dict] = None, num_samples: Optional[int] = None, asha: bool = True):
-    """One Tune experiment at <out>/tune/<name>: restored when it exists, else started. Returns its ResultGrid."""
-    from ray import tune
-
-    from distkd.launch.ray_train import connect
-    from distkd.launch.sweep_report import Progress
+              points: Optional[list[dict]] = None, asha: bool = True) -> StudyState:
+    """One study, its trials in <out>/<name>/state.json: those not finished there run (all of
+    them the first time), as a fresh Tune experiment; `points` fixes the trial list instead of
+    drawing it from the space. Returns the study's state."""
+    from distkd.launch.sweep_report import final
 
     out = Path(cfg.out).resolve()
     data = base_job(study, extra, cfg.teacher)
     probe = trial_job(data, {}, out, where)
+    model_based = points is None and cfg.search == "optuna"
+    fp = fingerprint(study, "fixed" if points is not None else cfg.search, cfg.seed,
+                     len(points) if points is not None else cfg.num_samples, extra, points)
+    if points is None and not model_based:  # random | grid: every trial drawn here, up front
+        points = draw(study.space, cfg.num_samples, cfg.seed, name)
+    state, resumed = StudyState.open(out / name, name, fp, points)
+    if resumed:
+        print(f"sweep {name}: resuming {state.path} ({len(state.finished())} finished trials are kept, "
+              f"{len(state.unfinished())} run again)", file=sys.stderr, flush=True)
     meta = {"job": data, "trials": str(out / name / "trials"), "where": f"{where}: {name}", "ranks": cfg.ranks_per_trial,
             "cpus": cfg.cpus_per_rank, "gpus": cfg.gpus_per_rank}
-    space = fixed if fixed is not None else param_space(study, cfg.search)
     # a TorchTrainer trial's own process only waits for its workers: no CPU (Tune needs a bundle: 1 byte)
     per_trial = ({"CPU": 0, "memory": 1} if cfg.ranks_per_trial > 1 else
                  {"CPU": cfg.cpus_per_rank, **({"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {})})
+    todo = state.unfinished()
+    if todo:  # the listed trials not finished yet, their parameters fixed
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        keys = sorted({k for t in todo for k in t["params"]})
+        fixed = [{"__trial": t["id"], **t["params"]} for t in todo]
+        _fit(cfg, state, per_trial, meta, {"__trial": None, **{k: None for k in keys}}, len(fixed),
+             BasicVariantGenerator(points_to_evaluate=fixed, max_concurrent=cfg.max_concurrent),
+             scheduler(cfg, probe) if asha else None)
+    left = cfg.num_samples - len(state.trials) if model_based else 0
+    if left > 0:  # optuna: the proposals not made yet, told the results so far
+        _fit(cfg, state, per_trial, meta, param_space(study, cfg.search), left, searcher(cfg, state.finished()),
+             scheduler(cfg, probe) if asha else None)
+    final(state)
+    return state
+
+
+_RUNS = itertools.count()
+
+
+def _fit(cfg: SweepConfig, state: StudyState, per_trial: dict, meta: dict, space: dict, num_samples: int, search_alg,
+         asha) -> None:
+    """One Tune run, a new experiment under <out>/tune/<study>/run-<time>-<pid> (written by Tune, never read)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from distkd.launch.ray_train import connect
+    from distkd.launch.sweep_report import Record
+
+    connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # only when trials run: a finished study needs no Ray
+    run = f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(_RUNS)}"
     fn = tune.with_resources(tune.with_parameters(trainable, meta=meta), per_trial)
-    path = out / "tune" / name
-    connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-    progress = Progress(name, cfg.metric, cfg.mode)
-    if tune.Tuner.can_restore(str(path)):
-        print(f"sweep {name}: resuming {path} (finished trials are kept)", file=sys.stderr, flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=True,
-                                   param_space=space)
-    else:
-        tuner = tune.Tuner(
-            fn, param_space=space,
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=num_samples or cfg.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent, search_alg=searcher(cfg) if fixed is None else None,
-                                        scheduler=scheduler(cfg, probe) if asha else None,
-                                        trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), callbacks=[progress], verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
-    grid = tuner.fit()
-    progress.final(grid)
-    return grid
+    tuner = tune.Tuner(
+        fn, param_space=space,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=num_samples,
+                                    search_alg=search_alg, scheduler=asha,
+                                    max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator)
+                                    else cfg.max_concurrent,
+                                    trial_dirname_creator=lambda t: t.config.get("__trial") or t.trial_id),
+        run_config=tune.RunConfig(name=run, storage_path=str(Path(cfg.out).resolve() / "tune" / state.study),
+                                  callbacks=[Record(state, run, cfg.metric, cfg.mode)], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+    tuner.fit()
 
 
 def run(args) -> int:
@@ -299,5 +338,5 @@ def run(args) -> int:
     where = args.config
     cfg = load(SweepConfig, args.config, list(args.overrides or []))
     check(cfg, where)
-    grids = {name: run_study(cfg, name, study, where) for name, study in cfg.studies().items()}
-    return finish(cfg, grids, where)
+    states = {name: run_study(cfg, name, study, where) for name, study in cfg.studies().items()}
+    return finish(cfg, states, where)

@@ -1,5 +1,6 @@
 """What a sweep shows and leaves: progress lines, the trial table, the plot, the best export, the report.
 
+    <out>/<study>/state.json                the study's trials (distkd.launch.sweep_state): all of the below is made from it
     <out>/<study>/trials.csv, trials.md     every trial ranked by the sweep's validation metric:
                                             parameters, valid and test metrics per task, steps, seconds
     <out>/<study>/<metric>.png              that metric against each searched parameter
@@ -23,17 +24,10 @@ from typing import Any
 
 from ray import tune
 
+from distkd.launch.sweep_state import StudyState
 from distkd.storage import atomic_write_bytes
 
 SHOWN = ("auc", "logloss")
-
-
-def _status(trial_status: str, metrics: dict) -> str:
-    if trial_status == "ERROR":
-        return "errored"
-    if trial_status == "TERMINATED":
-        return "done" if metrics.get("finished") else "stopped"
-    return trial_status.lower()
 
 
 def _params(config: dict) -> dict:
@@ -46,66 +40,80 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class Progress(tune.Callback):
-    """One line per change: trials done / running / stopped (ASHA) / errored, and the best so far."""
+class Record(tune.Callback):
+    """Records every trial of a Tune run in the study's state (distkd.launch.sweep_state), and
+    prints one line per change: trials done / running / stopped (ASHA) / errored, counting those
+    kept from earlier runs, and the best so far."""
 
-    def __init__(self, name: str, metric: str, mode: str, every_s: float = 15.0):
-        self.name, self.metric, self.mode, self.every_s = name, metric, mode, every_s
+    def __init__(self, state: StudyState, run: str, metric: str, mode: str, every_s: float = 15.0):
+        self.state, self.run, self.metric, self.mode, self.every_s = state, run, metric, mode, every_s
         self.last_line, self.last_t = "", 0.0
 
-    def _say(self, trials, force: bool = False) -> None:
-        counts: dict[str, int] = {}
-        best = None
-        for t in trials:
-            counts[_status(t.status, t.last_result or {})] = counts.get(_status(t.status, t.last_result or {}), 0) + 1
-            v = (t.last_result or {}).get(self.metric)
-            if v is not None and (best is None or (v > best[0] if self.mode == "max" else v < best[0])):
-                best = (v, t)
+    def _record(self, trial, **kw) -> None:
+        config = trial.config or {}
+        self.state.update(config.get("__trial") or trial.trial_id, _params(config), self.run, **kw)
+
+    def line(self) -> str:
+        counts = self.state.counts()
         parts = ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "stopped", "pending", "errored") if counts.get(k))
-        line = f"sweep {self.name}: {len(trials)} trials: {parts}"
+        line = f"sweep {self.state.study}: {len(self.state.trials)} trials: {parts}"
+        best = self.state.best(self.metric, self.mode)
         if best:
-            params = ", ".join(f"{k}={_fmt(v)}" for k, v in _params(best[1].config).items())
-            line += f"; best {self.metric} {best[0]:.4f} ({best[1].trial_id}: {params})"
-        now = time.monotonic()
+            params = ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
+            line += f"; best {self.metric} {best['result'][self.metric]:.4f} ({best['id']}: {params})"
+        return line
+
+    def _say(self, force: bool = False) -> None:
+        line, now = self.line(), time.monotonic()
         if line != self.last_line and (force or now - self.last_t >= self.every_s):
             print(line, file=sys.stderr, flush=True)
             self.last_line, self.last_t = line, now
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._record(trial, status="running")
+        self._say()
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._say(trials)
+        self._record(trial, status="running", result=result)
+        self._say()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._say(trials, force=True)
+        result = trial.last_result or {}
+        self._record(trial, status="done" if result.get("finished") else "stopped", result=result)
+        self._say(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(trials, force=True)
+        path = trial.error_file  # this run's own text file (never a pickle)
+        text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else "error"
+        self._record(trial, status="errored", result=trial.last_result or None, error=text)
+        self._say(force=True)
 
-    def final(self, grid) -> None:
-        counts: dict[str, int] = {}
-        for r in grid:
-            s = "errored" if r.error else _status("TERMINATED", r.metrics or {})
-            counts[s] = counts.get(s, 0) + 1
-        print(f"sweep {self.name}: finished, {len(grid)} trials: "
-              + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr, flush=True)
+
+def final(state: StudyState) -> None:
+    counts = state.counts()
+    print(f"sweep {state.study}: finished, {len(state.trials)} trials: "
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr, flush=True)
 
 
 # -- the table --------------------------------------------------------------------------------
 
 
-def rows(grid, metric: str, mode: str) -> list[dict[str, Any]]:
-    """Every trial of a ResultGrid, ranked by `metric` (trials without it last)."""
+def rows(state: StudyState, metric: str, mode: str) -> list[dict[str, Any]]:
+    """Every trial of a study's state, ranked by `metric` (trials without it last)."""
     out = []
-    for r in grid:
-        m = r.metrics or {}
-        row = {"trial": m.get("trial_id") or Path(r.path).name, "status": "errored" if r.error else _status("TERMINATED", m)}
-        row.update(_params(r.config or {}))
+    trials = state.path.parent / "trials"
+    for t in state.trials:
+        m = t.get("result") or {}
+        row = {"trial": t["id"], "status": t["status"]}
+        row.update(t["params"])
         row[metric] = m.get(metric)
         for key in sorted(m, key=lambda k: (not k.startswith("valid/"), k)):  # valid first, then test
             if key.startswith(("valid/", "test/")) and key.rsplit("/", 1)[1] in SHOWN and key != metric:
                 row[key] = m[key]
         row["steps"] = m.get("step")
-        row["seconds"] = round(m["time_total_s"], 1) if m.get("time_total_s") is not None else None
-        row["path"] = r.path
+        seconds = (t.get("seconds") or {}).values()  # summed over the runs that ran it (a resumed trial: two)
+        row["seconds"] = round(sum(seconds), 1) if seconds else None
+        row["path"] = str(trials / t["id"])
         out.append(row)
     sign = -1 if mode == "max" else 1
     out.sort(key=lambda row: (row[metric] is None, sign * (row[metric] or 0.0)))
@@ -180,21 +188,22 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
 
 
-def exports(grid, trials: Path) -> list[str]:
-    return [str(trials / Path(r.path).name / "export") for r in grid
-            if not r.error and (trials / Path(r.path).name / "export").is_dir()]
+def exports(state: StudyState) -> list[str]:
+    trials = state.path.parent / "trials"
+    return [str(trials / t["id"] / "export") for t in state.trials
+            if t["status"] == "done" and (trials / t["id"] / "export").is_dir()]
 
 
-def finish(cfg, grids: dict, where: str) -> int:
-    """Tables, plots and best exports of every study; then the final seeds and the report."""
+def finish(cfg, states: dict[str, StudyState], where: str) -> int:
+    """Tables, plots and best exports of every study (from their states); then the final seeds and the report."""
     from distkd.launch.sweep import base_job, run_study
 
     out = Path(cfg.out).resolve()
     best: dict[str, dict] = {}
-    for name, grid in grids.items():
+    for name, state in states.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        table = rows(grid, cfg.metric, cfg.mode)
+        table = rows(state, cfg.metric, cfg.mode)
         for row in table:
             export = folder / "trials" / row["trial"] / "export"
             row["export"] = str(export) if row["status"] == "done" and export.is_dir() else None
@@ -214,10 +223,10 @@ def finish(cfg, grids: dict, where: str) -> int:
     if cfg.final_seeds:
         for name, row in best.items():
             study = cfg.studies()[name]
-            fixed = {k: row[k] for k in study.space} | {"train.seed": tune.grid_search(list(cfg.final_seeds))}
-            grid = run_study(cfg, f"{name}-seeds", study, where, fixed=fixed, num_samples=1, asha=False)
-            students[name] = exports(grid, out / f"{name}-seeds" / "trials")
-            write_table(rows(grid, cfg.metric, cfg.mode), (out / f"{name}-seeds"))
+            points = [{**{k: row[k] for k in study.space}, "train.seed": seed} for seed in cfg.final_seeds]
+            state = run_study(cfg, f"{name}-seeds", study, where, points=points, asha=False)
+            students[name] = exports(state)
+            write_table(rows(state, cfg.metric, cfg.mode), out / f"{name}-seeds")
     if not cfg.teacher:
         return 0
     from distkd.evaluate import HARD, KD, TEACHER, evaluate_models
