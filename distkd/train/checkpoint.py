@@ -211,7 +211,10 @@ class Checkpointer:
             if self.rank == 0:
                 meta = {"format": FORMAT, "step": step, "world_size": self.world, "identity": self.identity, **state}
                 self._commit(partial, final, meta)
-        except Exception as e:  # a full disk, a lost mount: nothing is published, the last commit stays
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a full disk, a lost mount (DCP's CheckpointException is a BaseException):
+            # nothing is published, the last commit stays
             if self.rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)  # frees what was written; it was never trusted
             prev = committed(self.root)
