@@ -263,3 +263,17 @@ def test_an_output_location_that_cannot_be_written(kd_world, capsys, unwritable,
             "train": ["teacher", "train", "--nproc", "1", f"logs={kd_world['logs']}", f"out={out}"]}[stage]
     rc, err = run(capsys, *args)
     assert rc == 2 and f"{out}: cannot write the " in err and why in err, err
+
+
+def test_the_readme_reliability_table_is_bench_faults_table():
+    """README's Reliability table is the one `make bench-faults` prints, and every row's test exists."""
+    import ast
+
+    from distkd.bench.faults import CASES, readme_table
+    from tests.support import ROOT
+
+    assert readme_table() in (ROOT / "README.md").read_text()
+    for *_, node in CASES:
+        path, name = node.split("::")
+        defined = {n.name for n in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(n, ast.FunctionDef)}
+        assert name in defined, node
