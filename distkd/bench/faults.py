@@ -44,6 +44,9 @@ CASES: list[tuple[str, str, str, str]] = [
     ("a rank SIGKILLed under torchrun --max-restarts", "restarted, resumed from the last checkpoint; the final "
      "model equals an uninterrupted run's", "0",
      "tests/test_restarts.py::test_torchrun_restarts_a_killed_rank_and_the_run_matches"),
+    ("two ranks SIGKILLed in one run (rank 1, then rank 0 of the restarted group)", "two torchrun restarts, "
+     "resumed from step 10 then 20; the final model equals an uninterrupted run's", "0",
+     "tests/test_restarts.py::test_torchrun_survives_several_ranks_killed_in_one_run"),
     ("a hung rank", "the collective fails within launch.timeout_s; "
      "the launch exits 1 naming the rank", "0",
      "tests/test_restarts.py::test_a_hung_rank_fails_the_collective_within_the_timeout"),
