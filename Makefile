@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-loader bench-train bench-cache bench-distill bench-sweep clean
+.PHONY: install demo test bench bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -34,6 +34,10 @@ bench-distill: $(STAMP)
 
 bench-sweep: $(STAMP)
 	$(PY) -m distkd.bench.sweep
+
+# every fault and bad input of README's Reliability table, run now, with each row's result
+bench-faults: $(STAMP)
+	$(PY) -m distkd.bench.faults
 
 clean:
 	rm -rf runs

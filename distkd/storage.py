@@ -150,6 +150,26 @@ def makedirs(loc: str | Path) -> None:
         Path(local_path(loc)).mkdir(parents=True, exist_ok=True)
 
 
+def ensure_writable_dir(loc: str | Path, what: str = "output directory") -> None:
+    """Create a local output folder and prove a file can be written in it (then removed), or
+    raise StorageError naming it: a parent that is a file, a read-only mount, no permission,
+    a full disk. Called before anything is written, so a bad output location costs nothing."""
+    if is_remote(loc):
+        return
+    path = Path(local_path(loc))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / temp_name("write-probe", str(os.getpid()))
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.errno == errno.ENOTDIR:
+            why += " (a parent of it is a file)"
+        raise StorageError(f"{loc}: cannot write the {what} there: {why}") from None
+
+
 def delete(loc: str | Path) -> None:
     """Delete one file; nothing if there is none."""
     if not is_remote(loc):

@@ -18,3 +18,22 @@ def small_logs(tmp_path_factory):
     out = tmp_path_factory.mktemp("logs") / "small"
     generate(out, rows=40_000, shards=4, seed=0, row_group_rows=2048, preset="small")
     return out
+
+
+@pytest.fixture(scope="session")
+def kd_world(small_logs, tmp_path_factory):
+    """Two teacher exports (untrained, seeds 0 and 1) and a cache of `small_logs`' train split by
+    teacher 0, built by the real `distkd cache build` in its own process (its own Ray): what the
+    bad-input, security and fault tests damage copies of."""
+    from tests.support import cli
+    from tests.test_cache import make_teacher
+    from distkd.data.schema import load_schema
+
+    root = tmp_path_factory.mktemp("kd-world")
+    schema = load_schema(small_logs)
+    teachers = [(root / f"t{i}", make_teacher(root / f"t{i}", schema, seed=i)) for i in (0, 1)]
+    cache = root / "cache"
+    r = cli("cache", "build", "--teacher", str(teachers[0][0]), "--logs", str(small_logs), "--out", str(cache),
+            "--splits", "train", "--workers", "1", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"logs": small_logs, "teachers": teachers, "cache": cache}

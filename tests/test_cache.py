@@ -36,6 +36,7 @@ from distkd.data.loader import LogLoader, split_files
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import LogsError, load_schema
 from tests.faults.cache import kill_worker_class
+from tests.test_submit_live import LOOPBACK, listening, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CFG = dict(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
@@ -240,8 +241,16 @@ def ray_head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="distkd-ray-", dir="/tmp")
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+           # every port picked free (Ray's fixed defaults would collide with another head here)
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
            f"--temp-dir={temp_dir}", "--block"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Loopback only (as tests/test_submit_live.py): without it Ray rewrites 127.0.0.1 to the
+    # machine's outside address and binds GCS, raylet and agents on every interface.
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DASHBOARD_METRIC_PORT": str(free_port()),
+                "AUTOSCALER_METRIC_PORT": str(free_port())})
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
@@ -251,6 +260,10 @@ def ray_head(tmp_path_factory):
             proc.kill()
             pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+    ports = listening(session_pids(proc.pid))
+    if not any(p == port for _, p, _ in ports) or not all(a in LOOPBACK for a, _, _ in ports):
+        proc.kill()
+        pytest.fail(f"the Ray head must listen on loopback only (its GCS on {port}): {ports}")
     yield address
     proc.send_signal(signal.SIGTERM)
     try:
@@ -263,6 +276,7 @@ def ray_head(tmp_path_factory):
 
 def _cli(args: list[str], env_extra: dict[str, str], module: str = "distkd.cli") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the driver's own address look-ups: 127.0.0.1, as the head's
     env.update(env_extra)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

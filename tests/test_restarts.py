@@ -68,6 +68,21 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninter
     assert_same_model(out, uninterrupted)
 
 
+def test_torchrun_survives_several_ranks_killed_in_one_run(small_logs, uninterrupted, tmp_path):
+    """Rank 1 SIGKILLed after step 13, then rank 0 after step 22 of the restarted group: two
+    restarts (of 2 allowed), resumed from step 10 and then step 20, the uninterrupted weights."""
+    out = tmp_path / "run"
+    r = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--monitor-interval", "0.5",
+                 "-m", "tests.faults.train", "--kill", "1:13", "--kill", "0:22:1", "--",
+                 "student", "train", *common(small_logs, out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[fault] SIGKILL rank 1 after step 13 (generation 0)" in r.stderr, r.stderr[-3000:]
+    assert "[fault] SIGKILL rank 0 after step 22 (generation 1)" in r.stderr, r.stderr[-3000:]
+    for step in (10, 20):
+        assert f"resumed from {out / 'checkpoints' / f'step-{step:08d}'} at epoch 0, step {step}" in r.stderr
+    assert_same_model(out, uninterrupted)
+
+
 def test_local_launcher_restarts_a_killed_rank(small_logs, uninterrupted, tmp_path):
     out = tmp_path / "run"
     r = cli("--kill", "1:13", "--", "student", "train", "--nproc", "2", "--max-restarts", "1",

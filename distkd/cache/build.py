@@ -70,8 +70,9 @@ class CacheJob:
         for name in ("workers", "threads_per_worker"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        if self.batch_size < 1 or self.prefetch < 1 or self.max_attempts < 1:
-            raise ConfigError("batch_size, prefetch and max_attempts must be >= 1")
+        for name in ("batch_size", "prefetch", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if isinstance(self.teacher, str) and storage.is_remote(self.teacher):
             raise ConfigError(f"teacher: {self.teacher}: the export must be a path every worker can open "
                               "(a shared file system); copy it there from object storage")
@@ -238,7 +239,7 @@ def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[
     started = time.perf_counter()
     header, schema = _header(job)
     out = storage.join(job.out, header["teacher"]["sha256"][:12]) if job.by_teacher else job.out
-    storage.makedirs(out)
+    storage.ensure_writable_dir(out, "cache directory")
     if storage.is_remote(out):
         log(f"cache: {out}: object storage has no build lock; run one build of this cache at a time")
     with BuildLock(out):
@@ -250,7 +251,7 @@ def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[
                "rows_computed": 0}
         manifest["builds"].append(run)
         manifest["complete"] = not todo
-        mf.write_manifest(out, manifest)
+        _record(out, manifest, failing=False, log=log)
         todo_rows = sum(fp["rows"] for fp in todo)
         log(f"cache: {out}: {n_planned} shards planned, {run['skipped']} already committed (skipped), "
             f"{len(todo)} to compute ({todo_rows:,} rows)")
@@ -262,7 +263,7 @@ def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[
             run["seconds"] = round(time.perf_counter() - started, 3)
             manifest["complete"] = not mf.missing_shards(manifest)
             manifest["totals"] = _totals(out, manifest)
-            mf.write_manifest(out, manifest)
+            _record(out, manifest, failing=sys.exc_info()[1] is not None, log=log)
         for p in mf.remove_temp_files(out):  # from workers that died mid-shard
             log(f"cache: removed {p} (left by a worker that died)")
     summary = {**manifest["totals"], "cache": str(out), "complete": manifest["complete"],
@@ -272,6 +273,19 @@ def build(job: CacheJob, log: Callable[[str], None] = _log, on_commit: Callable[
                "workers_start_s": run.get("workers_start_s"), "workers": run.get("workers", [])}
     log(format_summary(summary, len(schema.tasks)))
     return summary
+
+
+def _record(out: str, manifest: dict[str, Any], failing: bool, log: Callable[[str], None]) -> None:
+    """Write the manifest (atomically: on failure the one on disk is the last one written, still
+    valid). While another error stops the build (a full disk, say), a failed write is logged, not
+    raised over that error; otherwise it is a StorageError naming the manifest."""
+    try:
+        mf.write_manifest(out, manifest)
+    except OSError as e:
+        msg = f"{storage.join(out, mf.MANIFEST)}: cannot write the manifest: {e.strerror or e}"
+        if not failing:
+            raise storage.StorageError(f"{msg}; the manifest on disk is the last one written") from None
+        log(f"cache: {msg}; the manifest on disk is the last one written (its shards are intact)")
 
 
 def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, Any], todo: list[dict[str, Any]],
@@ -311,7 +325,7 @@ def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, A
             run["rows_computed"] += result["output"]["rows"]
             progress.update(rel, result)
             if time.monotonic() - last_write >= MANIFEST_EVERY_S:
-                mf.write_manifest(out, manifest)
+                _record(out, manifest, failing=False, log=log)
                 last_write = time.monotonic()
             if on_commit is not None:
                 on_commit(rel, len(run["computed"]))

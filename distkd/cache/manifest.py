@@ -138,9 +138,29 @@ def rel_path(logs_dir: str | Path, path: str | Path) -> str:
     return rel
 
 
+def check_rel(rel: Any, where: str) -> str:
+    """`rel` (a shard's path from a manifest) is a plain relative path inside its directory:
+    not absolute, no `..`, `.` or empty parts, no backslash or URI scheme; else CacheError."""
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    if (p is None or not rel or p.is_absolute() or "\\" in rel or "://" in rel or ":" in p.parts[0]
+            or any(part in ("", ".", "..") for part in rel.split("/"))):
+        raise CacheError(f"{where}: shard path {rel!r} is not a relative path inside the cache directory "
+                         "(absolute, '..' or empty parts); refusing the manifest")
+    return rel
+
+
 def cache_file(cache_dir: str | Path, rel: str) -> str:
-    """The location (path or URI) of the cache file of log shard `rel`."""
-    return storage.join(cache_dir, rel)
+    """The location (path or URI) of the cache file of log shard `rel`; CacheError if `rel`
+    or (local caches) a symlink on the way leads outside `cache_dir`."""
+    check_rel(rel, str(cache_dir))
+    loc = storage.join(cache_dir, rel)
+    if not storage.is_remote(loc):
+        root = Path(storage.local_path(cache_dir)).resolve()
+        target = Path(storage.local_path(loc)).resolve()
+        if not target.is_relative_to(root):
+            raise CacheError(f"{loc}: resolves to {target}, outside the cache directory {root} (a symlink); "
+                             "refusing to read or write it")
+    return loc
 
 
 def temp_files(cache_dir: str | Path) -> list[str]:
@@ -221,6 +241,8 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
         raise CacheError(f"{path}: not a distkd logit cache manifest")
     if m.get("format") != FORMAT:
         raise CacheError(f"{path}: cache format {m.get('format')}; this distkd reads format {FORMAT}")
+    for rel in [*m.get("shards", {}), *(r for rels in m.get("splits", {}).values() for r in rels)]:
+        check_rel(rel, path)  # paths from the manifest never leave the cache (or logs) directory
     return m
 
 

@@ -227,6 +227,11 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
     try:
         storage.write_atomic(task.out_path, write, tag=f"{socket.gethostname()}-{os.getpid()}-{task.attempt}")
         write_s += time.perf_counter() - written  # the commit: fsync + rename, or the object's upload + move
+    except storage.StorageError:
+        raise
+    except OSError as e:  # a full disk, a lost mount: the user's to fix, one line (write_atomic left nothing)
+        raise storage.StorageError(f"{task.out_path}: cannot write the cache file: {e.strerror or e}; nothing of "
+                                   "this shard is published") from None
     finally:
         reader.close()
     return {

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
+from distkd.config import ConfigError
 from distkd.data.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
 
 LATENT_DIM = 16
@@ -308,8 +309,14 @@ def generate(
     out = os.fspath(out)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {sorted(PRESETS)})")
+    for name, value in (("--shards", shards), ("--row-group-rows", row_group_rows), ("--workers", workers),
+                        ("--max-cardinality", 2 if max_cardinality is None else max_cardinality)):
+        if value < (2 if name == "--max-cardinality" else 1):
+            raise ConfigError(f"{name}: must be >= {2 if name == '--max-cardinality' else 1}, got {value}")
+    if not 0 <= unlabeled_fraction <= 1:
+        raise ConfigError(f"--unlabeled-fraction: must be in [0, 1], got {unlabeled_fraction}")
     if rows < 10 * (shards + 2):
-        raise ValueError(f"--rows {rows} is too few for {shards} shards")
+        raise ConfigError(f"--rows {rows} is too few for {shards} shards (at least {10 * (shards + 2)})")
     old = storage.list_files(out, recursive=True)
     if old:
         if not force:
@@ -321,6 +328,7 @@ def generate(
                 storage.delete(f)  # nothing there (the schema) is no error
         else:
             shutil.rmtree(out)
+    storage.ensure_writable_dir(out, "logs directory")
     schema = make_schema(preset, max_cardinality)
     jobs, id0 = [], 0
     for split_idx, (split, sizes) in enumerate(plan_shards(rows, shards).items()):
@@ -353,11 +361,14 @@ def generate(
 
 def run(args) -> int:
     start = time.perf_counter()
-    schema = generate(
-        args.out, args.rows, args.shards, args.seed, args.row_group_rows, args.preset,
-        max_cardinality=args.max_cardinality, unlabeled_fraction=args.unlabeled_fraction,
-        workers=args.workers, force=args.force, progress=True,
-    )
+    try:
+        schema = generate(
+            args.out, args.rows, args.shards, args.seed, args.row_group_rows, args.preset,
+            max_cardinality=args.max_cardinality, unlabeled_fraction=args.unlabeled_fraction,
+            workers=args.workers, force=args.force, progress=True,
+        )
+    except FileExistsError as e:  # an existing logs directory is a usage error: one line, exit 2
+        raise ConfigError(str(e)) from None
     took = time.perf_counter() - start
     print(summarize(args.out, schema))
     print(f"wrote {args.rows:,} rows in {took:.1f}s ({args.rows / took:,.0f} rows/s)")

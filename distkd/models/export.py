@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,34 @@ def read_meta(export_dir: str | Path) -> dict[str, Any]:
     path = Path(export_dir) / META_FILE
     if not path.is_file():
         raise ConfigError(f"{export_dir}: no {META_FILE}; is this an exported model directory?")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    name = meta.get("file") if isinstance(meta, dict) else None
+    # the weights file is a plain name inside the export directory, never a path out of it
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"{path}: file: {name!r} must be the name of a file in {export_dir}")
+    return meta
+
+
+def unpickling_refusal(e: BaseException) -> str:
+    """The line of a torch.load(weights_only=True) refusal that names the global it refused."""
+    lines = str(e).splitlines() or [""]
+    return next((line for line in lines if "GLOBAL" in line), lines[0][:200]).strip()
+
+
+def load_payload(path: str | Path, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of an export's file: tensors, containers, strings and
+    numbers; a pickled callable (or any other object) is refused, never run. With `mmap`, the
+    tensors stay on disk: the check alone, cheap for the driver of a cache build."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: refused: it holds pickled objects, not only tensors ({unpickling_refusal(e)}); "
+                          "an export is loaded with torch.load(weights_only=True)") from None
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: not a torch file: {(str(e).splitlines() or [''])[0][:200]}") from None
 
 
 def load_export(export_dir: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -100,10 +128,12 @@ def load_export(export_dir: str | Path, verify: bool = True, device: str | torch
     if verify:
         digest = sha256_file(path)
         if digest != meta["sha256"]:
-            raise ValueError(f"{path}: sha256 {digest[:12]}… does not match {META_FILE} ({meta['sha256'][:12]}…)")
-    payload = torch.load(path, weights_only=True, map_location="cpu")
-    if payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: export format {payload.get('format')} is not {EXPORT_FORMAT}")
+            raise ConfigError(f"{path}: sha256 {digest[:12]}… does not match {META_FILE} ({meta['sha256'][:12]}…): "
+                              "not the file its metadata names")
+    payload = load_payload(path)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{path}: export format {payload.get('format') if isinstance(payload, dict) else '?'} "
+                          f"is not {EXPORT_FORMAT}")
     schema = from_dict(Schema, payload["schema"], f"{path}:schema")
     from distkd.config import coerce
     from distkd.models import ModelSpec, build_model

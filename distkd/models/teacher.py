@@ -175,7 +175,7 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
     """The manifest's teacher record: `sha256` (the fingerprint) and what it was computed
     from, `spec` (to load it again: `cache verify --recompute`) and `hidden_dim`. Checks an
     export's sha256, and its schema against `schema`."""
-    from distkd.models.export import read_meta, sha256_file
+    from distkd.models.export import load_payload, read_meta, sha256_file
 
     spec = spec.resolved()
     rec: dict[str, Any] = {"form": spec.form, "name": spec.name, "spec": to_dict(spec), "input": spec.input}
@@ -185,6 +185,10 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
         if digest != meta["sha256"]:
             raise TeacherError(f"{spec.export}: {meta['file']} has sha256 {digest[:12]}…, export.json says "
                                f"{meta['sha256'][:12]}…")
+        try:  # memory-mapped: refused here, in the driver, before any worker or file is started
+            load_payload(Path(spec.export) / meta["file"], mmap=True)
+        except ConfigError as e:
+            raise TeacherError(str(e)) from None
         if schema is not None and meta.get("schema_fingerprint") != schema.fingerprint():
             raise TeacherError(f"{spec.export}: the teacher was exported for schema {meta.get('schema_fingerprint')}, "
                                f"the logs have schema {schema.fingerprint()}")
@@ -318,8 +322,10 @@ def _state_dict(data: bytes, spec: TeacherSpec, device) -> dict:
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
     except Exception as e:  # unpickling refused (not weights only) or not a torch file
+        from distkd.models.export import unpickling_refusal
+
         raise TeacherError(f"teacher {spec.name}: weights {spec.weights} do not load with "
-                           f"torch.load(weights_only=True): {(str(e).splitlines() or [''])[0][:200]}") from None
+                           f"torch.load(weights_only=True): {unpickling_refusal(e)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -338,7 +344,10 @@ def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, dev
     spec = as_spec(spec).resolved()
     device = torch.device(device)
     if spec.export:
-        model, meta = load_export(spec.export, verify=True, device=device)
+        try:
+            model, meta = load_export(spec.export, verify=True, device=device)
+        except ConfigError as e:  # a one-line reason, also from a cache worker
+            raise TeacherError(str(e)) from None
         if schema is not None and model.schema.fingerprint() != schema.fingerprint():
             raise TeacherError(f"{spec.export}: the teacher was exported for schema {model.schema.fingerprint()}, "
                                f"the logs have schema {schema.fingerprint()}")

@@ -136,8 +136,8 @@ def write(export_dir: str | Path, out_dir: str | Path, formats: list[str], quant
     if bad or not formats:
         raise ConfigError(f"--format: {bad or formats} not among {list(FORMATS)}")
     out = Path(out_dir)
+    module, model, meta = from_export(export_dir, quantize)  # a bad export is refused before out exists
     out.mkdir(parents=True, exist_ok=True)
-    module, model, meta = from_export(export_dir, quantize)
     portable = from_export(export_dir, quantize, portable=True)[0] if quantize and "onnx" in formats else module
     schema = model.schema
     if quantize is None and (diff := check_against(module, model, *example_inputs(schema, 64, seed=1))) != 0.0:

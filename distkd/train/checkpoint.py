@@ -173,6 +173,17 @@ def identity_diff(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _reason(e: BaseException) -> str:
+    """The OS error under a DCP failure (DCP wraps each rank's exception), else the message."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e).split())
+    return "No space left on device" if "No space left on device" in text else text[:300]
+
+
 class Checkpointer:
     """Collective save and load of a run's checkpoints under `root` (see the module docstring)."""
 
@@ -192,12 +203,25 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-save
             partial.mkdir(parents=True)
         self._barrier()
-        dcp.save(tensors, storage_writer=FileSystemWriter(partial, sync_files=True))
-        atomic_write_bytes(partial / f"rank-{self.rank:05d}.json", lambda fh: fh.write(json.dumps(rng_state()).encode()))
-        self._barrier()
+        try:
+            dcp.save(tensors, storage_writer=FileSystemWriter(partial, sync_files=True))
+            atomic_write_bytes(partial / f"rank-{self.rank:05d}.json",
+                               lambda fh: fh.write(json.dumps(rng_state()).encode()))
+            self._barrier()
+            if self.rank == 0:
+                meta = {"format": FORMAT, "step": step, "world_size": self.world, "identity": self.identity, **state}
+                self._commit(partial, final, meta)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a full disk, a lost mount (DCP's CheckpointException is a BaseException):
+            # nothing is published, the last commit stays
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)  # frees what was written; it was never trusted
+            prev = committed(self.root)
+            raise CheckpointError(
+                f"{final}: cannot write the checkpoint: {_reason(e)}; nothing of it is published, the last committed "
+                f"checkpoint ({prev[-1].name if prev else 'none'}) is the one `--resume` uses") from None
         if self.rank == 0:
-            meta = {"format": FORMAT, "step": step, "world_size": self.world, "identity": self.identity, **state}
-            self._commit(partial, final, meta)
             for old in committed(self.root)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from distkd import dist, objectives
+from distkd import dist, objectives, storage
 from distkd.config import ConfigError
 from distkd.data.schema import Schema, load_schema
 from distkd.objectives.base import Objective, ObjectiveContext
@@ -36,6 +36,7 @@ def prepare(job: TrainJob, where: str = "config") -> Prepared:
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    storage.ensure_writable_dir(job.out, "run's output directory (out)")  # after every check that can refuse the job
     return Prepared(job, schema, objective, where)
 
 

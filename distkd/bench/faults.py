@@ -1,0 +1,140 @@
+"""`make bench-faults`: every fault injected and every bad input tried, run now, as a table.
+
+    python -m distkd.bench.faults [--out runs/bench-faults] [-k PATTERN]
+
+Runs the pytest node ids of `CASES` (from a checkout: the tests are not in the wheel) with a
+JUnit report, then prints the README's Reliability table with this run's result and seconds per
+row. The README table is `readme_table()` (tests/test_bad_input.py checks they agree), so the
+table says what the tests assert, and this command shows they still do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (fault or bad input, what distkd did, rows lost, the pytest node id that reproduces it)
+CASES: list[tuple[str, str, str, str]] = [
+    ("cache worker SIGKILLed mid-shard", "the shard is retried on the restarted worker; same bytes as a clean "
+     "build", "0", "tests/test_cache.py::test_worker_killed_mid_shard_costs_one_retry"),
+    ("cache driver SIGKILLed after its first commit (separate Ray head)", "the rerun computes only the 3 "
+     "uncommitted shards", "0", "tests/test_cache.py::test_ray_address_build_resumes_after_driver_kill"),
+    ("cache driver SIGKILLed, cache on S3", "the final keys hold only whole objects; the rerun resumes",
+     "0", "tests/test_storage.py::test_cache_on_s3_interrupted_resumed_verified"),
+    ("teacher returns NaN in a later row group", "build stops naming shard, row group and row; nothing of that "
+     "shard published, manifest valid", "0", "tests/test_teacher_contract.py::test_nan_in_a_later_row_group_stops_the_build"),
+    ("two cache builds racing for one directory, a reader joining the cache as it grows",
+     "the second exits 2 naming the lock's holder, writes nothing; the reader sees whole manifests and the same "
+     "logits throughout", "0", "tests/test_faults.py::test_two_builds_race_while_a_reader_reads_the_growing_cache"),
+    ("disk full (tmpfs) while a cache file is written", "exit 2 naming the file; nothing of that shard "
+     "published, manifest valid, committed files whole", "0",
+     "tests/test_faults.py::test_the_disk_filling_while_a_cache_file_is_written"),
+    ("disk full (tmpfs) while a checkpoint is written", "the run stops naming the checkpoint; partial folder "
+     "removed, the previous checkpoint stays the one `--resume` uses", "0",
+     "tests/test_faults.py::test_the_disk_filling_while_a_checkpoint_is_written"),
+    ("rank 0 SIGKILLed while committing a checkpoint", "the partial folder is never trusted; the resume "
+     "starts from the previous checkpoint", "0",
+     "tests/test_checkpoint.py::test_a_crash_while_committing_leaves_the_previous_checkpoint"),
+    ("a rank SIGKILLed under torchrun --max-restarts", "restarted, resumed from the last checkpoint; the final "
+     "model equals an uninterrupted run's", "0",
+     "tests/test_restarts.py::test_torchrun_restarts_a_killed_rank_and_the_run_matches"),
+    ("two ranks SIGKILLed in one run (rank 1, then rank 0 of the restarted group)", "two torchrun restarts, "
+     "resumed from step 10 then 20; the final model equals an uninterrupted run's", "0",
+     "tests/test_restarts.py::test_torchrun_survives_several_ranks_killed_in_one_run"),
+    ("a hung rank", "the collective fails within launch.timeout_s; "
+     "the launch exits 1 naming the rank", "0",
+     "tests/test_restarts.py::test_a_hung_rank_fails_the_collective_within_the_timeout"),
+    ("bad logs (wrong types, bad labels, duplicate ids, missing splits, …)", "`data validate` exit 2 naming the "
+     "file, column and row",
+     "0 (refused)", "tests/test_validate.py::test_bad_logs_are_clear_errors"),
+    ("building into a cache of another teacher", "exit 2 naming both teachers; not a byte changed", "0 (refused)",
+     "tests/test_bad_input.py::test_building_into_a_cache_of_another_teacher_is_refused"),
+    ("a cache of other logs", "distill exits 2 naming the first shard, verify names all four", "0 (refused)",
+     "tests/test_bad_input.py::test_a_cache_of_other_logs_is_refused"),
+    ("a truncated, swapped or sha256-tampered cache file", "verify (and distill for the first two) exit 2 "
+     "naming the file", "0 (refused)", "tests/test_bad_input.py::test_a_damaged_cache_is_refused_naming_the_file"),
+    ("manifest paths with `..`, absolute, empty parts", "verify, build and distill exit 2 naming the path; the "
+     "outside file is untouched", "0 (refused)",
+     "tests/test_bad_input.py::test_manifest_paths_outside_the_cache_are_refused"),
+    ("a cache file symlinked out of the cache", "verify and distill exit 2 naming where it resolves",
+     "0 (refused)", "tests/test_bad_input.py::test_a_cache_file_symlinked_out_of_the_cache_is_refused"),
+    ("a malformed job YAML (cache, teacher, distill)", "exit 2 naming the file and the YAML error",
+     "0 (refused)", "tests/test_bad_input.py::test_a_malformed_job_file_is_refused"),
+    ("an unknown key or a wrongly typed value in a cache job", "exit 2 naming the file and field",
+     "0 (refused)", "tests/test_bad_input.py::test_a_cache_job_with_a_bad_field_is_refused"),
+    ("zero or negative sizes (rows, shards, batch, workers, epochs, layers)", "exit 2 naming the flag or field; "
+     "nothing created", "0 (refused)", "tests/test_bad_input.py::test_zero_or_negative_sizes_are_refused"),
+    ("an export whose file is not the one export.json names", "exit 2 naming the file (sha256, or a path out "
+     "of the export)", "0 (refused)", "tests/test_bad_input.py::test_an_export_whose_file_is_not_the_one_its_metadata_names"),
+    ("a checkpoint of another run", "exit 2 naming the field that differs", "0 (refused)",
+     "tests/test_checkpoint.py::test_a_checkpoint_of_another_run_is_refused"),
+    ("an output directory that cannot be written (under a file, read-only mount)", "exit 2 naming it, before "
+     "any work", "0 (refused)", "tests/test_bad_input.py::test_an_output_location_that_cannot_be_written"),
+    ("pickled code in an export or teacher weights", "refused by torch.load(weights_only=True), in the driver; "
+     "the sentinel file never appears", "–", "tests/test_security.py::test_exports_and_teacher_weights_never_run_pickled_code"),
+    ("pickled code in a checkpoint's DCP metadata", "refused naming the global; nothing runs", "–",
+     "tests/test_checkpoint.py::test_loading_never_runs_pickled_code"),
+    ("unsafe deserialization anywhere in distkd/", "none, but for the listed known gap (`distkd sweep` resume, "
+     "Ray Tune's Tuner.restore)", "–", "tests/test_security.py::test_nothing_in_the_package_unpickles_what_a_job_names"),
+    ("a Ray endpoint on a public Service, a host port or 0.0.0.0 in the cluster manifests", "none, as shipped "
+     "and as rendered by `distkd submit`", "–",
+     "tests/test_security.py::test_no_ray_endpoint_on_a_public_service_or_all_interfaces"),
+    ("a sentinel AWS_SECRET_ACCESS_KEY through an S3 run", "in no file, S3 object, Ray log or rendered job "
+     "spec", "–", "tests/test_security.py::test_the_secret_key_never_reaches_a_file"),
+]
+
+
+def readme_table() -> str:
+    """The README's Reliability table, from `CASES`."""
+    lines = ["| fault or bad input | what distkd did | rows lost | reproduce |", "|---|---|---|---|"]
+    lines += [f"| {case} | {did} | {lost} | `pytest {node}` |" for case, did, lost, node in CASES]
+    return "\n".join(lines)
+
+
+def results(junit: Path) -> dict[str, tuple[str, float]]:
+    """Per node id of `CASES`: (passed | failed | skipped | not run, seconds), its parameters together."""
+    out: dict[str, list] = {}
+    for tc in ET.parse(junit).getroot().iter("testcase"):
+        module, name = tc.get("classname", ""), tc.get("name", "")
+        node = f"{module.replace('.', '/')}.py::{name.split('[')[0]}"
+        state = ("failed" if tc.find("failure") is not None or tc.find("error") is not None
+                 else "skipped" if tc.find("skipped") is not None else "passed")
+        prev = out.setdefault(node, ["passed", 0.0, 0])
+        order = ["passed", "skipped", "failed"]
+        prev[0] = max(prev[0], state, key=order.index)
+        prev[1] += float(tc.get("time", 0))
+        prev[2] += 1
+    return {n: (f"{s} ({k})" if k > 1 else s, t) for n, (s, t, k) in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench-faults")
+    p.add_argument("-k", default=None, help="only the rows whose node id contains this")
+    args = p.parse_args(argv)
+    cases = [c for c in CASES if args.k is None or args.k in c[3]]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    junit = out / "junit.xml"
+    t0 = time.perf_counter()
+    nodes = list(dict.fromkeys(c[3] for c in cases))
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                          *nodes], cwd=ROOT)
+    got = results(junit) if junit.is_file() else {}
+    print(f"\n## Reliability: {len(cases)} faults and bad inputs, {time.perf_counter() - t0:.0f}s\n")
+    print("| fault or bad input | what distkd did | rows lost | this run | seconds | reproduce |")
+    print("|---|---|---|---|---|---|")
+    for case, did, lost, node in cases:
+        state, secs = got.get(node, ("not run", 0.0))
+        print(f"| {case} | {did} | {lost} | {state} | {secs:.1f} | `pytest {node}` |")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
