@@ -72,8 +72,6 @@ ALLOWED = {
     ("distkd/serve/export.py", "torch.jit.load"): "loads back the files it has just written, to check them",
     ("distkd/serve/export.py", "torch.export.load"): "the same",
     ("distkd/models/teacher.py", "torch.export.load"): "a program teacher: torch's own format, no pickles",
-    ("distkd/launch/sweep.py", "tune.Tuner.restore"): "KNOWN GAP: Ray Tune's experiment state is unpickled on "
-                                                 "`distkd sweep` resume; being replaced in another branch",
 }
 UNSAFE = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cloudpickle.load", "cloudpickle.loads", "dill.load",
           "dill.loads", "joblib.load", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "marshal.loads",

@@ -80,8 +80,11 @@ CASES: list[tuple[str, str, str, str]] = [
      "the sentinel file never appears", "–", "tests/test_security.py::test_exports_and_teacher_weights_never_run_pickled_code"),
     ("pickled code in a checkpoint's DCP metadata", "refused naming the global; nothing runs", "–",
      "tests/test_checkpoint.py::test_loading_never_runs_pickled_code"),
-    ("unsafe deserialization anywhere in distkd/", "none, but for the listed known gap (`distkd sweep` resume, "
-     "Ray Tune's Tuner.restore)", "–", "tests/test_security.py::test_nothing_in_the_package_unpickles_what_a_job_names"),
+    ("unsafe deserialization anywhere in distkd/", "none: torch.load only with weights_only=True, DCP metadata "
+     "through an allow-list unpickler", "–", "tests/test_security.py::test_nothing_in_the_package_unpickles_what_a_job_names"),
+    ("pickled code where Ray Tune's experiment state lies, on `distkd sweep` resume (driver SIGKILLed)",
+     "never read: resume reads distkd's own state.json; finished trials kept, the rest rerun; the sentinel "
+     "file never appears", "0", "tests/test_sweep.py::test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_evaluates"),
     ("a Ray endpoint on a public Service, a host port or 0.0.0.0 in the cluster manifests", "none, as shipped "
      "and as rendered by `distkd submit`", "–",
      "tests/test_security.py::test_no_ray_endpoint_on_a_public_service_or_all_interfaces"),
