@@ -64,10 +64,11 @@ class PeakRSS:
     """Peak resident memory of a process tree (sampled every 0.2 s): the largest single
     process, optionally leaving out some pids (the driver itself)."""
 
-    def __init__(self, pid: int | None = None, exclude: tuple[int, ...] = ()):
+    def __init__(self, pid: int | None = None, exclude: tuple[int, ...] = (), match: str = ""):
         import psutil
 
         self.root, self.exclude, self.peak = psutil.Process(pid or os.getpid()), set(exclude), 0
+        self.match = match  # only processes whose command line holds this (e.g. a Ray actor's class)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -83,6 +84,8 @@ class PeakRSS:
                 if p.pid in self.exclude:
                     continue
                 try:
+                    if self.match and self.match not in " ".join(p.cmdline()):
+                        continue
                     self.peak = max(self.peak, p.memory_info().rss)
                 except psutil.Error:
                     pass
@@ -165,7 +168,7 @@ def _build(teacher: Path, logs: Path, out: Path, plan) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     job = CacheJob(teacher=str(teacher), logs=str(logs), out=str(out), splits=["train"], workers=plan.workers,
                    threads_per_worker=plan.threads, batch_size=8192)
-    with PeakRSS(exclude=(os.getpid(),)) as rss:
+    with PeakRSS(exclude=(os.getpid(),), match="CacheWorker") as rss:  # Ray titles actors ray::CacheWorker
         s = build(job, log=lambda m: None)
     return {"rows_per_s": s["rows_computed"] / s["seconds"], "seconds": s["seconds"], "rows": s["rows"],
             "peak_rss": rss.peak, "workers_start_s": s["workers_start_s"]}
@@ -328,7 +331,8 @@ def run(scale: int, reps: int, out: Path, work: Path, quick: bool) -> dict:
     start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     # planned work in rough units (a unit ~ one pass of the teacher over the train split)
-    progress = Progress(1 + reps * (1 + 4 + 0.6 + 1) + 2 + 3 * reps + 3 * reps * 1.3 + 1 + 2 * reps * 2)
+    sweep = sum(SWEEP) / SWEEP[-1]
+    progress = Progress(3 + reps * (1 + 2 + 2 + 2 * (sweep - 1) + 1) + 3 * reps + 3 * reps * sweep + 3.5 * reps)
     R: dict[str, Any] = {"scale": scale, "reps": reps, "quick": quick, "machine": machine(),
                          "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     subsets = make_data(work, scale, quick)
@@ -344,6 +348,7 @@ def run(scale: int, reps: int, out: Path, work: Path, quick: bool) -> dict:
     stage_distill(R, work, subsets, teacher, reps, 4 if quick else 300, progress)
     stage_train(R, work, subsets[SWEEP[-1]], reps, 4 if quick else 40, quick, progress)
     R["seconds"] = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / (out.stem + ".json")).write_text(json.dumps(R, indent=1, default=str))
     write_markdown(R, out)
     print(f"wrote {out} in {R['seconds'] / 60:.1f} min", file=sys.stderr)
@@ -358,7 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="repetitions of every figure (default 3; --quick 1)")
     p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     p.add_argument("--work", type=Path, default=Path("runs/bench/suite"), help="data, teacher and caches")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="only write --out from the figures a run saved (BENCHMARKS.json)")
     a = p.parse_args(argv)
+    if a.from_json:
+        from distkd.bench.suite_report import write_markdown
+
+        write_markdown(json.loads(a.from_json.read_text()), a.out)
+        return 0
     scale = a.scale or (QUICK_SCALE if a.quick else DEFAULT_SCALE)
     run(scale, a.reps or (1 if a.quick else 3), a.out, a.work, a.quick)
     return 0

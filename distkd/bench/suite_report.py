@@ -45,6 +45,11 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "versions": versions}
 
 
+def at(d: dict, k: int):
+    """d[k] for an int key, also after a JSON round trip (keys as strings)."""
+    return d[k] if k in d else d[str(k)]
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -60,7 +65,7 @@ def fig(xs: list[float], unit: str = "rows/s", scale: float = 1.0) -> str:
 
 def slope_ratio(points: dict, key: str) -> float:
     """Marginal cost per row from 4× to 16× over that from 1× to 4× (1.0: linear, start-up aside)."""
-    (r1, t1), (r4, t4), (r16, t16) = [(med([p["rows"] for p in points[k]]), med([p[key] for p in points[k]]))
+    (r1, t1), (r4, t4), (r16, t16) = [(med([p["rows"] for p in at(points, k)]), med([p[key] for p in at(points, k)]))
                                       for k in SWEEP]
     return ((t16 - t4) / (r16 - r4)) / ((t4 - t1) / (r4 - r1)) if r4 > r1 and r16 > r4 and t4 != t1 else float("nan")
 
@@ -78,11 +83,11 @@ def goals(R: dict) -> list[str]:
     fwd_all = med(C["build_all_cores"]) / (C["workers_all"] * raw1)
     ld = med(L["loader"]) / med(L["pyarrow"])
     ba = med(D["hard"]) / med(D["cache"])  # epoch time ratio: cache / hard
-    two = med(T[2]["distkd"]) / med(T[1]["distkd"])
+    two = med(at(T, 2)["distkd"]) / med(at(T, 1)["distkd"])
     lin_b = slope_ratio(C["sweep"], "seconds")
     lin_d = slope_ratio(D["sweep"], "seconds")
-    mem_b = med([p["peak_rss"] for p in C["sweep"][16]]) / med([p["peak_rss"] for p in C["sweep"][1]])
-    mem_d = med([p["peak_rss"] for p in D["sweep"][16]]) / med([p["peak_rss"] for p in D["sweep"][1]])
+    mem_b = med([p["peak_rss"] for p in at(C["sweep"], 16)]) / med([p["peak_rss"] for p in at(C["sweep"], 1)])
+    mem_d = med([p["peak_rss"] for p in at(D["sweep"], 16)]) / med([p["peak_rss"] for p in at(D["sweep"], 1)])
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
     return [
         "| goal | measured | verdict | note |",
@@ -117,9 +122,9 @@ def _plots(R: dict, out: Path) -> list[str]:
     f = Figure(figsize=(9, 3.6))
     a1, a2 = f.subplots(1, 2)
     for label, pts, key in (("cache build", C["sweep"], "seconds"), ("distillation (loop)", D["sweep"], "seconds")):
-        rows = [med([p["rows"] for p in pts[k]]) for k in SWEEP]
-        a1.plot(rows, [med([p[key] for p in pts[k]]) for k in SWEEP], marker="o", label=label)
-        a2.plot(rows, [med([p["peak_rss"] for p in pts[k]]) / 2**20 for k in SWEEP], marker="o", label=label)
+        rows = [med([p["rows"] for p in at(pts, k)]) for k in SWEEP]
+        a1.plot(rows, [med([p[key] for p in at(pts, k)]) for k in SWEEP], marker="o", label=label)
+        a2.plot(rows, [med([p["peak_rss"] for p in at(pts, k)]) / 2**20 for k in SWEEP], marker="o", label=label)
     for ax, title in ((a1, "time (s)"), (a2, "peak RSS, largest process (MiB)")):
         ax.set_xlabel("train rows")
         ax.set_title(title)
@@ -155,7 +160,9 @@ def _bars(ax, bars: dict, title: str) -> None:
 
 
 def write_markdown(R: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     M, C, D, T, L, P = R["machine"], R["cache"], R["distill"], R["train"], R["loader"], R["profile"]
+    T1, T2 = at(T, 1), at(T, 2)
     v = M["versions"]
     fb = v.get("fbgemm-gpu-cpu") or v.get("fbgemm-gpu", "?")
     plots = _plots(R, out)
@@ -175,7 +182,8 @@ def write_markdown(R: dict, out: Path) -> None:
         f"- torch {v.get('torch', '?')}, torchrec {v.get('torchrec', '?')}, fbgemm-gpu {fb}, ray {v.get('ray', '?')}, "
         f"pyarrow {v.get('pyarrow', '?')}, python {M['python']}",
         f"- data: {R['scale']:,} rows of criteo-preset synthetic logs (ids capped at 100,000 per feature), "
-        f"{R['rows_train']:,} in 16 train shards; teacher: untrained, {R['teacher']}",
+        f"{R['rows_train']:,} in 16 train shards; teacher: untrained RankingModel, "
+        + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in R["teacher"].items()),
         "",
         "## Goals",
         "",
@@ -221,17 +229,17 @@ def write_markdown(R: dict, out: Path) -> None:
         "",
         "| benchmark | rows/s (all ranks) |",
         "|---|---|",
-        f"| distkd loop, 1 rank | {fig(T[1]['distkd'])} |",
-        f"| distkd loop, 2 ranks | {fig(T[2]['distkd'])} |",
-        f"| TrainPipelineSparseDist, 1 rank | {fig(T[1]['pipeline'])} |",
-        f"| TrainPipelineSparseDist, 2 ranks | {fig(T[2]['pipeline'])} |",
+        f"| distkd loop, 1 rank | {fig(T1['distkd'])} |",
+        f"| distkd loop, 2 ranks | {fig(T2['distkd'])} |",
+        f"| TrainPipelineSparseDist, 1 rank | {fig(T1['pipeline'])} |",
+        f"| TrainPipelineSparseDist, 2 ranks | {fig(T2['pipeline'])} |",
         "",
         f"What the pipeline does on CPU: it pipelines the input distribution of {T.get('pipelined_modules') or 'no'} "
         "module(s) (the sparse features' all-to-all of batch i+1 is started before the forward of batch i and "
         "waited for after it) and keeps batches i+1, i+2 in flight; there are no CUDA streams, so the host-to-device "
         "copy is a no-op and the overlap is only what gloo's asynchronous collectives give. "
-        f"Pipeline / distkd loop: {med(T[1]['pipeline']) / med(T[1]['distkd']):.2f} (1 rank), "
-        f"{med(T[2]['pipeline']) / med(T[2]['distkd']):.2f} (2 ranks).",
+        f"Pipeline / distkd loop: {med(T1['pipeline']) / med(T1['distkd']):.2f} (1 rank), "
+        f"{med(T2['pipeline']) / med(T2['distkd']):.2f} (2 ranks).",
         "",
         "## Distillation",
         "",
@@ -268,10 +276,11 @@ def write_markdown(R: dict, out: Path) -> None:
     ]
     for name, pts in (("cache build", C["sweep"]), ("distillation", D["sweep"])):
         for k in SWEEP:
-            p = pts[k]
+            p = at(pts, k)
             wall = fig([x.get("wall", x["seconds"]) for x in p], "")
             lines.append(f"| {name} | {k}× | {med([x['rows'] for x in p]):,.0f} | {fig([x['seconds'] for x in p], '')} "
                          f"| {wall} | {fig([x['peak_rss'] for x in p], '', 2**-20)} |")
     lines += ["", *[f"![{n}]({n})" for n in plots], "",
-              "## GPU", "", f"{'Device: ' + M['gpu'] if M['gpu'] else 'No GPU on this machine: nothing measured.'}", ""]
+              "## GPU", "", ("A GPU was present (" + M["gpu"] + ") but this suite measures on CPU only." if M["gpu"]
+                             else "No GPU on this machine; this suite measures on CPU only."), ""]
     out.write_text("\n".join(lines))
