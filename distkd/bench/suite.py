@@ -225,11 +225,11 @@ def stage_cache(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, re
     shutil.rmtree(work / "cache-all-cores", ignore_errors=True)
 
 
-def _students(logs: Path, cache: Path, teacher: Path) -> dict[str, list[str]]:
+def _students(logs: Path, cache: Path, teacher: Path, nproc: int) -> dict[str, list[str]]:
     from distkd.models.export import read_meta
 
     sha = read_meta(teacher)["sha256"]
-    fixed = [f"logs={logs}", "train.eval_every=null"]
+    fixed = [f"logs={logs}", "train.eval_every=null", f"nproc={nproc}"]
     distill = ["distill", "--config", "jobs/demo/distill.yaml", *fixed]
     return {
         "hard": ["student", "train", "--config", "jobs/demo/student.yaml", *fixed],
@@ -242,9 +242,11 @@ def stage_distill(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, 
                   progress: Progress) -> None:
     from distkd.bench.distill import interleaved
 
-    D = R["distill"] = {"hard": [], "cache": [], "online": [], "sweep": {k: [] for k in SWEEP}, "steps": steps}
+    nproc = 1 if steps < 10 else 2  # --quick: one rank, in the CLI's own process (no spawn)
+    D = R["distill"] = {"hard": [], "cache": [], "online": [], "sweep": {k: [] for k in SWEEP}, "steps": steps,
+                        "nproc": nproc}
     big = SWEEP[-1]
-    cmds = _students(subsets[big], work / f"cache-{big}x", teacher)
+    cmds = _students(subsets[big], work / f"cache-{big}x", teacher, nproc)
     for i, name in enumerate(interleaved(["hard", "cache", "online"], reps)):
         s, _, _ = cli_measured(cmds[name], steps)
         D[name].append(s["rows_per_s"])
@@ -252,7 +254,7 @@ def stage_distill(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, 
         progress(f"distill [{i + 1}/{3 * reps}] {name}", 1, s["rows"], s["rows_per_s"])
     for r in range(reps):  # one epoch from the cache at each scale
         for k in SWEEP:
-            cmd = _students(subsets[k], work / f"cache-{k}x", teacher)["cache"]
+            cmd = _students(subsets[k], work / f"cache-{k}x", teacher, nproc)["cache"]
             s, wall, peak = cli_measured(cmd, 10**9)
             D["sweep"][k].append({"seconds": s["rows"] / s["rows_per_s"], "wall": wall, "peak_rss": peak,
                                   "rows": s["rows"], "rows_per_s": s["rows_per_s"]})

@@ -243,7 +243,8 @@ def write_markdown(R: dict, out: Path) -> None:
         "",
         "## Distillation",
         "",
-        f"`jobs/demo/student.yaml` / `distill.yaml` ({D['parameters']:,} parameters), 2 ranks, {D['steps']} steps per "
+        f"`jobs/demo/student.yaml` / `distill.yaml` ({D['parameters']:,} parameters), {D.get('nproc', 2)} rank(s), "
+        f"{D['steps']} steps per "
         "run, the loop's rows/s (start-up and evaluation excluded); order hard, cache, online, then reversed.",
         "",
         "| benchmark | rows/s |",
@@ -268,7 +269,8 @@ def write_markdown(R: dict, out: Path) -> None:
         "## Scale sweep",
         "",
         "1×, 4×, 16× = 1, 4, 16 train shards. Build: Ray up, the shipped pool; distillation: one epoch from the "
-        "cache, 2 ranks (loop time; wall includes start-up and evaluation). Peak RSS: the largest single process "
+        f"cache, {D.get('nproc', 2)} rank(s) (loop time; wall includes start-up and evaluation). "
+        "Peak RSS: the largest single process "
         "(a cache worker, a rank), sampled every 0.2 s.",
         "",
         "| stage | scale | rows | seconds | wall s | peak RSS MiB |",
