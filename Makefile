@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults clean
+.PHONY: install demo test bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -18,7 +18,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-bench: bench-loader bench-train bench-cache bench-distill bench-sweep
+# Every benchmark on one generated dataset, in one run, into BENCHMARKS.md (+ PNG plots).
+# BENCH_SCALE=rows sets the dataset's size (default 3,000,000: under an hour on 2 cores).
+bench: $(STAMP)
+	$(PY) -m distkd.bench.suite --out BENCHMARKS.md
+
+# A tiny run of the same suite (structure only; its figures mean nothing).
+bench-quick: $(STAMP)
+	$(PY) -m distkd.bench.suite --quick --out runs/bench/BENCHMARKS-quick.md --work runs/bench/suite-quick
+
+# The stage benchmarks one by one, each on its own data (what `make bench` was before the suite).
+bench-stages: bench-loader bench-train bench-cache bench-distill bench-sweep
 
 bench-loader: $(STAMP)
 	$(PY) -m distkd.bench.loader

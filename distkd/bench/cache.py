@@ -40,7 +40,8 @@ def ensure_logs(logs: Path, rows: int) -> None:
              workers=min(2, os.cpu_count() or 1), force=True)
 
 
-def ensure_teacher(export: Path, logs: Path) -> None:
+def ensure_teacher(export: Path, logs: Path, cfg=None) -> None:
+    """An untrained teacher export for `logs` (`cfg`: a ModelConfig, default its defaults)."""
     from distkd.models.export import META_FILE, write_export
     from distkd.data.schema import load_schema
 
@@ -54,37 +55,51 @@ def ensure_teacher(export: Path, logs: Path) -> None:
 
     from distkd.models.ranking import ModelConfig, RankingModel
 
-    print(f"writing an untrained default-size teacher export to {export} ...", flush=True)
+    print(f"writing an untrained teacher export to {export} ...", flush=True)
     torch.manual_seed(0)
-    cfg = ModelConfig()
+    cfg = cfg or ModelConfig()
     model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
     write_export(export, "teacher", schema, cfg, model.state_dict(), extra={"note": "untrained, for benchmarks"})
 
 
-def forward_rate(export: Path, logs: Path, splits: list[str], batch_size: int, threads: int, passes: int) -> tuple[float, int]:
-    """(rows/s, rows): best of `passes` forward passes over pre-decoded batches."""
-    import torch
-
-    from distkd.models.export import load_export
+def decoded_batches(logs: Path, splits: list[str], batch_size: int) -> list:
+    """Every row of the splits as Batches in memory, per shard like the workers (no batch spans
+    two shards)."""
     from distkd.data.loader import LogLoader, split_files
     from distkd.data.schema import load_schema
 
-    torch.set_num_threads(threads)
     schema = load_schema(logs)
-    model, _ = load_export(export)
-    files = [f for s in splits for f in split_files(logs, s)]
     batches = []
-    for f in files:  # per shard, like the workers: no batch spans two shards
+    for f in [f for s in splits for f in split_files(logs, s)]:
         batches += list(LogLoader([f], schema, batch_size, prefetch=0))
-    rows = sum(len(b) for b in batches)
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(passes):
+    return batches
+
+
+def time_forward(model, batches: list, threads: int) -> float:
+    """rows/s of one forward pass of `model` over `batches` with `threads` torch threads
+    (the process's thread count is restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
             t = time.perf_counter()
             for b in batches:
                 model(b.sparse, b.dense).logits.float().numpy()
-            best = min(best, time.perf_counter() - t)
-    return rows / best, rows
+            return sum(len(b) for b in batches) / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+
+
+def forward_rate(export: Path, logs: Path, splits: list[str], batch_size: int, threads: int, passes: int) -> tuple[float, int]:
+    """(rows/s, rows): best of `passes` forward passes over pre-decoded batches."""
+    from distkd.models.export import load_export
+
+    model, _ = load_export(export)
+    batches = decoded_batches(logs, splits, batch_size)
+    rows = sum(len(b) for b in batches)
+    return max(time_forward(model, batches, threads) for _ in range(passes)), rows
 
 
 def main(argv: list[str] | None = None) -> int:

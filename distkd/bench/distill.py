@@ -25,6 +25,25 @@ from distkd.bench import cli_summary, cpu_model
 from distkd.data.loader import split_files
 
 
+def interleaved(names: list[str], repeats: int) -> list[str]:
+    """Each name `repeats` times, every other round reversed (a b c c b a a b c ...): a drift
+    linear in time weighs on all alike."""
+    return [n for r in range(repeats) for n in (names if r % 2 == 0 else names[::-1])]
+
+
+def run_all(commands: dict[str, list[str]], order: list[str], steps: int, log=None) -> tuple[dict[str, list[float]], int]:
+    """rows/s of each run of `order` (names of `commands`), and the student's parameters."""
+    rates: dict[str, list[float]] = {n: [] for n in commands}
+    parameters = 0
+    for i, name in enumerate(order, 1):
+        if log:
+            log(f"[{i}/{len(order)}] {name} ({steps} steps)")
+        s = cli_summary(commands[name], steps)
+        rates[name].append(s["rows_per_s"])
+        parameters = s["parameters"]["total"]
+    return rates, parameters
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", default="jobs/demo")
@@ -43,14 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         "c: distill online": distill + ["objective.teachers.0.cache=null", f"objective.teachers.0.export={cache.teacher}"],
     }
     names = list(commands)
-    order = [n for r in range(a.repeats) for n in (names[:2] if r % 2 == 0 else names[1::-1])] + [names[2]]
-    rates: dict[str, list[float]] = {n: [] for n in names}
-    parameters = 0
-    for i, name in enumerate(order, 1):
-        print(f"[{i}/{len(order)}] {name} ({a.steps} steps)", file=sys.stderr, flush=True)
-        s = cli_summary(commands[name], a.steps)
-        rates[name].append(s["rows_per_s"])
-        parameters = s["parameters"]["total"]
+    order = interleaved(names[:2], a.repeats) + [names[2]]
+    rates, parameters = run_all(commands, order, a.steps, lambda m: print(m, file=sys.stderr, flush=True))
 
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(data.out, "train"))
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; 2 gloo ranks, one thread each")

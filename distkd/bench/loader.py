@@ -62,6 +62,37 @@ def loader_pass(files: list[str], schema, batch_size: int) -> int:
     return rows
 
 
+def unpin(cpus: set[int], threads: int) -> None:
+    """Undo `pin_one_core` (for callers that go on with other work in this process)."""
+    import torch
+
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(threads)
+    pa.set_cpu_count(len(cpus))
+    pa.set_io_thread_count(len(cpus))
+
+
+def rates(files: list[str], schema, batch_size: int, reps: int) -> dict[str, list[float]]:
+    """rows/s of (a) pyarrow and (b) LogLoader, `reps` interleaved passes each, on one core;
+    the process's affinity and thread counts are restored afterwards."""
+    import torch
+
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    cols = schema.training_columns()
+    runs = {"pyarrow": lambda: raw_pass(files, cols), "loader": lambda: loader_pass(files, schema, batch_size)}
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    pin_one_core()
+    try:
+        for _ in range(reps):
+            for name, fn in runs.items():
+                t = time.perf_counter()
+                rows = fn()
+                out[name].append(rows / (time.perf_counter() - t))
+    finally:
+        unpin(cpus, threads)
+    return out
+
+
 def best_of(passes: int, runs: dict) -> dict:
     """Best wall and CPU seconds of each run over `passes` rounds; rounds interleave the runs
     so that a noisy neighbour slows both alike."""

@@ -200,8 +200,8 @@ def _reconcile(job: CacheJob, out: str, header: dict[str, Any],
 
 
 class Progress:
-    def __init__(self, total_rows: int, shards: int):
-        self.total, self.shards, self.rows, self.done = total_rows, shards, 0, 0
+    def __init__(self, total_rows: int, shards: int, log: Callable[[str], None] = _log):
+        self.total, self.shards, self.rows, self.done, self.log = total_rows, shards, 0, 0, log
         self.start = time.perf_counter()
 
     def update(self, rel: str, result: dict[str, Any]) -> None:
@@ -211,7 +211,7 @@ class Progress:
         rate = self.rows / el
         eta = (self.total - self.rows) / rate if rate else float("inf")
         t = result["timings"]
-        _log(f"cache: {rel} {result['output']['rows']:,} rows in {t['seconds']:.2f}s "
+        self.log(f"cache: {rel} {result['output']['rows']:,} rows in {t['seconds']:.2f}s "
              f"(attempt {t['attempt']}, {t['worker'].get('host', '?')}:{t['worker'].get('pid', '?')}) | "
              f"{self.done}/{self.shards} shards, {self.rows:,}/{self.total:,} rows "
              f"({100 * self.rows / max(self.total, 1):.0f}%) | {rate:,.0f} rows/s | ETA {eta:,.0f}s")
@@ -313,7 +313,7 @@ def _compute(job: CacheJob, out: str, manifest: dict[str, Any], run: dict[str, A
                       job.dtype, job.hidden, job.batch_size, job.prefetch, topk=manifest["content"].get("topk"))
             for fp in todo
         ]
-        progress = Progress(sum(fp["rows"] for fp in todo), len(todo))
+        progress = Progress(sum(fp["rows"] for fp in todo), len(todo), log)
         last_write = time.monotonic()
 
         def commit(task: ShardTask, result: dict[str, Any]) -> None:

@@ -110,7 +110,9 @@ class RankingModel(nn.Module):
         self.dense_arch = MLP(n_dense, cfg.dense_arch + [dim], device=device) if n_dense else None
         n_vectors = n_sparse + (1 if n_dense else 0)
         if cfg.interaction == "dot":
-            self.pairs = torch.triu_indices(n_vectors, n_vectors, offset=1)
+            # a buffer (moved with the module, not saved): no device test in forward, which keeps
+            # the model FX-traceable for TorchRec's train pipelines
+            self.register_buffer("pairs", torch.triu_indices(n_vectors, n_vectors, offset=1), persistent=False)
             in_features = n_vectors * (n_vectors - 1) // 2 + (dim if n_dense else 0)
         else:
             in_features = n_vectors * dim
@@ -136,8 +138,6 @@ class RankingModel(nn.Module):
         stacked = torch.cat(vectors, dim=1)  # [B, F+1, D]
         if self.cfg.interaction == "dot":
             gram = torch.bmm(stacked, stacked.transpose(1, 2))
-            if self.pairs.device != gram.device:
-                self.pairs = self.pairs.to(gram.device)
             x = gram[:, self.pairs[0], self.pairs[1]]
             if dense_emb is not None:
                 x = torch.cat([dense_emb, x], dim=1)

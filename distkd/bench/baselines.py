@@ -1,0 +1,198 @@
+"""Peer baselines for `distkd.bench.suite`: what a user would write instead of distkd.
+
+(1) `ray_data_build`: teacher logits over log shards as Ray's batch-inference guide has it,
+    `ray.data.read_parquet` -> `map_batches` with a callable class that holds the teacher
+    (the same export, loaded the same way as distkd's workers) -> `write_parquet`, with the
+    same number of actors (concurrency), CPUs and torch threads as distkd's pool.
+    What it does not give: row order (blocks finish in any order), alignment checks against
+    the log shards (example ids, row groups), and exactly-once commits into a manifest (a
+    failed or repeated run leaves partial or duplicate files that nothing reconciles).
+(2) `train_rank`: one rank of distkd's trainer (the same model, sharding, optimizer and
+    loader), timing distkd's loop (`Trainer.train_step` over the loader) and TorchRec's
+    `TrainPipelineSparseDist` over the same loader, interleaved, in the same process.
+
+    python -m distkd.bench.baselines train --config jobs/demo/teacher.yaml --nproc 2 \\
+        --steps 40 --reps 3 --json out.json [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+# -- (1) Ray Data batch inference ------------------------------------------------------------
+
+class TeacherPredictor:
+    """The callable class Ray Data's `map_batches` instantiates once per actor."""
+
+    def __init__(self, export: str, threads: int):
+        import torch
+
+        from distkd.dist import quiet
+        from distkd.models.teacher import load_teacher
+
+        quiet()
+        torch.set_num_threads(threads)
+        self.teacher = load_teacher(export)
+        self.schema = self.teacher.schema
+        self.keys = [f.name for f in self.schema.sparse]
+
+    def __call__(self, table):
+        import numpy as np
+        import pyarrow as pa
+        import torch
+
+        from distkd.data.batch import to_batch
+        from distkd.data.rows import decode
+
+        batch = to_batch(decode(table, self.schema, "ray-data block"), self.keys)
+        with torch.inference_mode():
+            logits = self.teacher(batch.sparse, batch.dense).logits.float().numpy().astype(np.float16)
+        flat = pa.array(logits.reshape(-1))
+        return pa.table({self.schema.id: table.column(self.schema.id),
+                         "logits": pa.FixedSizeListArray.from_arrays(flat, logits.shape[1])})
+
+
+def ray_data_build(export: str, files: list[str], out: str, workers: int, threads: int, num_cpus: float,
+                   batch_size: int = 8192) -> dict[str, Any]:
+    """Run the Ray Data pipeline on an already started Ray; returns rows and seconds (from
+    building the dataset to the last file written: actor start-up included, as in distkd's)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from distkd.data.schema import load_schema
+
+    schema = load_schema(Path(files[0]).parent.parent)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_progress = False
+    t = time.perf_counter()
+    ds = ray.data.read_parquet(files, columns=schema.training_columns())
+    ds = ds.map_batches(TeacherPredictor, fn_constructor_kwargs={"export": export, "threads": threads},
+                        batch_size=batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=num_cpus)
+    ds.write_parquet(out, compression="zstd")
+    seconds = time.perf_counter() - t
+    rows = sum(pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in os.listdir(out)
+               if f.endswith(".parquet"))
+    return {"rows": rows, "seconds": seconds}
+
+
+# -- (2) TorchRec's TrainPipelineSparseDist ---------------------------------------------------
+
+def _pipelineable():
+    """distkd's Batch behind TorchRec's Pipelineable interface (what the pipeline asserts)."""
+    from torchrec.streamable import Pipelineable
+
+    class PipelineBatch(Pipelineable):
+        def __init__(self, batch):
+            self.batch = batch
+
+        def __getattr__(self, name):  # sparse, dense, labels, extras...: the Batch's own
+            return getattr(self.__dict__["batch"], name)
+
+        def __len__(self) -> int:
+            return len(self.batch)
+
+        def to(self, device, non_blocking: bool = False):
+            return PipelineBatch(self.batch.to(device, non_blocking=non_blocking))
+
+        def record_stream(self, stream) -> None:  # CUDA only; nothing to do on CPU
+            pass
+
+        def pin_memory(self):
+            return self
+
+    return PipelineBatch
+
+
+def _timed(step, it, warmup: int) -> tuple[float, int]:
+    """(seconds, steps) of `step(it)` calls after `warmup` untimed ones; stops when exhausted."""
+    n, t = 0, None
+    while True:
+        if n == warmup:
+            t = time.perf_counter()
+        try:
+            step(it)
+        except StopIteration:
+            break
+        n += 1
+    return (time.perf_counter() - t if t is not None else 0.0), max(0, n - warmup)
+
+
+def train_rank(prepared, steps: int, reps: int) -> dict[str, Any]:
+    """One rank: `reps` rounds of distkd's loop then the pipeline, `steps` batches each."""
+    import itertools
+
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from distkd import dist
+    from distkd.train.trainer import Trainer
+
+    env = dist.init()
+    trainer = Trainer(prepared.job, prepared.schema, prepared.objective, env)
+    ld = trainer.train_loader
+    rows_per_step = ld.batch_size * env.world_size
+    pipe = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, env.device, execute_all_batches=True)
+
+    def plain(it):
+        trainer.train_step(next(it))
+
+    wrap = _pipelineable()
+
+    def piped(it):
+        pipe.progress(it)
+
+    out: dict[str, list[float]] = {"distkd": [], "pipeline": []}
+    epoch, piped_modules = 0, []
+    for _ in range(reps):
+        for name, fn in (("distkd", plain), ("pipeline", piped)):
+            ld.set_epoch(epoch)
+            epoch += 1
+            it = iter(itertools.islice(ld, steps))
+            s, n = _timed(fn, map(wrap, it) if name == "pipeline" else it, warmup=2)
+            out[name].append(n * rows_per_step / s if s else 0.0)
+            if name == "pipeline":  # the pipeline holds batches of the last iterator: start afresh
+                piped_modules = [type(m).__name__ for m in pipe._pipelined_modules]
+                pipe = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, env.device, execute_all_batches=True)
+    dist.shutdown()
+    return {"rank": env.rank, "world_size": env.world_size, "rows_per_s": out, "rows_per_step": rows_per_step,
+            "pipelined_modules": piped_modules}
+
+
+def _train_main(args) -> int:
+    from distkd.config import load
+    from distkd.dist import quiet
+    from distkd.launch.local import launch
+    from distkd.train.job import TrainJob
+    from distkd.train.prepare import prepare
+
+    quiet()
+    job = load(TrainJob, args.config, [*args.overrides, "tensorboard=false", "train.shuffle=false"])
+    prepared = prepare(job, args.config)
+    ranks = launch(train_rank, args.nproc, prepared, args.steps, args.reps)
+    Path(args.json).write_text(json.dumps(ranks[0]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distkd.bench.baselines", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="distkd's loop vs TrainPipelineSparseDist, one launch of --nproc ranks")
+    t.add_argument("--config", required=True)
+    t.add_argument("--nproc", type=int, default=1)
+    t.add_argument("--steps", type=int, default=40)
+    t.add_argument("--reps", type=int, default=1)
+    t.add_argument("--json", required=True)
+    t.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    return _train_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
