@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="students trained per setup (the report shows their spread)")
     p.add_argument("--skip-movielens", action="store_true", help="only the synthetic suite")
     p.add_argument("--next-item", dest="next_item", action="store_true",
-                   help="instead: the next-item suite (jobs/next-item: a top-k cache, next-item distillation)")
+                   help="instead: the next-item suites (jobs/next-item, synthetic; jobs/movielens-next, "
+                        "ml-latest-small): a top-k cache, next-item distillation")
 
     submit = top.add_parser(
         "submit", help="run a stage on a cluster: Ray Jobs API, or render the Slurm script / Kubernetes manifest"

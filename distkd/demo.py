@@ -184,11 +184,22 @@ def load_out(config: Path) -> str:
     return out
 
 
+def movielens(suite: Suite) -> list[Suite]:
+    """[suite] when its MovieLens release is there, else [] (said)."""
+    path = load(DataJob, suite.jobs / "data.yaml").path
+    if path and Path(path).is_dir():
+        return [suite]
+    say(f"skipping {suite.name}: the MovieLens release {path!r} is not there (see {suite.jobs / 'data.yaml'})")
+    return []
+
+
 def run(args) -> int:
     start = time.perf_counter()
     seeds = list(range(args.seeds))
     if getattr(args, "next_item", False):  # its own run: the next-item teacher alone takes ~15 min here
         suites = [Suite("next-item (synthetic)", Path(args.jobs) / "next-item", seeds=seeds)]
+        if not args.skip_movielens:
+            suites += movielens(Suite("next-movie (ml-latest-small)", Path(args.jobs) / "movielens-next", seeds=seeds))
         results = [run_suite(s) for s in suites]
         for r in results:
             print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")
@@ -196,12 +207,7 @@ def run(args) -> int:
         return 0
     suites = [Suite("synthetic", Path(args.jobs) / "demo", seeds=seeds)]
     if not args.skip_movielens:
-        ml = Suite("ml-latest-small", Path(args.jobs) / "movielens", seeds=list(range(args.seeds)))
-        path = load(DataJob, ml.jobs / "data.yaml").path
-        if path and Path(path).is_dir():
-            suites.append(ml)
-        else:
-            say(f"skipping {ml.name}: the MovieLens release {path!r} is not there (see jobs/movielens/data.yaml)")
+        suites += movielens(Suite("ml-latest-small", Path(args.jobs) / "movielens", seeds=seeds))
     results = [run_suite(s) for s in suites]
     for r in results:
         print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")
