@@ -5,6 +5,9 @@ time. A worker that dies mid-shard (SIGKILL, OOM, a lost node) costs that shard 
 restarts the actor (`max_restarts`) and the driver resubmits the shard to the next ready
 worker, up to `max_attempts` times. An error raised by the shard itself (bad logs, a
 changed file) is not retried: it stops the build with its message.
+A lost cluster (the GCS of the head refusing or ignoring connections for CLUSTER_LOST_S, probed
+every POLL_S while the driver waits) stops the build with ClusterLost naming its address; what
+committed is in the manifest and a rerun on a live cluster computes the rest.
 
 Sizing: one CPU of the cluster stays free for other Ray tasks (a pool that takes every CPU
 starves them; Ray Data reads deadlock), but there is always at least one worker. Where the
