@@ -29,7 +29,7 @@ from tests.test_storage import BUCKET, s3  # noqa: F401 (the moto S3 server fixt
 from tests.test_submit_live import session_pids
 
 SHARDS = [f"train/part-0000{i}.parquet" for i in range(4)]
-EXIT_BOUND_S = 45  # from the head's death to the driver's exit (Ray itself would give up only after 60s)
+EXIT_BOUND_S = 30  # from the head's death to the driver's exit (Ray itself would give up only after 60s)
 
 
 def build_args(teacher, logs, out) -> list[str]:
