@@ -247,5 +247,4 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     assert m["complete"] and m["builds"][-1]["computed"] == SHARDS[2:]
     assert_whole(cache, clean, m)
     assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
-    assert verify_cache(cache, small, t0)["rows"] == 32_000
-    assert cli("cache", "verify", "--cache", cache, "--logs", str(small), "--teacher", str(t0)).returncode == 0
+    assert verify_cache(cache, small, t0)["rows"] == 32_000  # what `distkd cache verify` runs
