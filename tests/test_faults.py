@@ -2,7 +2,8 @@
 distillation's loader reads the cache as it grows, and the disk filling (a small tmpfs) while a
 cache file or a checkpoint is written. Worker and driver SIGKILLs, a NaN teacher, ranks killed
 under torchrun and a crash mid-checkpoint are tests/test_cache.py's, test_teacher_contract.py's,
-test_restarts.py's and test_checkpoint.py's (see README, Reliability).
+test_restarts.py's and test_checkpoint.py's; a Ray head killed mid-build and an S3 server failing
+uploads are test_faults_cluster.py's (see README, Reliability).
 """
 
 from __future__ import annotations

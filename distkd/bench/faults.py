@@ -27,6 +27,14 @@ CASES: list[tuple[str, str, str, str]] = [
      "uncommitted shards", "0", "tests/test_cache.py::test_ray_address_build_resumes_after_driver_kill"),
     ("cache driver SIGKILLed, cache on S3", "the final keys hold only whole objects; the rerun resumes",
      "0", "tests/test_storage.py::test_cache_on_s3_interrupted_resumed_verified"),
+    ("the Ray head (separate cluster, `--ray-address`) SIGKILLed mid-build", "exit 2 within seconds naming "
+     "the lost cluster's address; committed shards whole, manifest valid; on a new head the rerun computes "
+     "only the uncommitted shards, equal to a clean build", "0",
+     "tests/test_faults_cluster.py::test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes"),
+    ("S3 failing uploads mid-build (a 503, then 500s for every upload of one shard)", "the 503 is retried by "
+     "the S3 client; the 500s stop the build, exit 2 naming the key; no half or temporary object, manifest "
+     "valid; the rerun against a healthy store computes the rest and verifies", "0",
+     "tests/test_faults_cluster.py::test_the_object_store_failing_an_upload_publishes_nothing_half"),
     ("teacher returns NaN in a later row group", "build stops naming shard, row group and row; nothing of that "
      "shard published, manifest valid", "0", "tests/test_teacher_contract.py::test_nan_in_a_later_row_group_stops_the_build"),
     ("two cache builds racing for one directory, a reader joining the cache as it grows",

@@ -5,6 +5,9 @@ time. A worker that dies mid-shard (SIGKILL, OOM, a lost node) costs that shard 
 restarts the actor (`max_restarts`) and the driver resubmits the shard to the next ready
 worker, up to `max_attempts` times. An error raised by the shard itself (bad logs, a
 changed file) is not retried: it stops the build with its message.
+A lost cluster (the GCS of the head refusing or ignoring connections for CLUSTER_LOST_S, probed
+every POLL_S while the driver waits) stops the build with ClusterLost naming its address; what
+committed is in the manifest and a rerun on a live cluster computes the rest.
 
 Sizing: one CPU of the cluster stays free for other Ray tasks (a pool that takes every CPU
 starves them; Ray Data reads deadlock), but there is always at least one worker. Where the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +36,12 @@ from distkd.data.schema import LogsError
 from distkd.storage import StorageError
 
 READY_TIMEOUT_S = 900.0
+POLL_S = 2.0  # the longest the driver waits on Ray before it looks at the cluster again
+CLUSTER_LOST_S = 6.0  # the GCS refusing or not answering this long: the cluster is gone
+
+
+class ClusterLost(CacheError):
+    """The Ray cluster the build runs on stopped answering (its head died, the network went)."""
 
 
 def connect(address: str | None) -> bool:
@@ -43,7 +53,10 @@ def connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as e:
+            raise ClusterLost(f"cannot connect to the Ray cluster at {address}: {_last_line(e)}") from None
     else:
         # address="local": a new instance, never the last `ray start` cluster Ray would otherwise pick up
         ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
@@ -104,6 +117,34 @@ class WorkerPool:
         self.info: dict[int, dict[str, Any]] = {}
         self.created = time.perf_counter()
         self.first_ready: float | None = None  # perf_counter when the first worker had its teacher loaded
+        self.gcs = ray.get_runtime_context().gcs_address
+        self.checked, self.unreachable_since = 0.0, None
+
+    def check_cluster(self, committed: int) -> None:
+        """Raise ClusterLost once the cluster's GCS has refused or ignored connections for
+        CLUSTER_LOST_S (probed at most every POLL_S): without its head, Ray would let the driver
+        wait on workers that never come back, then end the process with its own log line."""
+        now = time.monotonic()
+        if now - self.checked < POLL_S and self.unreachable_since is None:
+            return
+        self.checked = now
+        host, _, port = self.gcs.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=POLL_S).close()
+            self.unreachable_since = None
+            return
+        except OSError as e:
+            why = e.strerror or str(e) or type(e).__name__
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            self.log(f"cache: the Ray cluster's GCS at {self.gcs} does not answer ({why}); "
+                     f"giving it {CLUSTER_LOST_S:.0f}s")
+        if now - self.unreachable_since >= CLUSTER_LOST_S:
+            raise ClusterLost(
+                f"lost the Ray cluster at {self.gcs}: its GCS has not answered for {CLUSTER_LOST_S:.0f}s "
+                f"({why}; the head node died or cannot be reached); {committed} shard(s) of this run are "
+                "committed in the manifest; start the cluster again and rerun the build to compute the rest")
+        time.sleep(0.5)
 
     def run(self, tasks: list[ShardTask], on_result: Callable[[ShardTask, dict[str, Any]], None]) -> None:
         """Run every task once to success; call `on_result` (in the driver) as each finishes."""
@@ -117,14 +158,16 @@ class WorkerPool:
         alive = set(range(len(self.actors)))
         last_error = ""
         since = time.monotonic()
+        committed = 0
         while pending or running:
+            self.check_cluster(committed)
             while pending and idle:
                 i = idle.pop()
                 task = pending.popleft()
                 running[self.actors[i].build.remote(task)] = (i, task)
             if not alive:
                 raise CacheError(f"every cache worker died; last error: {last_error}")
-            done, _ = ray.wait([*running, *waking], num_returns=1, timeout=30.0)
+            done, _ = ray.wait([*running, *waking], num_returns=1, timeout=POLL_S)
             if not done:
                 if not running and not idle and time.monotonic() - since > READY_TIMEOUT_S:
                     raise CacheError(
@@ -169,6 +212,7 @@ class WorkerPool:
                 continue
             idle.append(i)
             on_result(task, result)
+            committed += 1
 
     def close(self) -> None:
         import ray

@@ -1,7 +1,8 @@
 """Faults for the cache build, through its seams: a worker class that SIGKILLs itself
-mid-shard, and a driver hook that SIGKILLs the driver after N commits.
+mid-shard, a worker class that sleeps after each row group (a build slow enough to break in
+the middle), and a driver hook that SIGKILLs the driver after N commits.
 
-    python -m tests.faults.cache --kill-driver-after N -- <distkd cache build arguments>
+    python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] -- <distkd cache build arguments>
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from distkd.cache.worker import CacheWorker
 
@@ -37,6 +39,19 @@ def kill_worker_class(marker_dir: str, kills: int = 1) -> type:
                                                      "__module__": __name__})
 
 
+class SlowWorker(CacheWorker):
+    """Sleeps `seconds` after each row group is in its temporary file."""
+
+    seconds = 0.0
+
+    def on_row_group(self, g: int) -> None:
+        time.sleep(self.seconds)
+
+
+def slow_worker_class(seconds: float) -> type:
+    return type("SlowRowGroupWorker", (SlowWorker,), {"seconds": float(seconds), "__module__": __name__})
+
+
 def kill_driver_after(n: int):
     def on_commit(rel: str, committed: int) -> None:
         if committed >= n:
@@ -52,9 +67,12 @@ def main(argv: list[str]) -> int:
     import distkd.cache.build as cache_build
     from distkd.cli import main as cli_main
 
-    real = cache_build.build
-    n = int(opts["--kill-driver-after"])
-    cache_build.build = lambda job, **kw: real(job, on_commit=kill_driver_after(n), **kw)
+    real, seams = cache_build.build, {}
+    if "--kill-driver-after" in opts:
+        seams["on_commit"] = kill_driver_after(int(opts["--kill-driver-after"]))
+    if "--slow-row-groups" in opts:
+        seams["worker"] = slow_worker_class(float(opts["--slow-row-groups"]))
+    cache_build.build = lambda job, **kw: real(job, **seams, **kw)
     return cli_main(argv[split + 1:])
 
 
