@@ -1,0 +1,117 @@
+"""How η and the cache's size move with k and the sampled tail, through the real pipeline.
+
+After `distkd demo --next-item` (its logs, teacher, top-64 cache and hard-label students), for
+each (k, tail) setting: a top-k cache of the same teacher (`distkd cache build`), one KD student
+per seed distilled from it (`distkd distill`, the demo's job with `objective.k` and the loss
+weights set; for the demo's own setting, k = 64 without tail, its cache and KD students are
+reused), and all of them evaluated on the test split
+against the demo's teacher and hard-label students. Prints (and writes as JSON and Markdown):
+bytes per row and per cached entry, Recall@10, NDCG@10 and η(Recall@10) per setting.
+
+    python -m distkd.bench.next_item_k [--jobs jobs/next-item] [--seeds 1] [--settings 8:0 32:0 64:0 128:0 64:32]
+
+With a tail, the KL's tail term is the importance-sampled estimate (`tail_kl`) in place of the
+one-bucket top-k KL (`topk_kl`), at the same weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distkd.config import load, read_yaml
+
+
+def setting(text: str) -> tuple[int, int]:
+    k, _, tail = text.partition(":")
+    return int(k), int(tail or 0)
+
+
+def cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "distkd.cli", *args]
+    print(f"\n== {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main(argv=None) -> int:
+    from distkd.cache.build import CacheJob
+    from distkd.cache.manifest import read_manifest
+    from distkd.eval_stats import gap_recovered
+    from distkd.evaluate import evaluate_models
+    from distkd.models.export import read_meta
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", default="jobs/next-item")
+    ap.add_argument("--out", default="runs/next-item/k-sweep")
+    ap.add_argument("--seeds", type=int, default=1, help="KD students per setting (seeds 0..n-1)")
+    ap.add_argument("--settings", nargs="+", type=setting, default=[(8, 0), (32, 0), (64, 0), (128, 0), (64, 32)],
+                    metavar="K:TAIL")
+    args = ap.parse_args(argv)
+    jobs, out = Path(args.jobs), Path(args.out)
+    t0 = time.perf_counter()
+
+    base = load(CacheJob, jobs / "cache.yaml")
+    teacher = read_meta(base.teacher)
+    demo_cache = Path(base.out) / teacher["sha256"][:12]  # the demo builds by_teacher
+    distill = read_yaml(jobs / "distill.yaml")
+    weight = distill["objective"]["losses"]["topk_kl"]
+    hard_out = read_yaml(jobs / "student.yaml")["out"]
+    hard = [f"{hard_out}/seed-{s}/export" for s in range(args.seeds)]
+
+    rows = []
+    for k, tail in args.settings:
+        name = f"k{k}" + (f"-tail{tail}" if tail else "")
+        cache = demo_cache if (k, tail) == (base.topk.k, base.topk.tail) else out / name / "cache"
+        if cache != demo_cache:
+            cli("cache", "build", "--config", str(jobs / "cache.yaml"), f"out={cache}", f"topk.k={k}",
+                f"topk.tail={tail}")
+        exports = []
+        for seed in range(args.seeds):
+            run = Path(distill["out"]) / f"seed-{seed}" if cache == demo_cache else out / name / f"seed-{seed}"
+            losses = [f"objective.losses.topk_kl={0 if tail else weight}", f"objective.losses.tail_kl={weight if tail else 0}"]
+            if not (run / "export").is_dir():
+                cli("distill", "--config", str(jobs / "distill.yaml"), f"out={run}", f"train.seed={seed}",
+                    f"objective.teachers.0.cache={cache}", f"objective.teachers.0.sha256={teacher['sha256']}",
+                    f"objective.k={k}", *losses)
+            exports.append(str(run / "export"))
+        rows.append({"name": name, "k": k, "tail": tail, "cache": str(cache), "exports": exports,
+                     "summary": read_manifest(cache)["totals"]})
+
+    for h in hard:
+        if not Path(h).is_dir():
+            raise SystemExit(f"{h}: missing; run `distkd demo --next-item --seeds {args.seeds}` first")
+    models = {"teacher": [base.teacher], "student-hard": hard, **{r["name"]: r["exports"] for r in rows}}
+    print(f"\n== eval: test split, {len(models)} models", file=sys.stderr, flush=True)
+    result = evaluate_models(read_yaml(jobs / "eval.yaml")["logs"], models, split="test",
+                             gap=("teacher", rows[0]["name"], "student-hard"))
+    task = result["tasks"][0]
+    m = {n: result["models"][n]["metrics"][task] for n in models}
+    for r in rows:
+        r.update({metric: m[r["name"]][metric]["mean"] for metric in ("recall@10", "ndcg@10", "recall@50")})
+        r["eta_recall@10"] = gap_recovered(r["recall@10"], m["student-hard"]["recall@10"]["mean"],
+                                           m["teacher"]["recall@10"]["mean"])
+    lines = ["| k | sampled tail | bytes/row | bytes/entry | Recall@10 | NDCG@10 | Recall@50 | η(Recall@10) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in ("teacher", "student-hard"):
+        lines.append(f"| {n} | | | | {m[n]['recall@10']['mean']:.4f} | {m[n]['ndcg@10']['mean']:.4f} | "
+                     f"{m[n]['recall@50']['mean']:.4f} | |")
+    for r in rows:
+        s = r["summary"]
+        lines.append(f"| {r['k']} | {r['tail'] or 'off'} | {s['bytes_per_row']:.1f} | "
+                     f"{s['bytes_per_row_per_task']:.2f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | "
+                     f"{r['recall@50']:.4f} | {r['eta_recall@10']:.3f} |")
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "k_sweep.json").write_text(json.dumps({"rows": rows, "seeds": args.seeds, "eval_rows": result["rows"]}, indent=1))
+    (out / "k_sweep.md").write_text(table + "\n")
+    print(f"\n{table}\n\n{args.seeds} seed(s) per setting, {result['rows']:,} test rows; "
+          f"{time.perf_counter() - t0:.0f}s; written to {out}/k_sweep.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
