@@ -196,18 +196,15 @@ def movielens(suite: Suite) -> list[Suite]:
 def run(args) -> int:
     start = time.perf_counter()
     seeds = list(range(args.seeds))
+    jobs = Path(args.jobs)
     if getattr(args, "next_item", False):  # its own run: the next-item teacher alone takes ~15 min here
-        suites = [Suite("next-item (synthetic)", Path(args.jobs) / "next-item", seeds=seeds)]
-        if not args.skip_movielens:
-            suites += movielens(Suite("next-movie (ml-latest-small)", Path(args.jobs) / "movielens-next", seeds=seeds))
-        results = [run_suite(s) for s in suites]
-        for r in results:
-            print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")
-        print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
-        return 0
-    suites = [Suite("synthetic", Path(args.jobs) / "demo", seeds=seeds)]
+        suites = [Suite("next-item (synthetic)", jobs / "next-item", seeds=seeds)]
+        ml = Suite("next-movie (ml-latest-small)", jobs / "movielens-next", seeds=seeds)
+    else:
+        suites = [Suite("synthetic", jobs / "demo", seeds=seeds)]
+        ml = Suite("ml-latest-small", jobs / "movielens", seeds=seeds)
     if not args.skip_movielens:
-        suites += movielens(Suite("ml-latest-small", Path(args.jobs) / "movielens", seeds=seeds))
+        suites += movielens(ml)
     results = [run_suite(s) for s in suites]
     for r in results:
         print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")

@@ -16,12 +16,14 @@ the loss runs inside DDP's forward, and the trainer never sees how it is made.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from distkd.config import ConfigError
 from distkd.data.loader import Aligned
 from distkd.data.schema import Schema
 
@@ -53,3 +55,13 @@ class Objective(Protocol):
 
 def detached(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in terms.items()}
+
+
+def check_loss_weights(weights) -> None:
+    """A losses dataclass of float weights: none negative, not all zero."""
+    names = [f.name for f in dataclasses.fields(weights)]
+    bad = [n for n in names if getattr(weights, n) < 0]
+    if bad:
+        raise ConfigError(f"loss weights must be >= 0: {bad}")
+    if not any(getattr(weights, n) for n in names):
+        raise ConfigError("every loss weight is 0: nothing to train")

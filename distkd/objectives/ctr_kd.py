@@ -28,7 +28,7 @@ from distkd.config import ConfigError
 from distkd.data.loader import Aligned
 from distkd.data.schema import Schema
 from distkd.models.teacher import TeacherSpec
-from distkd.objectives.base import ObjectiveContext, StepOutput, detached
+from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
 
 
@@ -71,11 +71,7 @@ class LossWeights:
     hint: float = 0.0  # projected hidden layer vs the teacher's cached hidden layer
 
     def validate(self) -> None:
-        bad = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) < 0]
-        if bad:
-            raise ConfigError(f"loss weights must be >= 0: {bad}")
-        if not any(getattr(self, f.name) for f in dataclasses.fields(self)):
-            raise ConfigError("every loss weight is 0: nothing to train")
+        check_loss_weights(self)
 
 
 @dataclass

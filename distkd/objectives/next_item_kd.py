@@ -17,7 +17,6 @@ top-k cache (distkd.cache.topk), and the logged next item.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from distkd.config import ConfigError
-from distkd.objectives.base import ObjectiveContext, StepOutput, detached
+from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.ctr_kd import TeacherSource
 from distkd.objectives.next_item_losses import hard_ce, ranking_distillation, sampled_tail_kl, topk_kl
 
@@ -38,11 +37,7 @@ class NextItemLosses:
     ranking: float = 0.0
 
     def validate(self) -> None:
-        names = [f.name for f in dataclasses.fields(self)]
-        if any(getattr(self, n) < 0 for n in names):
-            raise ConfigError(f"loss weights must be >= 0: {[n for n in names if getattr(self, n) < 0]}")
-        if not any(getattr(self, n) for n in names):
-            raise ConfigError("every loss weight is 0: nothing to train")
+        check_loss_weights(self)
 
 
 @dataclass
