@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults clean
+.PHONY: install demo test bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -44,6 +44,16 @@ bench-distill: $(STAMP)
 
 bench-sweep: $(STAMP)
 	$(PY) -m distkd.bench.sweep
+
+# bench-train and bench-distill of this tree against commit BASE's, interleaved in one run
+# (BASE=2dfa3e6 is the commit before the trainer rework, issue 11)
+BASE ?= HEAD~1
+bench-vs: $(STAMP)
+	$(PY) -m distkd.bench.vs $(BASE)
+
+# next-item: eta and cache bytes against k and the sampled tail (TOPK_ROWS=300000: a scaled copy)
+bench-topk: $(STAMP)
+	$(PY) -m distkd.bench.next_item_k $(if $(TOPK_ROWS),--rows $(TOPK_ROWS)) --seeds 2
 
 # every fault and bad input of README's Reliability table, run now, with each row's result
 bench-faults: $(STAMP)

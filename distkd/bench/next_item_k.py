@@ -1,17 +1,20 @@
 """How η and the cache's size move with k and the sampled tail, through the real pipeline.
 
-After `distkd demo --next-item` (its logs, teacher, top-64 cache and hard-label students), for
-each (k, tail) setting: a top-k cache of the same teacher (`distkd cache build`), one KD student
-per seed distilled from it (`distkd distill`, the demo's job with `objective.k` and the loss
-weights set; for the demo's own setting, k = 64 without tail, its cache and KD students are
-reused), and all of them evaluated on the test split
-against the demo's teacher and hard-label students. Prints (and writes as JSON and Markdown):
-bytes per row and per cached entry, Recall@10, NDCG@10 and η(Recall@10) per setting.
+For each (k, tail) setting: a top-k cache of the suite's teacher (`distkd cache build`), one KD
+student per seed distilled from it (the suite's distill job with `objective.k` and the loss
+weights set), all evaluated on the test split against the teacher and the hard-label students.
+The logs, teacher, base cache (k = 64, no tail) and students are those of `distkd demo
+--next-item`, reused where the demo made them and made (the same way, by the demo's own stages)
+where it did not. `--rows N` runs the whole sweep on a scaled copy of the suite instead (N rows,
+students' step budgets scaled alike, everything under runs/next-item-N), for a machine where the
+full suite's five caches take too long. Prints (and writes as JSON and Markdown): bytes per row
+and per cached entry, Recall@10, NDCG@10, Recall@50 and η(Recall@10) per setting.
 
-    python -m distkd.bench.next_item_k [--jobs jobs/next-item] [--seeds 1] [--settings 8:0 32:0 64:0 128:0 64:32]
+    python -m distkd.bench.next_item_k [--jobs jobs/next-item] [--rows N] [--seeds 1] [--settings 8:0 32:0 64:0 128:0 64:32]
 
 With a tail, the KL's tail term is the importance-sampled estimate (`tail_kl`) in place of the
-one-bucket top-k KL (`topk_kl`), at the same weight.
+one-bucket top-k KL (`topk_kl`), at the same weight. The caches' Ray cluster is RAY_ADDRESS's
+where set (e.g. a `ray start --head --num-cpus N` sized to take every core), else an embedded one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from distkd.bench import scaled_jobs
 from distkd.config import load, read_yaml
 
 
@@ -38,52 +42,58 @@ def cli(*args: str) -> None:
 
 
 def main(argv=None) -> int:
-    from distkd.cache.build import CacheJob
     from distkd.cache.manifest import read_manifest
+    from distkd.demo import load_out, teacher_and_cache, train_stage
     from distkd.eval_stats import gap_recovered
     from distkd.evaluate import evaluate_models
-    from distkd.models.export import read_meta
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", default="jobs/next-item")
-    ap.add_argument("--out", default="runs/next-item/k-sweep")
+    ap.add_argument("--rows", type=int, default=None, help="run on a copy of the suite scaled to this many rows")
+    ap.add_argument("--out", default=None, help="default: <the suite's runs>/k-sweep")
     ap.add_argument("--seeds", type=int, default=1, help="KD students per setting (seeds 0..n-1)")
     ap.add_argument("--settings", nargs="+", type=setting, default=[(8, 0), (32, 0), (64, 0), (128, 0), (64, 32)],
                     metavar="K:TAIL")
     args = ap.parse_args(argv)
-    jobs, out = Path(args.jobs), Path(args.out)
+    jobs = Path(args.jobs)
+    runs = str(Path(load_out(jobs / "teacher.yaml")).parent)  # runs/next-item
+    if args.rows:
+        runs_to = f"{runs}-{args.rows}"
+        jobs = scaled_jobs(jobs, Path(runs_to) / "jobs", args.rows, (runs, runs_to))
+        runs = runs_to
+    out = Path(args.out or f"{runs}/k-sweep")
     t0 = time.perf_counter()
 
-    base = load(CacheJob, jobs / "cache.yaml")
-    teacher = read_meta(base.teacher)
-    demo_cache = Path(base.out) / teacher["sha256"][:12]  # the demo builds by_teacher
+    _, fp, teacher, base = teacher_and_cache(jobs)
+    demo_cache = Path(base.out) / teacher["sha256"][:12]  # by_teacher
     distill = read_yaml(jobs / "distill.yaml")
     weight = distill["objective"]["losses"]["topk_kl"]
-    hard_out = read_yaml(jobs / "student.yaml")["out"]
-    hard = [f"{hard_out}/seed-{s}/export" for s in range(args.seeds)]
+    hard_out, kd_out = load_out(jobs / "student.yaml"), load_out(jobs / "distill.yaml")
+    hard = []
+    for seed in range(args.seeds):
+        train_stage(jobs / "student.yaml", [f"train.seed={seed}", f"out={hard_out}/seed-{seed}"], fp,
+                    f"student, hard labels, seed {seed}")
+        hard.append(f"{hard_out}/seed-{seed}/export")
 
     rows = []
     for k, tail in args.settings:
         name = f"k{k}" + (f"-tail{tail}" if tail else "")
-        cache = demo_cache if (k, tail) == (base.topk.k, base.topk.tail) else out / name / "cache"
-        if cache != demo_cache:
+        is_base = (k, tail) == (base.topk.k, base.topk.tail)
+        cache = demo_cache if is_base else out / name / "cache"
+        if not is_base:
             cli("cache", "build", "--config", str(jobs / "cache.yaml"), f"out={cache}", f"topk.k={k}",
                 f"topk.tail={tail}")
         exports = []
         for seed in range(args.seeds):
-            run = Path(distill["out"]) / f"seed-{seed}" if cache == demo_cache else out / name / f"seed-{seed}"
+            run = f"{kd_out}/seed-{seed}" if is_base else f"{out}/{name}/seed-{seed}"
             losses = [f"objective.losses.topk_kl={0 if tail else weight}", f"objective.losses.tail_kl={weight if tail else 0}"]
-            if not (run / "export").is_dir():
-                cli("distill", "--config", str(jobs / "distill.yaml"), f"out={run}", f"train.seed={seed}",
-                    f"objective.teachers.0.cache={cache}", f"objective.teachers.0.sha256={teacher['sha256']}",
-                    f"objective.k={k}", *losses)
-            exports.append(str(run / "export"))
+            train_stage(jobs / "distill.yaml", [f"out={run}", f"train.seed={seed}", f"objective.teachers.0.cache={cache}",
+                                                f"objective.teachers.0.sha256={teacher['sha256']}", f"objective.k={k}",
+                                                *losses], fp, f"student, distilled from {name}, seed {seed}")
+            exports.append(f"{run}/export")
         rows.append({"name": name, "k": k, "tail": tail, "cache": str(cache), "exports": exports,
                      "summary": read_manifest(cache)["totals"]})
 
-    for h in hard:
-        if not Path(h).is_dir():
-            raise SystemExit(f"{h}: missing; run `distkd demo --next-item --seeds {args.seeds}` first")
     models = {"teacher": [base.teacher], "student-hard": hard, **{r["name"]: r["exports"] for r in rows}}
     print(f"\n== eval: test split, {len(models)} models", file=sys.stderr, flush=True)
     result = evaluate_models(read_yaml(jobs / "eval.yaml")["logs"], models, split="test",
