@@ -82,13 +82,13 @@ def one_round(tree: Path, a: argparse.Namespace) -> dict[str, float]:
 
 
 def table(base: list[dict[str, float]], head: list[dict[str, float]]) -> list[str]:
-    lines = [f"{'rows/s (median, min-max)':<26} {'base':>22} {'head':>22} {'head/base':>9}  per round",
+    lines = [f"{'rows/s (median, min-max)':<30} {'base':>22} {'head':>22} {'head/base':>9}  per round",
              "-" * 100]
     for name in base[0]:
         b, h = [r[name] for r in base], [r[name] for r in head]
         span = lambda v: f"{statistics.median(v):,.0f} ({min(v):,.0f}-{max(v):,.0f})"  # noqa: E731
         paired = " ".join(f"{y / x:.3f}" for x, y in zip(b, h))
-        lines.append(f"{name:<26} {span(b):>22} {span(h):>22} {statistics.median(h) / statistics.median(b):>9.3f}  "
+        lines.append(f"{name:<30} {span(b):>22} {span(h):>22} {statistics.median(h) / statistics.median(b):>9.3f}  "
                      f"{paired}")
     return lines
 
