@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     m = {n: result["models"][n]["metrics"][task] for n in models}
     for r in rows:
         r.update({metric: m[r["name"]][metric]["mean"] for metric in ("recall@10", "ndcg@10", "recall@50")})
+        r["recall@10_std"] = m[r["name"]]["recall@10"].get("std")  # over the seeds (None with one)
         r["eta_recall@10"] = gap_recovered(r["recall@10"], m["student-hard"]["recall@10"]["mean"],
                                            m["teacher"]["recall@10"]["mean"])
     lines = ["| k | sampled tail | bytes/row | bytes/entry | Recall@10 | NDCG@10 | Recall@50 | η(Recall@10) |",
@@ -110,9 +111,10 @@ def main(argv=None) -> int:
         lines.append(f"| {n} | | | | {m[n]['recall@10']['mean']:.4f} | {m[n]['ndcg@10']['mean']:.4f} | "
                      f"{m[n]['recall@50']['mean']:.4f} | |")
     for r in rows:
-        s = r["summary"]
+        s, std = r["summary"], r["recall@10_std"]
+        recall = f"{r['recall@10']:.4f}" + ("" if std is None else f" ± {std:.4f}")
         lines.append(f"| {r['k']} | {r['tail'] or 'off'} | {s['bytes_per_row']:.1f} | "
-                     f"{s['bytes_per_row_per_task']:.2f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | "
+                     f"{s['bytes_per_row_per_task']:.2f} | {recall} | {r['ndcg@10']:.4f} | "
                      f"{r['recall@50']:.4f} | {r['eta_recall@10']:.3f} |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
