@@ -46,12 +46,12 @@ bench-sweep: $(STAMP)
 	$(PY) -m distkd.bench.sweep
 
 # bench-train and bench-distill of this tree against commit BASE's, interleaved in one run
-# (BASE=2dfa3e6 is the commit before the trainer rework, issue 11)
+# (issue 11: 2dfa3e6 was measured; a7fd55f is the trainer rework's own parent)
 BASE ?= HEAD~1
 bench-vs: $(STAMP)
 	$(PY) -m distkd.bench.vs $(BASE)
 
-# next-item: eta and cache bytes against k and the sampled tail (TOPK_ROWS=300000: a scaled copy)
+# next-item: eta and cache bytes against k and the sampled tail (TOPK_ROWS=200000: a scaled copy)
 bench-topk: $(STAMP)
 	$(PY) -m distkd.bench.next_item_k $(if $(TOPK_ROWS),--rows $(TOPK_ROWS)) --seeds 2
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from distkd.bench import scaled_jobs
-from distkd.config import load, read_yaml
+from distkd.config import read_yaml
 
 
 def setting(text: str) -> tuple[int, int]:
