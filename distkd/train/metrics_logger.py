@@ -27,26 +27,27 @@ class MetricsLogger:
     def __init__(self, out: Path, is_main: bool, total: int, start: int, rows_per_step: int, log_every: int,
                  tensorboard: bool, window: int = 10):
         self.is_main, self.rows_per_step, self.log_every, self.window = is_main, rows_per_step, log_every, window
-        self.start, self.t0, self.t1 = start, time.perf_counter(), None
+        self.start, self.t1 = start, None
         self.steps = 0
         self.pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.history: list[dict[str, float]] = []  # this run's steps, on the host
         self.smoothed: Optional[float] = None
         self.bar = self.tb = None
         self.log_path = out / LOSS_LOG
-        if not is_main:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate(self.log_path, start)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            _truncate(self.log_path, start)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        from tqdm import tqdm
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if sys.stderr.isatty() else 15,
-                        disable=os.environ.get("DISTKD_NO_PROGRESS") == "1")
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.5 if sys.stderr.isatty() else 15,
+                            disable=os.environ.get("DISTKD_NO_PROGRESS") == "1")
+        # rows/s counts from here: opening TensorBoard (its import alone is ~1 s) is set-up, not training
+        self.t0 = time.perf_counter()
 
     def step(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         self.steps += 1

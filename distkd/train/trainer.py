@@ -115,10 +115,10 @@ class Trainer:
         self.resume_if_any()
         total = self.total_steps()
         self.schedule.total = max(total, 1)
-        self.logger = logger = MetricsLogger(self.out, env.is_main, total, self.state.step,
-                                             loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
         self.log(f"{job.role}: {count_params(self.schema, self.model_cfg)['total']:,} parameters on "
                  f"{env.world_size} rank(s) ({env.backend}); plan {describe_plan(self.dmp)}")
+        self.logger = logger = MetricsLogger(self.out, env.is_main, total, self.state.step,
+                                             loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
         stop = self.state.step >= total
         while not stop and self.state.epoch < loop.epochs:
             self.train_loader.set_epoch(self.state.epoch)
