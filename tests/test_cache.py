@@ -35,7 +35,7 @@ from distkd.models.export import load_export, write_export
 from distkd.data.loader import LogLoader, split_files
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import LogsError, load_schema
-from tests.faults.cache import kill_worker_class
+from tests.faults.cache import kill_each_shard_class, kill_worker_class
 from tests.test_submit_live import LOOPBACK, listening, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +229,26 @@ def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tm
     for rel, e in m["shards"].items():
         assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
         assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
+
+
+def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path):
+    """One worker, SIGKILLed on the first attempt of each of the 4 shards: more deaths than
+    max_attempts, none twice on one shard. Each death costs its shard one retry; the build does
+    not run out of restarts."""
+    out, _ = built
+    logs: list[str] = []
+    s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"], workers=1, max_attempts=2),
+              log=logs.append, worker=kill_each_shard_class(tmp_path))
+    assert len(list(tmp_path.glob("killed-*"))) == 4, "the fault did not fire on every shard"
+    assert s["complete"] and s["computed"] == 4 and s["rows"] == 32_000
+    assert sum("died on" in line for line in logs) == 4, logs
+    m = read_manifest(tmp_path / "cache")
+    assert sorted(e["timings"]["attempt"] for e in m["shards"].values()) == [2, 2, 2, 2]
+    assert not list((tmp_path / "cache").glob("*/.*.tmp-*"))
+    verify_cache(tmp_path / "cache", small_logs)
+    clean = read_manifest(out)["shards"]
+    for rel, e in m["shards"].items():
+        assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
 
 
 @pytest.fixture(scope="module")

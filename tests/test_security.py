@@ -65,13 +65,94 @@ def test_exports_and_teacher_weights_never_run_pickled_code(kd_world, tmp_path, 
     assert not pwned.exists()
 
 
+
+def _crafted_program(path: Path, pwned: Path, member: str, config_flag: str | None = None) -> None:
+    """A real .pt2 with `member` replaced by a pickle that runs `touch PWNED`; `config_flag`
+    (a weights config member) is rewritten to declare every weight pickled, which is what
+    makes torch.export.load unpickle it."""
+    import zipfile
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    good = path.with_name("good.pt2")
+    torch.export.save(torch.export.export(Tiny(), (torch.randn(4, 3),)), good)
+    payload = tempfile.SpooledTemporaryFile()
+    torch.save({"x": _Payload(pwned)}, payload)
+    payload.seek(0)
+    evil = payload.read()
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            rel = info.filename.split("/", 1)[1]
+            data = src.read(info)
+            if rel == member:
+                data = evil
+            elif rel == config_flag:
+                cfg = json.loads(data)
+                for meta in cfg["config"].values():
+                    meta["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+            dst.writestr(info, data)
+
+
+@pytest.mark.parametrize("member, flag", [("data/sample_inputs/model.pt", None),
+                                          ("data/weights/weight_0", "data/weights/model_weights_config.json")])
+def test_a_teacher_program_with_a_crafted_pickle_is_refused_before_torch_loads_it(kd_world, tmp_path, capsys, member,
+                                                                                 flag):
+    import io
+
+    pwned, program = tmp_path / "pwned", tmp_path / "teacher.pt2"
+    _crafted_program(program, pwned, member, flag)
+    # the hole is real: torch.export.load itself runs the pickle (in a child, to keep this process clean)
+    import subprocess
+    import sys
+
+    code = f"import torch; torch.export.load({str(program)!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
+    assert pwned.exists(), "torch.export.load no longer unpickles this member: the check may be obsolete"
+    pwned.unlink()
+    with pytest.raises(TeacherError, match=rf"teacher {re.escape(str(program))}: {re.escape(member)}: a pickle that "
+                                           r"does not load with torch.load\(weights_only=True\).*posix.system"):
+        load_teacher(TeacherSpec(program=str(program), input="dict"), load_schema(kd_world["logs"]))
+    rc = cli_main(["cache", "build", "--teacher-program", str(program), "--teacher-input", "dict",
+                   "--logs", str(kd_world["logs"]), "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{member}: a pickle" in err and "Traceback" not in err, err
+    assert not pwned.exists() and not (tmp_path / "cache").exists()
+    from distkd.models.program import ProgramError, check_program
+
+    with pytest.raises(ProgramError, match="not a torch.export .pt2 archive"):  # the pre-2.8 layout
+        check_program(_zip({"old/version": b"8.0.0", "old/serialized_state_dict.pt": b"x"}))
+    with pytest.raises(ProgramError, match="compiled code"):
+        check_program(_zip({"p/.data/version": b"3", "p/archive_format": b"pt2",
+                            "p/data/aotinductor/model/model.so": b"\x7fELF"}))
+    with pytest.raises(ProgramError, match="not a torch zip archive"):
+        check_program(io.BytesIO(b"not a zip").getvalue())
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
 # Calls that deserialize arbitrary objects, and where (file: reason) they are known and allowed.
 ALLOWED = {
     ("distkd/train/checkpoint.py", "pickle.Unpickler"): "DCP's .metadata, through an unpickler whose "
                                                         "find_class admits only DCP's metadata classes",
     ("distkd/serve/export.py", "torch.jit.load"): "loads back the files it has just written, to check them",
     ("distkd/serve/export.py", "torch.export.load"): "the same",
-    ("distkd/models/teacher.py", "torch.export.load"): "a program teacher: torch's own format, no pickles",
+    ("distkd/models/program.py", "torch.export.load"): "a program teacher, after check_program has refused "
+                                                       "every member torch would unpickle beyond tensors",
 }
 UNSAFE = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cloudpickle.load", "cloudpickle.loads", "dill.load",
           "dill.loads", "joblib.load", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "marshal.loads",

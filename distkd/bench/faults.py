@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES: list[tuple[str, str, str, str]] = [
     ("cache worker SIGKILLed mid-shard", "the shard is retried on the restarted worker; same bytes as a clean "
      "build", "0", "tests/test_cache.py::test_worker_killed_mid_shard_costs_one_retry"),
+    ("one cache worker SIGKILLed on every shard of a build (4 deaths, max_attempts 2)", "each shard retried "
+     "once on the restarted worker; the build completes, same bytes as a clean build", "0",
+     "tests/test_cache.py::test_one_worker_killed_on_every_shard_still_builds_every_row_once"),
     ("cache driver SIGKILLed after its first commit (separate Ray head)", "the rerun computes only the 3 "
      "uncommitted shards", "0", "tests/test_cache.py::test_ray_address_build_resumes_after_driver_kill"),
     ("cache driver SIGKILLed, cache on S3", "the final keys hold only whole objects; the rerun resumes",
@@ -86,6 +89,10 @@ CASES: list[tuple[str, str, str, str]] = [
      "any work", "0 (refused)", "tests/test_bad_input.py::test_an_output_location_that_cannot_be_written"),
     ("pickled code in an export or teacher weights", "refused by torch.load(weights_only=True), in the driver; "
      "the sentinel file never appears", "–", "tests/test_security.py::test_exports_and_teacher_weights_never_run_pickled_code"),
+    ("pickled code inside a `.pt2` teacher program (a sample input or a weight flagged pickled)",
+     "refused before torch.export.load sees it (which would run it), naming the archive member; exit 2, "
+     "nothing created; the sentinel file never appears", "–",
+     "tests/test_security.py::test_a_teacher_program_with_a_crafted_pickle_is_refused_before_torch_loads_it"),
     ("pickled code in a checkpoint's DCP metadata", "refused naming the global; nothing runs", "–",
      "tests/test_checkpoint.py::test_loading_never_runs_pickled_code"),
     ("unsafe deserialization anywhere in distkd/", "none: torch.load only with weights_only=True, DCP metadata "

@@ -110,8 +110,11 @@ class WorkerPool:
         import ray
 
         self.plan, self.max_attempts, self.log = plan, max_attempts, log
+        # Restarts unbounded per worker: each death is charged to the shard it was running (at
+        # most max_attempts per shard), and a worker that never gets ready is bounded by
+        # READY_TIMEOUT_S; a budget per worker would end a long build after a few unrelated kills.
         actor = ray.remote(worker).options(
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=max_attempts, max_task_retries=0,
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=0,
         )
         self.actors = [actor.remote(teacher, plan.device, plan.threads) for _ in range(plan.workers)]
         self.info: dict[int, dict[str, Any]] = {}

@@ -132,6 +132,16 @@ def as_spec(teacher: "str | TeacherSpec", where: str = "teacher") -> TeacherSpec
 
 # -- fingerprints -----------------------------------------------------------------------
 
+def _check_program(data: bytes, spec: TeacherSpec, load: bool = False):
+    """distkd.models.program's check (and load), its refusal as a TeacherError."""
+    from distkd.models.program import ProgramError, check_program, load_program
+
+    try:
+        return load_program(data) if load else check_program(data)
+    except ProgramError as e:
+        raise TeacherError(f"teacher {spec.program}: {e}") from None
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -196,7 +206,9 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
         rec.update(export=spec.export, hidden_dim=int(meta["model"]["deep_arch"][-1]) if "deep_arch" in meta["model"] else None)
         return rec
     if spec.program:
-        rec.update(sha256=sha256_file(spec.program), bytes=Path(spec.program).stat().st_size)
+        data = _read(spec.program, "program", spec)
+        _check_program(data, spec)  # here, in the driver, before any worker or file is started
+        rec.update(sha256=_sha256(data), bytes=len(data))
     else:
         weights = _sha256(_read(spec.weights, "weights", spec))
         sources = source_files(spec.factory)
@@ -357,11 +369,7 @@ def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, dev
             raise TeacherError(f"teacher {spec.name}: loading it needs the logs' schema")
         if spec.program:
             data = _read(spec.program, "program", spec)
-            try:
-                module = torch.export.load(io.BytesIO(data)).module()
-            except Exception as e:
-                raise TeacherError(f"teacher {spec.program}: not a torch.export program: "
-                                   f"{(str(e).splitlines() or [''])[0][:200]}") from None
+            module = _check_program(data, spec, load=True)
             sha = _sha256(data)
             if device.type != "cpu":
                 module = module.to(device)

@@ -1,6 +1,7 @@
-"""Faults for the cache build, through its seams: a worker class that SIGKILLs itself
-mid-shard, a worker class that sleeps after each row group (a build slow enough to break in
-the middle), and a driver hook that SIGKILLs the driver after N commits.
+"""Faults for the cache build, through its seams: worker classes that SIGKILL themselves
+mid-shard (the first attempts, or once on every shard), a worker class that sleeps after each
+row group (a build slow enough to break in the middle), and a driver hook that SIGKILLs the
+driver after N commits.
 
     python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] -- <distkd cache build arguments>
 """
@@ -31,6 +32,31 @@ class KillOnceWorker(CacheWorker):
             except FileExistsError:
                 continue
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillEachShardWorker(CacheWorker):
+    """Dies (SIGKILL) after the first row group of every shard's first attempt: a build of N
+    shards on one worker loses that worker N times."""
+
+    marker_dir = ""
+
+    def build(self, task):
+        self.shard = task.log_path
+        return super().build(task)
+
+    def on_row_group(self, g: int) -> None:
+        if g != 0:
+            return
+        marker = os.path.join(self.marker_dir, "killed-" + self.shard.replace("/", "_"))
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_each_shard_class(marker_dir: str) -> type:
+    return type("KillEachShard", (KillEachShardWorker,), {"marker_dir": str(marker_dir), "__module__": __name__})
 
 
 def kill_worker_class(marker_dir: str, kills: int = 1) -> type:
