@@ -46,7 +46,7 @@ bench-sweep: $(STAMP)
 	$(PY) -m distkd.bench.sweep
 
 # bench-train and bench-distill of this tree against commit BASE's, interleaved in one run
-# (issue 11: 2dfa3e6 was measured; a7fd55f is the trainer rework's own parent)
+# (issue 11: measured against a7fd55f, the trainer rework's parent, and 2dfa3e6; see README Benchmarks)
 BASE ?= HEAD~1
 bench-vs: $(STAMP)
 	$(PY) -m distkd.bench.vs $(BASE)
