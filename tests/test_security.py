@@ -20,7 +20,8 @@ import yaml
 from distkd.cli import main as cli_main
 from distkd.config import ConfigError
 from distkd.models.export import load_export, sha256_file
-from distkd.models.teacher import TeacherError, TeacherSpec, load_teacher
+from distkd.models.teacher import load_teacher
+from distkd.models.teacher_spec import TeacherError, TeacherSpec
 from distkd.data.schema import load_schema
 from tests.support import ROOT, SMALL_MODEL, cli
 from tests.test_cluster import CLUSTER, docs, submit, walk

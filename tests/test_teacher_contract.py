@@ -26,7 +26,8 @@ from distkd.data.loader import split_files
 from distkd.data.rows import decode
 from distkd.data.schema import load_schema
 from distkd.models.export import sha256_file
-from distkd.models.teacher import TeacherError, TeacherSpec, describe, kjt_to_dict, load_teacher
+from distkd.models.teacher import describe, kjt_to_dict, load_teacher
+from distkd.models.teacher_spec import TeacherError, TeacherSpec
 from tests.support import cli
 from tests.user_teacher import build as user_build
 

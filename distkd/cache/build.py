@@ -32,7 +32,8 @@ from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.config import ConfigError, to_dict
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.schema import SPLITS, load_schema
-from distkd.models.teacher import TeacherError, TeacherRef, TeacherSpec, as_spec
+from distkd.models.teacher import TeacherRef
+from distkd.models.teacher_spec import TeacherError, TeacherSpec, as_spec
 
 MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
 
@@ -363,7 +364,7 @@ def job_from_args(args) -> CacheJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
     from distkd.config import load
 
-    from distkd.models.teacher import spec_from_args
+    from distkd.models.teacher_spec import spec_from_args
 
     job = load(CacheJob, args.config, list(args.overrides))
     spec = spec_from_args(args)

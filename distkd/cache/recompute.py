@@ -29,7 +29,8 @@ from distkd.data.batch import to_batch
 from distkd.data.checks import check_row_group
 from distkd.data.rows import decode
 from distkd.data.schema import Schema
-from distkd.models.teacher import Teacher, TeacherError, TeacherSpec, as_spec, load_teacher
+from distkd.models.teacher import Teacher, load_teacher
+from distkd.models.teacher_spec import TeacherError, TeacherSpec, as_spec
 
 DEFAULT_BATCH = 8192  # CacheJob's default, for files written before the footer recorded it
 

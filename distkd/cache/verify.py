@@ -28,7 +28,8 @@ from distkd.cache.reader import check_file, check_identity, check_input, load_ma
 from distkd.config import ConfigError
 from distkd.models.export import sha256_file
 from distkd.data.schema import LogsError, load_schema
-from distkd.models.teacher import TeacherSpec, as_spec, describe
+from distkd.models.teacher import describe
+from distkd.models.teacher_spec import TeacherSpec, as_spec
 
 
 def _log(msg: str) -> None:
@@ -135,7 +136,7 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
 
 def run(args) -> int:
     """`distkd cache verify`."""
-    from distkd.models.teacher import spec_from_args
+    from distkd.models.teacher_spec import spec_from_args
 
     if args.tolerance < 0:
         raise ConfigError(f"--tolerance: ulps must be >= 0, got {args.tolerance}")

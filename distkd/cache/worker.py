@@ -42,7 +42,8 @@ from distkd.data.checks import check_row_group
 from distkd.data.batch import to_batch
 from distkd.data.rows import decode
 from distkd.data.schema import Schema
-from distkd.models.teacher import Teacher, TeacherError, TeacherRef, TeacherSpec
+from distkd.models.teacher import Teacher, TeacherRef
+from distkd.models.teacher_spec import TeacherError, TeacherSpec
 
 
 @dataclass

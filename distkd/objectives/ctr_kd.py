@@ -27,7 +27,7 @@ from torch import nn
 from distkd.config import ConfigError
 from distkd.data.loader import Aligned
 from distkd.data.schema import Schema
-from distkd.models.teacher import TeacherSpec
+from distkd.models.teacher_spec import TeacherSpec
 from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
 
