@@ -31,6 +31,7 @@ from distkd.data import stats as st
 from distkd.data.checks import check_row_group
 from distkd.data.rows import _floats
 from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, check_arrow_schema, load_schema
+from distkd.data.sketches import Accumulator
 
 # Scale warnings (see the module docstring).
 DENSE_MEAN, DENSE_STD, DENSE_MAX = 10.0, 10.0, 1e3
@@ -59,7 +60,7 @@ def _open(path: str) -> pq.ParquetFile:
         raise LogsError(f"{path}: not a readable Parquet file (corrupt or truncated?): {_one_line(e)}") from None
 
 
-def _check_shard(path: str, schema: Schema, stats: dict, acc: st.Accumulator | None = None) -> np.ndarray:
+def _check_shard(path: str, schema: Schema, stats: dict, acc: Accumulator | None = None) -> np.ndarray:
     """Check one shard; add to `stats` (and `acc`); return its example ids (int64)."""
     pf = _open(path)
     check_arrow_schema(schema, pf.schema_arrow, str(path))
@@ -186,7 +187,7 @@ def validate_logs(logs_dir: str | Path) -> dict:
         warnings.append(str(e))
     summary = {"logs": str(logs_dir), "schema": schema.fingerprint(), "rows": 0, "splits": {}}
     ids, paths = [], []
-    acc = st.Accumulator(schema, sample=False)
+    acc = Accumulator(schema, sample=False)
     for split, shards in _groups(logs_dir).items():
         stats = {"rows": 0, "shards": 0, "row_groups": 0,
                  "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.binary}}
