@@ -55,9 +55,11 @@ bench-vs: $(STAMP)
 bench-topk: $(STAMP)
 	$(PY) -m distkd.bench.next_item_k $(if $(TOPK_ROWS),--rows $(TOPK_ROWS)) --seeds 2
 
-# every fault and bad input of README's Reliability table, run now, with each row's result
+# every fault and bad input of README's Reliability table, run now, with each row's result;
+# then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)
 bench-faults: $(STAMP)
 	$(PY) -m distkd.bench.faults
+	$(PY) -m distkd.bench.faults_scale $(if $(FAULT_ROWS),--rows $(FAULT_ROWS))
 
 clean:
 	rm -rf runs

@@ -3,7 +3,8 @@ mid-shard (the first attempts, or once on every shard), a worker class that slee
 row group (a build slow enough to break in the middle), and a driver hook that SIGKILLs the
 driver after N commits.
 
-    python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] -- <distkd cache build arguments>
+    python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] [--kill-each-shard MARKER_DIR] \
+        -- <distkd cache build arguments>
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main(argv: list[str]) -> int:
         seams["on_commit"] = kill_driver_after(int(opts["--kill-driver-after"]))
     if "--slow-row-groups" in opts:
         seams["worker"] = slow_worker_class(float(opts["--slow-row-groups"]))
+    if "--kill-each-shard" in opts:
+        seams["worker"] = kill_each_shard_class(opts["--kill-each-shard"])
     cache_build.build = lambda job, **kw: real(job, **seams, **kw)
     return cli_main(argv[split + 1:])
 
