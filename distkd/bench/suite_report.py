@@ -63,9 +63,11 @@ def fig(xs: list[float], unit: str = "rows/s", scale: float = 1.0) -> str:
     return f"{f(m)} {unit} ({f(lo)}–{f(hi)}, n={len(xs)})"
 
 
-def slope_ratio(points: dict, key: str) -> float:
-    """Marginal cost per row from 4× to 16× over that from 1× to 4× (1.0: linear, start-up aside)."""
-    (r1, t1), (r4, t4), (r16, t16) = [(med([p["rows"] for p in at(points, k)]), med([p[key] for p in at(points, k)]))
+def slope_ratio(points: dict, cost) -> float:
+    """Marginal cost per row from 4× to 16× over that from 1× to 4× (1.0: linear); `cost`: a
+    point's key, or a function of the point."""
+    cost = cost if callable(cost) else (lambda p, key=cost: p[key])
+    (r1, t1), (r4, t4), (r16, t16) = [(med([p["rows"] for p in at(points, k)]), med([cost(p) for p in at(points, k)]))
                                       for k in SWEEP]
     return ((t16 - t4) / (r16 - r4)) / ((t4 - t1) / (r4 - r1)) if r4 > r1 and r16 > r4 and t4 != t1 else float("nan")
 
@@ -84,7 +86,9 @@ def goals(R: dict) -> list[str]:
     ld = med(L["loader"]) / med(L["pyarrow"])
     ba = med(D["hard"]) / med(D["cache"])  # epoch time ratio: cache / hard
     two = med(at(T, 2)["distkd"]) / med(at(T, 1)["distkd"])
-    lin_b = slope_ratio(C["sweep"], "seconds")
+    # a build's seconds less its workers' start-up (process start and teacher load: a fixed cost
+    # of 7-10 s here that scatters by more than a 1x build's whole compute)
+    lin_b = slope_ratio(C["sweep"], lambda p: p["seconds"] - (p.get("workers_start_s") or 0.0))
     lin_d = slope_ratio(D["sweep"], "seconds")
     mem_b = med([p["peak_rss"] for p in at(C["sweep"], 16)]) / med([p["peak_rss"] for p in at(C["sweep"], 1)])
     mem_d = med([p["peak_rss"] for p in at(D["sweep"], 16)]) / med([p["peak_rss"] for p in at(D["sweep"], 1)])
@@ -104,7 +108,7 @@ def goals(R: dict) -> list[str]:
         goal_row("2 ranks ≥ 1.7 × 1 rank (distkd's loop)", two, two >= 1.7, pct(1 - two / 1.7),
                  "gloo on CPU, one thread per rank"),
         goal_row("cache build linear 1×→16× (marginal cost 4–16× / 1–4×, within ±10%)", lin_b,
-                 abs(lin_b - 1) <= 0.1, pct(abs(lin_b - 1) - 0.1)),
+                 abs(lin_b - 1) <= 0.1, pct(abs(lin_b - 1) - 0.1), "build time less the workers' start-up"),
         goal_row("distillation linear 1×→16× (same measure, loop time)", lin_d, abs(lin_d - 1) <= 0.1,
                  pct(abs(lin_d - 1) - 0.1)),
         goal_row("cache build memory flat (peak RSS of a worker, 16× / 1×, ≤ 1.1)", mem_b, mem_b <= 1.1,
