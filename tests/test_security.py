@@ -5,12 +5,16 @@ tests/test_checkpoint.py's; manifest paths out of the cache are tests/test_bad_i
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ import yaml
 from distkd.cli import main as cli_main
 from distkd.config import ConfigError
 from distkd.models.export import load_export, sha256_file
+from distkd.models.program import ProgramError, check_program
 from distkd.models.teacher import load_teacher
 from distkd.models.teacher_spec import TeacherError, TeacherSpec
 from distkd.data.schema import load_schema
@@ -71,8 +76,6 @@ def _crafted_program(path: Path, pwned: Path, member: str, config_flag: str | No
     """A real .pt2 with `member` replaced by a pickle that runs `touch PWNED`; `config_flag`
     (a weights config member) is rewritten to declare every weight pickled, which is what
     makes torch.export.load unpickle it."""
-    import zipfile
-
     class Tiny(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -83,10 +86,9 @@ def _crafted_program(path: Path, pwned: Path, member: str, config_flag: str | No
 
     good = path.with_name("good.pt2")
     torch.export.save(torch.export.export(Tiny(), (torch.randn(4, 3),)), good)
-    payload = tempfile.SpooledTemporaryFile()
+    payload = io.BytesIO()
     torch.save({"x": _Payload(pwned)}, payload)
-    payload.seek(0)
-    evil = payload.read()
+    evil = payload.getvalue()
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
         for info in src.infolist():
             rel = info.filename.split("/", 1)[1]
@@ -105,14 +107,9 @@ def _crafted_program(path: Path, pwned: Path, member: str, config_flag: str | No
                                           ("data/weights/weight_0", "data/weights/model_weights_config.json")])
 def test_a_teacher_program_with_a_crafted_pickle_is_refused_before_torch_loads_it(kd_world, tmp_path, capsys, member,
                                                                                  flag):
-    import io
-
     pwned, program = tmp_path / "pwned", tmp_path / "teacher.pt2"
     _crafted_program(program, pwned, member, flag)
     # the hole is real: torch.export.load itself runs the pickle (in a child, to keep this process clean)
-    import subprocess
-    import sys
-
     code = f"import torch; torch.export.load({str(program)!r})"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
     assert pwned.exists(), "torch.export.load no longer unpickles this member: the check may be obsolete"
@@ -125,21 +122,16 @@ def test_a_teacher_program_with_a_crafted_pickle_is_refused_before_torch_loads_i
     err = capsys.readouterr().err
     assert rc == 2 and f"{member}: a pickle" in err and "Traceback" not in err, err
     assert not pwned.exists() and not (tmp_path / "cache").exists()
-    from distkd.models.program import ProgramError, check_program
-
     with pytest.raises(ProgramError, match="not a torch.export .pt2 archive"):  # the pre-2.8 layout
         check_program(_zip({"old/version": b"8.0.0", "old/serialized_state_dict.pt": b"x"}))
     with pytest.raises(ProgramError, match="compiled code"):
         check_program(_zip({"p/.data/version": b"3", "p/archive_format": b"pt2",
                             "p/data/aotinductor/model/model.so": b"\x7fELF"}))
     with pytest.raises(ProgramError, match="not a torch zip archive"):
-        check_program(io.BytesIO(b"not a zip").getvalue())
+        check_program(b"not a zip")
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
-    import io
-    import zipfile
-
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for name, data in members.items():

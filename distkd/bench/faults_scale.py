@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         rc1, s1, err1 = build(teacher, logs, work / "driver", address, ["--kill-driver-after", str(n)])
         before = len(read_manifest(work / "driver")["shards"])
         rc2, s2, err2 = build(teacher, logs, work / "driver", address, [])
-        if rc1 != -9 or rc2:
+        if rc1 != -signal.SIGKILL or rc2:
             rows_out.append((f"cache driver SIGKILLed after {n} commits, rerun", f"FAILED: first exit {rc1} "
                              f"(expected -9), rerun exit {rc2}: {err2.strip().splitlines()[-1][:160]}", "–",
                              f"{s1 + s2:.0f}"))
