@@ -13,7 +13,6 @@ from distkd.bench import suite
 ROWS = [
     "teacher forward alone, 1 thread",
     "distkd cache build,",
-    "(one CPU more for Ray)",
     "Ray Data read_parquet → map_batches → write_parquet",
     "pyarrow read+decode",
     "LogLoader, batch 8192",
@@ -25,7 +24,7 @@ ROWS = [
     "student distilled from the cache",
     "student distilled online",
 ]
-GOALS = ["Ray Data pipeline", "1-thread forward, pool as shipped", "one worker per core", "pyarrow",
+GOALS = ["Ray Data pipeline", "× 1-thread forward", "pyarrow",
          "hard-label epoch", "2 ranks", "cache build linear", "distillation linear", "cache build memory",
          "distillation memory"]
 
@@ -63,5 +62,5 @@ def test_quick_suite_writes_every_section(quick):
 def test_quick_suite_keeps_its_raw_figures(quick):
     r = json.loads((quick / "BENCHMARKS.json").read_text())
     assert r["quick"] and r["reps"] == 1
-    assert all(len(r["cache"][k]) == 1 for k in ("raw_1", "build", "build_all_cores", "ray_data"))
+    assert all(len(r["cache"][k]) == 1 for k in ("raw_1", "build", "ray_data"))
     assert set(r["distill"]["sweep"]) == {"1", "4", "16"}

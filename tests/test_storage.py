@@ -215,7 +215,8 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "object storage has no build lock" in r.stderr
     m = read_manifest(cache)
-    assert not m["complete"] and list(m["shards"]) == ["train/part-00000.parquet"]
+    assert not m["complete"] and len(m["shards"]) == 1, m["shards"]  # whichever worker finished first
+    done = set(m["shards"])
     for rel, e in m["shards"].items():  # what the manifest claims is there, whole
         assert storage.size(f"{cache}/{rel}") == e["output"]["bytes"]
         assert e["output"]["sha256"] == local[rel]["output"]["sha256"]
@@ -228,7 +229,7 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     assert "1 already committed (skipped), 3 to compute" in err, err[-3000:]
     m = read_manifest(cache)
     assert m["complete"] and m["logs"] == s3_logs
-    assert m["builds"][-1]["computed"] == [f"train/part-0000{i}.parquet" for i in (1, 2, 3)]
+    assert sorted(m["builds"][-1]["computed"]) == sorted(set(local) - done)
     assert _keys("cache") == ["cache/manifest.json"] + [f"cache/train/part-0000{i}.parquet" for i in range(4)]
     # The same bytes as the local build's files: the same logits, row groups and metadata.
     for rel, e in m["shards"].items():

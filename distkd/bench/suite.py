@@ -175,9 +175,9 @@ def _build(teacher: Path, logs: Path, out: Path, plan) -> dict:
 
 
 def stage_cache(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, reps: int, progress: Progress) -> None:
-    """Interleaved rounds: raw forward (1 thread, all cores) | Ray with the build's own sizing:
-    distkd build, Ray Data, the sweep's smaller builds | Ray with one CPU more (one worker per
-    core): distkd build."""
+    """Interleaved rounds: raw forward (1 thread, all cores) | Ray on every core: distkd build
+    (its pool takes every CPU), the sweep's smaller builds | Ray with one CPU more: Ray Data with
+    the same pool (its read tasks need a CPU beside the actors, or the pipeline never starts)."""
     from distkd.bench.baselines import ray_data_build
     from distkd.bench.cache import decoded_batches, time_forward
     from distkd.cache.pool import plan_pool
@@ -187,7 +187,7 @@ def stage_cache(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, re
     cores = len(os.sched_getaffinity(0))
     full = subsets[SWEEP[-1]]
     rows = train_rows(full)
-    C = R["cache"] = {"raw_1": [], "raw_all": [], "build": [], "build_all_cores": [], "ray_data": [],
+    C = R["cache"] = {"raw_1": [], "raw_all": [], "build": [], "ray_data": [],
                       "sweep": {k: [] for k in SWEEP}, "cores": cores}
     model, _ = load_export(teacher)
     batches = decoded_batches(subsets[SWEEP[1]], ["train"], 8192)  # a quarter of the rows: rate only
@@ -202,27 +202,20 @@ def stage_cache(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, re
         C["build"].append(b["rows_per_s"])
         C["sweep"][SWEEP[-1]].append(b)
         progress(f"cache [{r + 1}/{reps}] distkd build, {plan.describe()}", 2, rows, b["rows_per_s"])
+        for k in SWEEP[:-1]:
+            s = _build(teacher, subsets[k], work / f"cache-{k}x", plan)
+            C["sweep"][k].append(s)
+            progress(f"cache [{r + 1}/{reps}] build sweep {k}x", 2 * k / SWEEP[-1], s["rows"], s["rows_per_s"])
+        ray = _ray(cores + 1)
         out = work / "ray-data-out"
         shutil.rmtree(out, ignore_errors=True)
         d = ray_data_build(str(teacher), split_files(full, "train"), str(out), plan.workers, plan.threads,
                            plan.num_cpus)
         C["ray_data"].append(d["rows"] / d["seconds"])
         progress(f"cache [{r + 1}/{reps}] Ray Data pipeline", 2, d["rows"], C["ray_data"][-1])
-        for k in SWEEP[:-1]:
-            s = _build(teacher, subsets[k], work / f"cache-{k}x", plan)
-            C["sweep"][k].append(s)
-            progress(f"cache [{r + 1}/{reps}] build sweep {k}x", 2 * k / SWEEP[-1], s["rows"], s["rows_per_s"])
-        ray = _ray(cores + 1)  # plan_pool leaves one CPU free: this pool takes every core
-        plan_all = plan_pool(ray.cluster_resources(), None, None, "cpu")
-        C["plan_all_cores"] = plan_all.describe()
-        b = _build(teacher, full, work / "cache-all-cores", plan_all)
-        C["build_all_cores"].append(b["rows_per_s"])
-        progress(f"cache [{r + 1}/{reps}] distkd build, {plan_all.describe()}", 1, rows, b["rows_per_s"])
         ray.shutdown()
-    C["workers_all"] = plan_all.workers * plan_all.threads
-    C["workers_default"] = plan.workers * plan.threads
+    C["workers"] = plan.workers * plan.threads
     shutil.rmtree(work / "ray-data-out", ignore_errors=True)
-    shutil.rmtree(work / "cache-all-cores", ignore_errors=True)
 
 
 def _students(logs: Path, cache: Path, teacher: Path, nproc: int) -> dict[str, list[str]]:

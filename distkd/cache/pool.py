@@ -9,9 +9,11 @@ A lost cluster (the GCS of the head refusing or ignoring connections for CLUSTER
 every POLL_S while the driver waits) stops the build with ClusterLost naming its address; what
 committed is in the manifest and a rerun on a live cluster computes the rest.
 
-Sizing: one CPU of the cluster stays free for other Ray tasks (a pool that takes every CPU
-starves them; Ray Data reads deadlock), but there is always at least one worker. Where the
-cluster has GPUs each worker takes one.
+Sizing: the pool takes every CPU of the cluster (W workers × t threads = CPUs), at least one
+worker. The actors need no spare CPU (they read and decode their own shards; the driver and a
+Ray job's entrypoint hold none): on 2 cores two workers ran 1.62× one, every build complete.
+Other Ray work on the same cluster waits until the pool closes; pass `workers` to leave it
+room. Where the cluster has GPUs each worker takes one.
 
 Storage: tasks carry locations as strings (paths or s3://… URIs) and each worker resolves
 them with its own environment (distkd.storage). An embedded Ray started by the driver
@@ -81,7 +83,7 @@ def plan_pool(resources: dict[str, float], workers: int | None, threads: int | N
     """Workers and threads from the cluster's resources (see the module docstring)."""
     cpus = int(resources.get("CPU", 1))
     gpus = int(resources.get("GPU", 0))
-    usable = max(1, cpus - 1)
+    usable = max(1, cpus)  # every CPU: see the module docstring
     if device == "cuda" and not gpus:
         raise CacheError("device=cuda asked, but the Ray cluster has no GPU")
     if device != "cpu" and gpus:
