@@ -1,10 +1,10 @@
 """Faults for the cache build, through its seams: worker classes that SIGKILL themselves
 mid-shard (the first attempts, or once on every shard), a worker class that sleeps after each
-row group (a build slow enough to break in the middle), and a driver hook that SIGKILLs the
-driver after N commits.
+row group (a build slow enough to break in the middle), one whose teacher returns NaN at one row
+of one shard, and a driver hook that SIGKILLs the driver after N commits.
 
     python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] [--kill-each-shard MARKER_DIR] \
-        -- <distkd cache build arguments>
+        [--nan-at SHARD:CALL:ROW] -- <distkd cache build arguments>
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import time
 
 from distkd.cache.worker import CacheWorker
+from distkd.models.teacher import _unpack
 
 
 class KillOnceWorker(CacheWorker):
@@ -79,6 +80,38 @@ def slow_worker_class(seconds: float) -> type:
     return type("SlowRowGroupWorker", (SlowWorker,), {"seconds": float(seconds), "__module__": __name__})
 
 
+class NanAtWorker(CacheWorker):
+    """The teacher's logits turn NaN at row `row` of its `call`-th batch (from 0) of every shard
+    whose path ends with `shard`; other shards see the real teacher."""
+
+    shard, call, row = "", 0, 0
+
+    def build(self, task):
+        if not task.log_path.endswith(self.shard):
+            return super().build(task)
+        real, calls = self.teacher.module, [0]
+
+        def poisoned(x, dense):
+            out = real(x, dense)
+            if calls[0] == self.call:
+                _unpack(out)[0][self.row, 0] = float("nan")
+            calls[0] += 1
+            return out
+
+        self.teacher.module = poisoned
+        try:
+            return super().build(task)
+        finally:
+            self.teacher.module = real
+
+
+def nan_at_class(spec: str) -> type:
+    """`SHARD:CALL:ROW`: a NanAtWorker subclass (Ray ships the class by value)."""
+    shard, call, row = spec.rsplit(":", 2)
+    return type("NanAtWorker", (NanAtWorker,), {"shard": shard, "call": int(call), "row": int(row),
+                                                "__module__": __name__})
+
+
 def kill_driver_after(n: int):
     def on_commit(rel: str, committed: int) -> None:
         if committed >= n:
@@ -101,6 +134,8 @@ def main(argv: list[str]) -> int:
         seams["worker"] = slow_worker_class(float(opts["--slow-row-groups"]))
     if "--kill-each-shard" in opts:
         seams["worker"] = kill_each_shard_class(opts["--kill-each-shard"])
+    if "--nan-at" in opts:
+        seams["worker"] = nan_at_class(opts["--nan-at"])
     cache_build.build = lambda job, **kw: real(job, **seams, **kw)
     return cli_main(argv[split + 1:])
 

@@ -1,6 +1,6 @@
 """Trainer callbacks that kill ranks, and a wrapper that runs the real CLI with them installed.
 
-    python -m tests.faults.train --kill RANK:STEP[:GENERATION] [--hang RANK:STEP] [--kill-during-save STEP]
+    python -m tests.faults.train --kill RANK:STEP[:GENERATION] [--hang RANK:STEP] [--kill-during-save STEP[:GENERATION]]
         -- <distkd CLI arguments>
 
 runs `distkd.cli.main` with a callback that SIGKILLs rank RANK right after its optimizer
@@ -47,12 +47,14 @@ class HangRank:
 
 @dataclass(frozen=True)
 class KillDuringSave:
-    """Rank 0 dies after the checkpoint of step STEP is written, before it is committed."""
+    """Rank 0 dies after the checkpoint of step STEP is written, before it is committed, in
+    restart generation GENERATION (so the restarted group, passing STEP again, commits it)."""
 
     step: int
+    generation: int = 0
 
     def __call__(self, trainer) -> None:
-        if trainer.env.rank != 0 or trainer.state.step != self.step:
+        if (trainer.env.rank, trainer.state.step, trainer.env.restart) != (0, self.step, self.generation):
             return
 
         def die(partial, final, meta):
@@ -67,9 +69,10 @@ def _spec(cls, spec: str):
 
 
 def main(argv: list[str]) -> int:
-    split = argv.index("--")
+    # torchrun's argument parser drops a "--" that comes straight after the module (no faults)
+    split = argv.index("--") if "--" in argv else -1
     flags = {"--kill": KillRank, "--hang": HangRank, "--kill-during-save": KillDuringSave}
-    faults = [_spec(flags[a], argv[i + 1]) for i, a in enumerate(argv[:split]) if a in flags]
+    faults = [_spec(flags[a], argv[i + 1]) for i, a in enumerate(argv[:max(split, 0)]) if a in flags]
     from distkd import launch
     from distkd.cli import main as cli_main
 
