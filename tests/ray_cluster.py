@@ -80,6 +80,18 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             pass
 
 
+def kill_session(sid: int) -> list[int]:
+    """SIGKILL every process of session `sid` (a `ray start --block` we started): GCS, raylet,
+    agents, workers. By pid, nothing else."""
+    pids = [p for p in session_pids(sid) if p != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 @contextmanager
 def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = (), dashboard: bool = True):
     """Yields the GCS address (127.0.0.1:PORT) of a head with `head_cpus` CPUs and one worker

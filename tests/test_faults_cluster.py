@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,10 +22,9 @@ import pyarrow.fs as pafs
 from distkd import storage
 from distkd.cache import read_manifest
 from distkd.cache.verify import verify_cache
-from tests.ray_cluster import ray_cluster
+from tests.ray_cluster import kill_session, ray_cluster
 from tests.support import ROOT, cli
 from tests.test_storage import BUCKET, s3  # noqa: F401 (the moto S3 server fixture)
-from tests.test_submit_live import session_pids
 
 SHARDS = [f"train/part-0000{i}.parquet" for i in range(4)]
 EXIT_BOUND_S = 30  # from the head's death to the driver's exit (Ray itself would give up only after 60s)
@@ -43,18 +41,6 @@ def assert_whole(cache: str, clean: dict, m: dict) -> None:
         assert storage.size(storage.join(cache, rel)) == e["output"]["bytes"], rel
         assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
         assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
-
-
-def kill_session(sid: int) -> list[int]:
-    """SIGKILL every process of session `sid` (a `ray start --block` we started): GCS, raylet,
-    agents, workers. By pid, nothing else."""
-    pids = [p for p in session_pids(sid) if p != os.getpid()]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
 
 
 def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_world, tmp_path):

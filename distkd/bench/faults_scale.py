@@ -15,6 +15,8 @@ of its own:
   race      a second build of the same directory started once the first holds its lock, while a
             reader polls the manifest as the cache grows
   nan       the teacher returns NaN at one row of the last shard
+  head      a build against a Ray head of its own, every process of that head SIGKILLed once the
+            first shard commits; then the same build on a new head
 
 A faulted cache counts a row as kept when its shard's logits file has the clean build's sha256
 and ids checksum; rows lost = the clean build's rows less the kept ones (for the NaN build: the
@@ -25,6 +27,7 @@ cache. The table (stdout) is what this run saw.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import signal
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+EXIT_BOUND_S = 30  # from the head's death to the driver's exit (Ray itself would give up only after 60 s)
 Row = tuple[str, str, str, str]  # fault, what distkd did, rows lost, seconds
 
 
@@ -105,7 +109,9 @@ def driver_killed(teacher: Path, logs: Path, work: Path, address: str, clean: di
     from distkd.cache.manifest import read_manifest
 
     n = max(1, len(clean) // 3)
-    fault = f"cache driver SIGKILLed after {n} commits, rerun"
+    from distkd.cache.build import MANIFEST_EVERY_S
+
+    fault = f"cache driver SIGKILLed after {n} shard(s) finished, rerun"
     rc1, s1, _ = build(teacher, logs, work / "driver", address, ["--kill-driver-after", str(n)])
     before = len(read_manifest(work / "driver")["shards"])
     rc2, s2, err2 = build(teacher, logs, work / "driver", address, [])
@@ -113,8 +119,63 @@ def driver_killed(teacher: Path, logs: Path, work: Path, address: str, clean: di
         return fault, f"FAILED: first exit {rc1} (expected -9), rerun exit {rc2}: {_last(err2)}", "–", f"{s1 + s2:.0f}"
     c = compare(work / "driver", clean, logs)
     recomputed = read_manifest(work / "driver")["builds"][-1]["computed"]
-    return (fault, f"{before} shards committed before the kill; the rerun computed {len(recomputed)}; "
+    return (fault, f"{before} shard(s) in the manifest at the kill (rewritten at most every {MANIFEST_EVERY_S:g} s; "
+            f"finished shards it does not name are recomputed); the rerun computed {len(recomputed)}; "
             f"complete {c['complete']}, verify {c['verify']}", f"{total - c['kept']:,}", f"{s1 + s2:.0f}")
+
+
+def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) -> Row:
+    """A build against a Ray head of its own (slowed by a second a row group), every process of that
+    head SIGKILLed once the first shard commits: the driver must exit 2 naming the lost cluster
+    within EXIT_BOUND_S, the manifest name only whole shards, and a rerun on a new head compute
+    the rest."""
+    from distkd.cache.manifest import read_manifest
+    from tests.ray_cluster import kill_session, ray_cluster
+
+    out, err_path = work / "head", work / "head.err"
+    fault = "the Ray head (a separate cluster) SIGKILLed mid-build, rerun on a new head"
+    for d in ("ray-head", "ray-head2"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with ray_cluster(work / "ray-head", head_cpus=2, dashboard=False) as head:
+        with open(err_path, "w") as err:
+            # a second after each row group: the kill lands with shards still to commit at any scale
+            driver = subprocess.Popen(_cmd(teacher, logs, out, head, ["--slow-row-groups", "1"], None), cwd=ROOT,
+                                      env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 600
+            while " rows in " not in err_path.read_text():  # the first shard is committed
+                if driver.poll() is not None or time.monotonic() > deadline:
+                    return fault, f"FAILED: no shard committed (exit {driver.poll()}): {_last(err_path.read_text())}", \
+                        "–", f"{time.perf_counter() - t0:.0f}"
+                time.sleep(0.2)
+            kill_session(head.sids[0])
+            killed = time.monotonic()
+            try:
+                rc = driver.wait(timeout=EXIT_BOUND_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            took = time.monotonic() - killed
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    stderr = err_path.read_text()
+    m = read_manifest(out)
+    whole = all(e["output"]["sha256"] == clean[rel]["output"]["sha256"] for rel, e in m["shards"].items())
+    if rc != 2 or f"lost the Ray cluster at {head}" not in stderr or m["complete"] or not whole:
+        return fault, f"FAILED: exit {rc} {took:.0f} s after the kill: {_last(stderr)}", "–", \
+            f"{time.perf_counter() - t0:.0f}"
+    before = len(m["shards"])
+    with ray_cluster(work / "ray-head2", head_cpus=2, dashboard=False) as head2:
+        rc2, _, err2 = build(teacher, logs, out, head2, [])
+    if rc2:
+        return fault, f"FAILED: the rerun exited {rc2}: {_last(err2)}", "–", f"{time.perf_counter() - t0:.0f}"
+    c = compare(out, clean, logs)
+    recomputed = read_manifest(out)["builds"][-1]["computed"]
+    return (fault, f"exit 2 {took:.1f} s after the kill, naming the lost cluster; {before} shard(s) in the manifest, "
+            f"each the clean build's; on a new head the rerun computed {len(recomputed)}; complete {c['complete']}, "
+            f"verify {c['verify']}", f"{total - c['kept']:,}", f"{time.perf_counter() - t0:.0f}")
 
 
 def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total: int) -> list[Row]:
@@ -132,8 +193,9 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
         while not stop.is_set():
             try:
                 m = read_manifest(out)
-                for rel, e in m["shards"].items():
-                    if (out / rel).stat().st_size != e["output"]["bytes"] or e["output"]["sha256"] != clean[rel]["output"]["sha256"]:
+                for rel, e in m["shards"].items():  # the bytes on disk, hashed: what a reader would load
+                    data = (out / rel).read_bytes()
+                    if len(data) != e["output"]["bytes"] or hashlib.sha256(data).hexdigest() != clean[rel]["output"]["sha256"]:
                         torn.append(rel)
                 seen.append(len(m["shards"]))
             except Exception as e:  # the finding: recorded, the race goes on
@@ -195,11 +257,12 @@ def nan_in_last_shard(teacher: Path, logs: Path, work: Path, address: str, clean
     wrong = sum(e["output"]["rows"] for rel, e in m["shards"].items()
                 if e["output"]["sha256"] != clean[rel]["output"]["sha256"])
     line = next((x for x in err.splitlines() if "returned nan in logits" in x), "")
-    named = line.startswith(f"distkd: error: {logs / last}: row group ") and "nothing of this shard is published" in line
+    shard = os.path.abspath(logs / last)  # the workers name shards by absolute location
+    named = line.startswith(f"distkd: error: {shard}: row group ") and "nothing of this shard is published" in line
     fault = f"the teacher returning NaN at one row of the last shard ({last})"
     if rc != 2 or not named or last in m["shards"] or (out / last).exists() or m["complete"]:
         return fault, f"FAILED: exit {rc}, {_last(err)}", "–", f"{secs:.0f}"
-    where = line.split(": teacher ")[0].removeprefix(f"distkd: error: {logs / last}: ")
+    where = line.split(": teacher ")[0].removeprefix(f"distkd: error: {shard}: ")
     left = len(temp_files(out))
     return (fault, f"exit 2 naming the shard, {where}; nothing of it published, {len(m['shards'])} shards "
             f"committed, each the clean build's; manifest valid, not complete"
@@ -231,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                  workers=min(2, os.cpu_count() or 1), force=True)
         stamp.write_text(f"{a.rows} {a.shards}")
     ensure_teacher(teacher, logs, ModelConfig(**TEACHER))
-    for d in ("clean", "workers", "driver", "race", "nan", "markers", "train-reference", "train-ranks",
-              "train-commit"):
+    for d in ("clean", "workers", "driver", "race", "nan", "head", "ray-head", "ray-head2", "markers",
+              "train-reference", "train-ranks", "train-commit"):
         shutil.rmtree(work / d, ignore_errors=True)
     rows: list[Row] = []
     t_all = time.perf_counter()
@@ -253,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += race(teacher, logs, work, address, clean, total)
         say("a teacher returning NaN …")
         rows.append(nan_in_last_shard(teacher, logs, work, address, clean))
+    say("the Ray head killed mid-build, then rerun on a new head …")
+    rows.append(head_killed(teacher, logs, work, clean, total))
     rows += train_faults(work, logs, work / "clean", teacher, a.train_batch)
     print(f"\n## Faults at scale: {total:,} train rows, {len(clean)} shards, {time.perf_counter() - t_all:.0f} s\n")
     print("| fault | what distkd did | rows lost | seconds |")
