@@ -91,6 +91,8 @@ def test_build_then_verify(built, small_logs, teachers):
     assert s["bytes_per_row_per_task"] <= 2.5
     m = read_manifest(out)
     assert m["teacher"]["sha256"] == teachers[0][1] and m["complete"]
+    # the pool's actors run with glibc's arenas capped (their memory stays flat over shards)
+    assert [w["malloc_arena_max"] for w in m["builds"][-1]["workers"]] == ["2"] * len(m["builds"][-1]["workers"])
     for split in ("train", "valid", "test"):
         for log in split_files(small_logs, split):
             side = out / split / Path(log).name

@@ -2,16 +2,16 @@
 
     python -m distkd.bench.suite [--scale ROWS] [--quick] [--reps 3] [--out BENCHMARKS.md]
 
-One Criteo-like dataset (distkd.data.synth, `--scale` rows, 16 train shards) and one
-untrained teacher export; subsets of 1, 4 and 16 train shards (hard links, one valid and one
+One Criteo-like dataset (distkd.data.synth, `--scale` rows, 32 train shards) and one
+untrained teacher export; subsets of 2, 8 and 32 train shards (hard links, one valid and one
 test shard each) are the scale sweep's 1×, 4× and 16×; 16× is the whole train split, on
 which the side-by-side figures are measured. Every figure is the median of `--reps`
 interleaved repetitions, with its min–max. Stages (progress and an ETA on stderr):
 
   loader    LogLoader vs pyarrow's read+decode of the same columns, one core
-  cache     teacher forward alone (1 thread, all cores), distkd's build (its pool as shipped,
-            and one worker per core), the Ray Data pipeline (distkd.bench.baselines), and
-            the build at 1×, 4×, 16× (time, peak RSS)
+  cache     teacher forward alone (1 thread, all cores), distkd's build (its pool as shipped:
+            one worker per core), the Ray Data pipeline (distkd.bench.baselines), and the
+            build at 1×, 4×, 16× (time, peak RSS)
   distill   the student: hard labels, from the cache, online; from the cache at 1×, 4×, 16×
             (one epoch: time, peak RSS); the loader's cache join under cProfile
   train     distkd's loop vs TorchRec's TrainPipelineSparseDist, 1 and 2 ranks
@@ -35,11 +35,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distkd.bench import cli_summary
+from distkd.bench.suite_report import SWEEP  # the sweep's scales
 
 DEFAULT_SCALE = 3_000_000
 QUICK_SCALE = 24_000
-SHARDS = 16
-SWEEP = (1, 4, 16)  # train shards of each sweep point
+# Train shards per scale unit: at 1x a pool of two workers (this machine's) has a shard each, so
+# the build's rounds grow with the rows; with one shard at 1x, 1, 4, 16 shards made 1, 2, 8 rounds.
+SHARDS_PER_X = 2
+SHARDS = SHARDS_PER_X * SWEEP[-1]
 # The suite's teacher: smaller than ModelConfig's default so that the full run fits an hour
 # on two cores; a cheaper teacher makes the framework's own costs weigh more, not less.
 TEACHER = {"embedding_dim": 32, "dense_arch": [64], "cross_layers": 1, "cross_rank": 16, "deep_arch": [256, 128]}
@@ -116,15 +119,15 @@ def make_data(work: Path, rows: int, quick: bool) -> dict[int, Path]:
 
     logs = work / "logs"
     stamp = logs / "bench-rows.json"
-    if not (stamp.is_file() and json.loads(stamp.read_text()) == {"rows": rows}):
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == {"rows": rows, "shards": SHARDS}):
         generate(logs, rows, shards=SHARDS, seed=0, row_group_rows=2_048 if quick else 16_384, preset="criteo",
                  max_cardinality=100_000, workers=min(2, os.cpu_count() or 1), force=True, progress=not quick)
-        stamp.write_text(json.dumps({"rows": rows}))
+        stamp.write_text(json.dumps({"rows": rows, "shards": SHARDS}))
     subsets = {}
     for k in SWEEP:
         sub = work / f"logs-{k}x"
         shutil.rmtree(sub, ignore_errors=True)
-        for split, n in (("train", k), ("valid", 1), ("test", 1)):
+        for split, n in (("train", SHARDS_PER_X * k), ("valid", 1), ("test", 1)):
             (sub / split).mkdir(parents=True)
             for f in sorted((logs / split).glob("*.parquet"))[:n]:
                 os.link(f, sub / split / f.name)
@@ -332,6 +335,7 @@ def run(scale: int, reps: int, out: Path, work: Path, quick: bool) -> dict:
                          "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     subsets = make_data(work, scale, quick)
     R["rows_train"] = train_rows(subsets[SWEEP[-1]])
+    R["shards_per_x"] = SHARDS_PER_X
     progress("data generated", 1, scale)
     teacher = work / "teacher"
     ensure_teacher(teacher, subsets[SWEEP[-1]], ModelConfig(**TEACHER))

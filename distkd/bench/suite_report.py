@@ -183,7 +183,7 @@ def write_markdown(R: dict, out: Path) -> None:
         f"- torch {v.get('torch', '?')}, torchrec {v.get('torchrec', '?')}, fbgemm-gpu {fb}, ray {v.get('ray', '?')}, "
         f"pyarrow {v.get('pyarrow', '?')}, python {M['python']}",
         f"- data: {R['scale']:,} rows of criteo-preset synthetic logs (ids capped at 100,000 per feature), "
-        f"{R['rows_train']:,} in 16 train shards; teacher: untrained RankingModel, "
+        f"{R['rows_train']:,} in {R.get('shards_per_x', 1) * SWEEP[-1]} train shards; teacher: untrained RankingModel, "
         + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in R["teacher"].items()),
         "",
         "## Goals",
@@ -267,7 +267,8 @@ def write_markdown(R: dict, out: Path) -> None:
         "",
         "## Scale sweep",
         "",
-        "1×, 4×, 16× = 1, 4, 16 train shards. Build: Ray up, the shipped pool; distillation: one epoch from the "
+        f"1×, 4×, 16× = {', '.join(str(R.get('shards_per_x', 1) * k) for k in SWEEP)} train shards. Build: Ray up, "
+        "the shipped pool; distillation: one epoch from the "
         f"cache, {D.get('nproc', 2)} rank(s) (loop time; wall includes start-up and evaluation). "
         "Peak RSS: the largest single process "
         "(a cache worker, a rank), sampled every 0.2 s.",

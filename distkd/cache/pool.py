@@ -105,6 +105,16 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def actor_env() -> dict[str, str]:
+    """Environment of the pool's actors. glibc gives each thread that allocates an arena of its
+    own (up to 8 per core), and an actor's threads (Ray's, the decoder's, torch's) leave them
+    fragmented: one worker's peak RSS grew 1.31-1.33x from 1 to 16 shards by default, 1.07-1.08x
+    with MALLOC_ARENA_MAX=2 at the same speed (2 runs each; mallopt once the actor runs does not
+    help, its threads have their arenas by then). The env costs ~0.7 s of actor start. The
+    driver's own MALLOC_ARENA_MAX wins."""
+    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+
+
 class WorkerPool:
     def __init__(self, plan: PoolPlan, teacher: Any, max_attempts: int, log: Callable[[str], None],
                  worker: type = CacheWorker):
@@ -117,6 +127,7 @@ class WorkerPool:
         # READY_TIMEOUT_S; a budget per worker would end a long build after a few unrelated kills.
         actor = ray.remote(worker).options(
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=0,
+            runtime_env={"env_vars": actor_env()},  # Ray merges env_vars with a job's
         )
         self.actors = [actor.remote(teacher, plan.device, plan.threads) for _ in range(plan.workers)]
         self.info: dict[int, dict[str, Any]] = {}

@@ -273,7 +273,8 @@ class CacheWorker:
         self.meta = {"sha256": self.teacher.sha256}
         self.schema = self.teacher.schema
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
-                     "threads": torch.get_num_threads(), "teacher_load_s": round(time.perf_counter() - t0, 3)}
+                     "threads": torch.get_num_threads(), "teacher_load_s": round(time.perf_counter() - t0, 3),
+                     "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}  # set by the pool (pool.actor_env)
 
     def ready(self) -> dict[str, Any]:
         return self.info
