@@ -106,11 +106,10 @@ def workers_killed(teacher: Path, logs: Path, work: Path, address: str, clean: d
 
 
 def driver_killed(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total: int) -> Row:
+    from distkd.cache.build import MANIFEST_EVERY_S
     from distkd.cache.manifest import read_manifest
 
     n = max(1, len(clean) // 3)
-    from distkd.cache.build import MANIFEST_EVERY_S
-
     fault = f"cache driver SIGKILLed after {n} shard(s) finished, rerun"
     rc1, s1, _ = build(teacher, logs, work / "driver", address, ["--kill-driver-after", str(n)])
     before = len(read_manifest(work / "driver")["shards"])
@@ -195,7 +194,8 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
                 m = read_manifest(out)
                 for rel, e in m["shards"].items():  # the bytes on disk, hashed: what a reader would load
                     data = (out / rel).read_bytes()
-                    if len(data) != e["output"]["bytes"] or hashlib.sha256(data).hexdigest() != clean[rel]["output"]["sha256"]:
+                    digest = hashlib.sha256(data).hexdigest()
+                    if len(data) != e["output"]["bytes"] or digest != clean[rel]["output"]["sha256"]:
                         torn.append(rel)
                 seen.append(len(m["shards"]))
             except Exception as e:  # the finding: recorded, the race goes on
