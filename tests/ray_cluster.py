@@ -92,6 +92,33 @@ def kill_session(sid: int) -> list[int]:
     return pids
 
 
+def kill_head_once_committed(driver: subprocess.Popen, err_path: Path, head: "Cluster", wait_s: float,
+                             settle_s: float = 0.0, commit_timeout_s: float = 600) -> tuple[int | None, float]:
+    """Once the build `driver` (stderr in `err_path`) has committed its first shard, and `settle_s`
+    later, SIGKILL every process of `head`; wait up to `wait_s` for the driver. Returns (its exit
+    code, None if it had not exited; seconds from the kill); the driver is killed if still running.
+    RuntimeError if it ended or committed nothing within `commit_timeout_s`, or the head was gone."""
+    try:
+        deadline = time.monotonic() + commit_timeout_s
+        while " rows in " not in err_path.read_text():  # the first shard is committed
+            if driver.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no shard committed (exit {driver.poll()}):\n{err_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        time.sleep(settle_s)
+        if not kill_session(head.sids[0]):
+            raise RuntimeError("no process of the head to kill")
+        killed = time.monotonic()
+        try:
+            rc = driver.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        return rc, time.monotonic() - killed
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+
 @contextmanager
 def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = (), dashboard: bool = True):
     """Yields the GCS address (127.0.0.1:PORT) of a head with `head_cpus` CPUs and one worker

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow.fs as pafs
 from distkd import storage
 from distkd.cache import read_manifest
 from distkd.cache.verify import verify_cache
-from tests.ray_cluster import kill_session, ray_cluster
+from tests.ray_cluster import kill_head_once_committed, ray_cluster
 from tests.support import ROOT, cli
 from tests.test_storage import BUCKET, s3  # noqa: F401 (the moto S3 server fixture)
 
@@ -57,20 +56,9 @@ def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_wo
             driver = subprocess.Popen([sys.executable, "-m", "tests.faults.cache", "--slow-row-groups", "0.5", "--",
                                        *build_args(t0, small, out), "--ray-address", head], cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + 120
-            while " rows in " not in err_path.read_text():  # the first shard is committed
-                assert driver.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
-                time.sleep(0.2)
-            time.sleep(1.0)  # the next shard is half computed
-            assert kill_session(head.sids[0]), "no process of the head to kill"
-            killed = time.monotonic()
-            rc = driver.wait(timeout=EXIT_BOUND_S + 30)
-            took = time.monotonic() - killed
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait()
+        # the next shard is half computed when the head dies
+        rc, took = kill_head_once_committed(driver, err_path, head, EXIT_BOUND_S + 30, settle_s=1.0,
+                                            commit_timeout_s=120)
     stderr = err_path.read_text()
     print(f"the driver exited {took:.1f}s after the head was killed")
     assert rc == 2 and took < EXIT_BOUND_S, (rc, took, stderr[-3000:])

@@ -129,7 +129,7 @@ def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) 
     within EXIT_BOUND_S, the manifest name only whole shards, and a rerun on a new head compute
     the rest."""
     from distkd.cache.manifest import read_manifest
-    from tests.ray_cluster import kill_session, ray_cluster
+    from tests.ray_cluster import kill_head_once_committed, ray_cluster
 
     out, err_path = work / "head", work / "head.err"
     fault = "the Ray head (a separate cluster) SIGKILLed mid-build, rerun on a new head"
@@ -142,23 +142,10 @@ def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) 
             driver = subprocess.Popen(_cmd(teacher, logs, out, head, ["--slow-row-groups", "1"], None), cwd=ROOT,
                                       env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
         try:
-            deadline = time.monotonic() + 600
-            while " rows in " not in err_path.read_text():  # the first shard is committed
-                if driver.poll() is not None or time.monotonic() > deadline:
-                    return fault, f"FAILED: no shard committed (exit {driver.poll()}): {_last(err_path.read_text())}", \
-                        "–", f"{time.perf_counter() - t0:.0f}"
-                time.sleep(0.2)
-            kill_session(head.sids[0])
-            killed = time.monotonic()
-            try:
-                rc = driver.wait(timeout=EXIT_BOUND_S)
-            except subprocess.TimeoutExpired:
-                rc = None
-            took = time.monotonic() - killed
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait()
+            rc, took = kill_head_once_committed(driver, err_path, head, EXIT_BOUND_S)
+        except RuntimeError as e:
+            first, last = str(e).splitlines()[0], _last(str(e))
+            return fault, f"FAILED: {first} {last}", "–", f"{time.perf_counter() - t0:.0f}"
     stderr = err_path.read_text()
     m = read_manifest(out)
     whole = all(e["output"]["sha256"] == clean[rel]["output"]["sha256"] for rel, e in m["shards"].items())
