@@ -12,7 +12,9 @@ import os
 import importlib
 import sys
 
+from distkd import log
 from distkd.config import ConfigError
+from distkd.dist import quiet
 from distkd.errors import CheckpointError, ProcessGroupError, RankFailure
 from distkd.data.schema import LogsError
 from distkd.storage import StorageError
@@ -57,6 +59,9 @@ def _teacher_flags(p, export_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distkd", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", dest="log_level", default=None, type=str.upper, choices=log.LEVELS,
+                        help=f"how much distkd logs to stderr (default: ${log.ENV}, else INFO); "
+                             "below WARNING only rank 0 logs")
     top = parser.add_subparsers(dest="command", required=True)
 
     data = top.add_parser("data", help="create, convert and check interaction logs").add_subparsers(
@@ -244,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distkd.dist import quiet
-
+    log.setup(args.log_level)
     quiet()  # before torchrec is imported: its import logs warnings nobody can act on
     module, func = args._target.split(":")
     try:

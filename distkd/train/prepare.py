@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from distkd import dist, objectives, storage
+from distkd import dist, log, objectives, storage
 from distkd.config import ConfigError
 from distkd.data.schema import Schema, load_schema
 from distkd.objectives.base import Objective, ObjectiveContext
@@ -45,6 +45,7 @@ def run_rank(prepared: Prepared, resume: bool = False, callbacks: Sequence = ())
     from distkd.train.trainer import Trainer
 
     job = prepared.job
+    log.setup()  # a spawned rank starts with logging unconfigured; the level comes from the environment
     env = dist.init(timeout_s=job.launch.timeout_s)
     try:
         summary = Trainer(job, prepared.schema, prepared.objective, env, resume=resume, callbacks=callbacks).train()
