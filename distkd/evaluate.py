@@ -32,7 +32,7 @@ import torch
 
 from distkd import storage
 from distkd.config import ConfigError, load, to_dict
-from distkd.models.export import META_FILE, load_export, read_meta
+from distkd.models.export import load_export, read_meta, resolve_export
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.loader import LogLoader
 from distkd.metrics import SchemaMetrics, TaskMetrics
@@ -71,17 +71,6 @@ class EvalJob:
 
 
 # -- inputs -----------------------------------------------------------------------------
-
-
-def resolve_export(path: str | Path) -> Path:
-    """An export directory, or a training run directory whose export/ is one."""
-    p = Path(path)
-    for d in (p, p / "export"):
-        if (d / META_FILE).is_file():
-            return d
-    if not p.exists():
-        raise ConfigError(f"{p}: no such export directory")
-    raise ConfigError(f"{p}: not a model export (no {META_FILE} here nor in {p / 'export'})")
 
 
 def check_export(export_dir: Path, schema: Schema, logs: str | Path) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from distkd.data.rows import decode
 from distkd.data.schema import (DenseFeature, HashSpec, MissingStats, Schema, SparseFeature, Task,
                                 load_schema)
 from distkd.data.sketches import QUANTILE_POINTS, Accumulator
-from distkd.data.stats import STATS_FILE, compute_stats, read_stats, write_stats
+from distkd.data.stats import compute_stats
+from distkd.data.stats_file import STATS_FILE, read_stats, write_stats
 from distkd.data.validate import validate_logs
 
 REPO = Path(__file__).resolve().parents[1]

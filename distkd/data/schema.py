@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 
 from distkd.config import ConfigError, from_dict, read_yaml, to_dict
+from distkd.data.stats_file import param_fields, read_stats, stats_location
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "schema.yaml"
@@ -287,9 +288,34 @@ def load_schema(path: str | Path, stats: bool = True) -> Schema:
         logs = str(path.parent)
     schema = from_dict(Schema, read_yaml(path), str(path))
     if stats and schema.missing_stats():
-        from distkd.data.stats import attach_stats
-
         attach_stats(schema, logs)
+    return schema
+
+
+def attach_stats(schema: Schema, logs: str) -> Schema:
+    """Give every dense feature whose transform needs statistics and has no params the ones
+    from `logs`/stats.json (in place; returned). MissingStats naming the feature if there are none."""
+    missing = [f for f in schema.dense if f.needs_stats and f.params is None]
+    if not missing:
+        return schema
+    loc, f0 = stats_location(logs), missing[0]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    doc = read_stats(logs)
+    if doc is None:
+        raise MissingStats(f"dense feature '{f0.name}'{more}: transform '{f0.transform}' needs statistics and "
+                           f"{loc} does not exist; run `distkd data stats {logs}`")
+    dense = doc["content"]["dense"]
+    for f in missing:
+        e = dense.get(f.name)
+        if e is None or not e.get("count"):
+            why = "has no statistics of it (computed before it was added?)" if e is None else "counted no finite value"
+            raise MissingStats(f"dense feature '{f.name}': transform '{f.transform}' needs statistics; {loc} "
+                               f"{why}; run `distkd data stats {logs}`")
+        f.params = DenseParams(**param_fields(f.transform, e))
+        try:
+            f.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{loc}: {err}") from None
     return schema
 
 

@@ -23,103 +23,21 @@ content: the shards read (file, bytes, rows), the sketches used, and per feature
 Every sketch merges (moments by Chan's formula, bottom-k and KMV by union), so shards could
 be summarized in parallel and combined (`Accumulator.merge`, distkd.data.sketches).
 
-`load_schema` reads the file back (`attach_stats`) and gives each transform that needs them
+`load_schema` reads the file back (distkd.data.stats_file) and gives each transform that needs them
 its parameters; `distkd data validate` runs the same accumulator (without the sample) to warn
 about raw-scale dense features and ids that do not fit their tables.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import sys
 import time
 
 from distkd import storage
-from distkd.config import ConfigError
-from distkd.data.schema import DenseParams, MissingStats, Schema, check_arrow_schema, load_schema
+from distkd.data.schema import check_arrow_schema, load_schema
+from distkd.data.stats_file import stats_location, write_stats
 from distkd.data.sketches import QUANTILE_POINTS, SKETCHES, Accumulator
-
-STATS_FILE = "stats.json"
-FORMAT = 1
-KIND = "distkd.stats"
-# -- the file --------------------------------------------------------------------------------
-
-
-def _fingerprint(content: dict) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def stats_location(logs: str) -> str:
-    return storage.join(logs, STATS_FILE)
-
-
-def write_stats(logs: str, content: dict) -> str:
-    """Commit stats.json atomically (local or object storage); return its fingerprint."""
-    fp = _fingerprint(content)
-    doc = {"format": FORMAT, "kind": KIND, "fingerprint": fp, "content": content}
-    text = json.dumps(doc, indent=1, allow_nan=False)
-    # Number lists (quantiles) on one line each: a file a person can read.
-    text = re.sub(r"\[\s+([-0-9.e+,\s]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
-    storage.write_atomic(stats_location(logs), lambda fh: fh.write(text.encode()))
-    return fp
-
-
-def read_stats(logs: str) -> dict | None:
-    """The whole stats.json document (format, kind, fingerprint, content), or None if the logs
-    have none. ConfigError if it is not one this distkd wrote, or its content does not match
-    its fingerprint."""
-    loc = stats_location(logs)
-    if storage.size(loc) is None:
-        return None
-    try:
-        doc = json.loads(storage.read_text(loc))
-    except ValueError as e:
-        raise ConfigError(f"{loc}: not valid JSON ({e}); rerun `distkd data stats {logs}`") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("format") != FORMAT:
-        raise ConfigError(f"{loc}: not a distkd stats file of format {FORMAT}; rerun `distkd data stats {logs}`")
-    if _fingerprint(doc.get("content")) != doc.get("fingerprint"):
-        raise ConfigError(f"{loc}: content does not match its fingerprint {doc.get('fingerprint')} (edited or "
-                          f"truncated?); rerun `distkd data stats {logs}`")
-    return doc
-
-
-def params_for(transform: str, entry: dict) -> DenseParams:
-    if transform == "standardize":
-        return DenseParams(mean=entry["mean"], std=entry["std"])
-    if transform == "log1p_standardize":
-        return DenseParams(mean=entry["log1p"]["mean"], std=entry["log1p"]["std"])
-    return DenseParams(quantiles=entry["quantiles"])
-
-
-def attach_stats(schema: Schema, logs: str) -> Schema:
-    """Give every dense feature whose transform needs statistics and has no params the ones
-    from `logs`/stats.json (in place; returned). MissingStats naming the feature if there are none."""
-    missing = [f for f in schema.dense if f.needs_stats and f.params is None]
-    if not missing:
-        return schema
-    loc, f0 = stats_location(logs), missing[0]
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    doc = read_stats(logs)
-    if doc is None:
-        raise MissingStats(f"dense feature '{f0.name}'{more}: transform '{f0.transform}' needs statistics and "
-                           f"{loc} does not exist; run `distkd data stats {logs}`")
-    dense = doc["content"]["dense"]
-    for f in missing:
-        e = dense.get(f.name)
-        if e is None or not e.get("count"):
-            why = "has no statistics of it (computed before it was added?)" if e is None else "counted no finite value"
-            raise MissingStats(f"dense feature '{f.name}': transform '{f.transform}' needs statistics; {loc} "
-                               f"{why}; run `distkd data stats {logs}`")
-        f.params = params_for(f.transform, e)
-        try:
-            f.validate()
-        except ConfigError as err:
-            raise ConfigError(f"{loc}: {err}") from None
-    return schema
-
 
 # -- the pass --------------------------------------------------------------------------------
 

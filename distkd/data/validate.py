@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from distkd import storage
 from distkd.data import stats as st
+from distkd.data.stats_file import read_stats, stats_location
 from distkd.data.checks import check_row_group
 from distkd.data.rows import _floats
 from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, check_arrow_schema, load_schema
@@ -141,7 +142,7 @@ def scale_warnings(schema: Schema, c: dict) -> list[str]:
 
 def _stale_stats(logs_dir: str) -> list[str]:
     """A warning if stats.json was computed from other train shards than the logs hold now."""
-    doc = st.read_stats(logs_dir)
+    doc = read_stats(logs_dir)
     if doc is None:
         return []
     from distkd.config import from_dict
@@ -155,7 +156,7 @@ def _stale_stats(logs_dir: str) -> list[str]:
             now.append(st.shard_entry(logs_dir, path, pf))
     if now == doc["content"]["shards"]:
         return []
-    return [f"{st.stats_location(logs_dir)}: computed from other train shards than the logs hold now; "
+    return [f"{stats_location(logs_dir)}: computed from other train shards than the logs hold now; "
             f"rerun `distkd data stats {logs_dir}`"]
 
 

@@ -97,6 +97,17 @@ def read_meta(export_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def resolve_export(path: str | Path) -> Path:
+    """An export directory, or a training run directory whose export/ is one."""
+    p = Path(path)
+    for d in (p, p / "export"):
+        if (d / META_FILE).is_file():
+            return d
+    if not p.exists():
+        raise ConfigError(f"{p}: no such export directory")
+    raise ConfigError(f"{p}: not a model export (no {META_FILE} here nor in {p / 'export'})")
+
+
 def unpickling_refusal(e: BaseException) -> str:
     """The line of a torch.load(weights_only=True) refusal that names the global it refused."""
     lines = str(e).splitlines() or [""]

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from distkd.config import ConfigError
+from distkd.models.export import resolve_export
 from distkd.serve.contract import CONTRACT_FILE, contract, example_inputs, file_entry
 from distkd.serve.module import ServingModel, check_against, from_export
 
@@ -166,8 +167,6 @@ def write(export_dir: str | Path, out_dir: str | Path, formats: list[str], quant
 
 def run(args) -> int:
     """`distkd export`."""
-    from distkd.evaluate import resolve_export
-
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     c = write(resolve_export(args.export), args.out, formats, args.quantize)
     for name, f in c["files"].items():
