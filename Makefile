@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
+.PHONY: install demo test docs bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# docs/jobs.md, the job file reference, from the job dataclasses (tests/test_docs.py checks it is current)
+docs: $(STAMP)
+	$(PY) -m distkd.config_reference --out docs/jobs.md
 
 # Every benchmark on one generated dataset, in one run, into BENCHMARKS.md (+ PNG plots).
 # BENCH_SCALE=rows sets the dataset's size (default 3,000,000: under an hour on 2 cores).
