@@ -50,7 +50,7 @@ bench-sweep: $(STAMP)
 	$(PY) -m distkd.bench.sweep
 
 # bench-train and bench-distill of this tree against commit BASE's, interleaved in one run
-# (issue 11: measured against a7fd55f, the trainer rework's parent, and 2dfa3e6; see README Benchmarks)
+# (issue 11: measured against a7fd55f, the trainer rework's parent, and 2dfa3e6; see docs/benchmarks.md)
 BASE ?= HEAD~1
 bench-vs: $(STAMP)
 	$(PY) -m distkd.bench.vs $(BASE)
@@ -59,7 +59,7 @@ bench-vs: $(STAMP)
 bench-topk: $(STAMP)
 	$(PY) -m distkd.bench.next_item_k $(if $(TOPK_ROWS),--rows $(TOPK_ROWS)) --seeds 2
 
-# every fault and bad input of README's Reliability table, run now, with each row's result;
+# every fault and bad input of docs/reliability.md's table, run now, with each row's result;
 # then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)
 bench-faults: $(STAMP)
 	$(PY) -m distkd.bench.faults
