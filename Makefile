@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
+.PHONY: install demo test docs bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# docs/jobs.md, the job file reference, from the job dataclasses (tests/test_docs.py checks it is current)
+docs: $(STAMP)
+	$(PY) -m distkd.config_reference --out docs/jobs.md
 
 # Every benchmark on one generated dataset, in one run, into BENCHMARKS.md (+ PNG plots).
 # BENCH_SCALE=rows sets the dataset's size (default 3,000,000: under an hour on 2 cores).
@@ -46,7 +50,7 @@ bench-sweep: $(STAMP)
 	$(PY) -m distkd.bench.sweep
 
 # bench-train and bench-distill of this tree against commit BASE's, interleaved in one run
-# (issue 11: measured against a7fd55f, the trainer rework's parent, and 2dfa3e6; see README Benchmarks)
+# (issue 11: measured against a7fd55f, the trainer rework's parent, and 2dfa3e6; see docs/benchmarks.md)
 BASE ?= HEAD~1
 bench-vs: $(STAMP)
 	$(PY) -m distkd.bench.vs $(BASE)
@@ -55,7 +59,7 @@ bench-vs: $(STAMP)
 bench-topk: $(STAMP)
 	$(PY) -m distkd.bench.next_item_k $(if $(TOPK_ROWS),--rows $(TOPK_ROWS)) --seeds 2
 
-# every fault and bad input of README's Reliability table, run now, with each row's result;
+# every fault and bad input of docs/reliability.md's table, run now, with each row's result;
 # then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)
 bench-faults: $(STAMP)
 	$(PY) -m distkd.bench.faults

@@ -7,6 +7,7 @@ without reading a traceback.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from pathlib import Path
@@ -84,6 +85,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        # YAML reads an unquoted ISO date (`start: 2026-11-02`) as a date: take it as the text
+        # it was written as, so partition bounds need no quotes. A datetime stays an error.
+        if type(value) is datetime.date:
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -184,6 +184,19 @@ def load_out(config: Path) -> str:
     return out
 
 
+def suite_name(data: DataJob) -> str:
+    """What a suite is called, from what its data job makes: the MovieLens release it converts
+    (the folder's name: ml-latest-small, ml-100k, ...) or the generator, so that a suite pointed
+    at another release is not reported under the shipped one's name."""
+    release = Path(data.path).resolve().name if data.path else "MovieLens"
+    return {"synth": "synthetic", "synth_next_item": "next-item (synthetic)", "movielens": release,
+            "movielens_next": f"next-movie ({release})"}[data.source]
+
+
+def named(jobs: Path, seeds: list[int]) -> Suite:
+    return Suite(suite_name(load(DataJob, jobs / "data.yaml")), jobs, seeds=seeds)
+
+
 def movielens(suite: Suite) -> list[Suite]:
     """[suite] when its MovieLens release is there, else [] (said)."""
     path = load(DataJob, suite.jobs / "data.yaml").path
@@ -197,14 +210,11 @@ def run(args) -> int:
     start = time.perf_counter()
     seeds = list(range(args.seeds))
     jobs = Path(args.jobs)
-    if getattr(args, "next_item", False):  # its own run: the next-item teacher alone takes ~15 min here
-        suites = [Suite("next-item (synthetic)", jobs / "next-item", seeds=seeds)]
-        ml = Suite("next-movie (ml-latest-small)", jobs / "movielens-next", seeds=seeds)
-    else:
-        suites = [Suite("synthetic", jobs / "demo", seeds=seeds)]
-        ml = Suite("ml-latest-small", jobs / "movielens", seeds=seeds)
+    # next-item is its own run: the next-item teacher alone takes ~15 min here
+    first, second = ("next-item", "movielens-next") if getattr(args, "next_item", False) else ("demo", "movielens")
+    suites = [named(jobs / first, seeds)]
     if not args.skip_movielens:
-        suites += movielens(ml)
+        suites += movielens(named(jobs / second, seeds))
     results = [run_suite(s) for s in suites]
     for r in results:
         print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")

@@ -266,13 +266,13 @@ def test_an_output_location_that_cannot_be_written(kd_world, capsys, unwritable,
 
 
 def test_the_readme_reliability_table_is_bench_faults_table():
-    """README's Reliability table is the one `make bench-faults` prints, and every row's test exists."""
+    """docs/reliability.md's table is the one `make bench-faults` prints, and every row's test exists."""
     import ast
 
     from distkd.bench.faults import CASES, readme_table
     from tests.support import ROOT
 
-    assert readme_table() in (ROOT / "README.md").read_text()
+    assert readme_table() in (ROOT / "docs" / "reliability.md").read_text()
     for *_, node in CASES:
         path, name = node.split("::")
         defined = {n.name for n in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(n, ast.FunctionDef)}

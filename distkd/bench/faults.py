@@ -3,8 +3,8 @@
     python -m distkd.bench.faults [--out runs/bench-faults] [-k PATTERN]
 
 Runs the pytest node ids of `CASES` (from a checkout: the tests are not in the wheel) with a
-JUnit report, then prints the README's Reliability table with this run's result and seconds per
-row. The README table is `readme_table()` (tests/test_bad_input.py checks they agree), so the
+JUnit report, then prints the Reliability table of docs/reliability.md with this run's result and
+seconds per row. That table is `readme_table()` (tests/test_bad_input.py checks they agree), so the
 table says what the tests assert, and this command shows they still do.
 """
 
@@ -109,7 +109,7 @@ CASES: list[tuple[str, str, str, str]] = [
 
 
 def readme_table() -> str:
-    """The README's Reliability table, from `CASES`."""
+    """The Reliability table of docs/reliability.md, from `CASES`."""
     lines = ["| fault or bad input | what distkd did | rows lost | reproduce |", "|---|---|---|---|"]
     lines += [f"| {case} | {did} | {lost} | `pytest {node}` |" for case, did, lost, node in CASES]
     return "\n".join(lines)

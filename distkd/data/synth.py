@@ -75,7 +75,7 @@ PRESETS = {
         n_dense=13,
         request_features=(0, 1, 2),
         # Tuned so that a one-pass teacher on the demo's 1.5M rows comes within 0.01 AUC of the
-        # oracle (see the README's demo section).
+        # oracle (see docs/evaluation.md).
         head=30,
         fade_power=2.0,
         pair_scale=0.5,
