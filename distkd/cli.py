@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import importlib
+import logging
 import sys
 
 from distkd import log
@@ -18,6 +19,8 @@ from distkd.dist import quiet
 from distkd.errors import CheckpointError, ProcessGroupError, RankFailure
 from distkd.data.schema import LogsError
 from distkd.storage import StorageError
+
+logger = logging.getLogger(__name__)
 
 
 def _cmd(sub, name: str, target: str, help: str):
@@ -248,17 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    log.setup(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        log.setup(args.log_level)
+    except ValueError as e:  # a bad DISTKD_LOG_LEVEL (the flag's choices are checked by argparse)
+        parser.error(str(e))
     quiet()  # before torchrec is imported: its import logs warnings nobody can act on
     module, func = args._target.split(":")
     try:
         rc = getattr(importlib.import_module(module), func)(args)
     except (ConfigError, LogsError, StorageError, CheckpointError, ProcessGroupError) as e:
-        print(f"distkd: error: {e}", file=sys.stderr)
+        logger.error(f"distkd: error: {e}")
         return 2
     except RankFailure as e:  # the ranks printed their own tracebacks; say what ended the launch
-        print(f"distkd: error: {e}", file=sys.stderr)
+        logger.error(f"distkd: error: {e}")
         return 1
     return int(rc or 0)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 
 from distkd.config import ConfigError, load, to_dict
 from distkd.data.schema import SCHEMA_FILE, SPLITS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,8 +52,9 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0])
 
 
-def say(msg: str) -> None:
-    print(f"\n== {msg}", file=sys.stderr, flush=True)
+def say(msg: str, level: int = logging.INFO) -> None:
+    """A stage's headline: a blank line, then `== msg`."""
+    logger.log(level, f"\n== {msg}")
 
 
 def logs_fingerprint(logs: str | Path) -> str:
@@ -102,7 +105,7 @@ def make_logs(job: DataJob) -> None:
         schema = generate(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset,
                           max_cardinality=job.max_cardinality, unlabeled_fraction=job.unlabeled_fraction,
                           workers=job.workers or 2, force=True, progress=True)
-        print(summarize(out, schema), file=sys.stderr)
+        logger.info(summarize(out, schema))
     stamp.write_text(json.dumps(want, indent=2))
 
 
@@ -202,7 +205,8 @@ def movielens(suite: Suite) -> list[Suite]:
     path = load(DataJob, suite.jobs / "data.yaml").path
     if path and Path(path).is_dir():
         return [suite]
-    say(f"skipping {suite.name}: the MovieLens release {path!r} is not there (see {suite.jobs / 'data.yaml'})")
+    say(f"skipping {suite.name}: the MovieLens release {path!r} is not there (see {suite.jobs / 'data.yaml'})",
+        logging.WARNING)
     return []
 
 
@@ -218,5 +222,5 @@ def run(args) -> int:
     results = [run_suite(s) for s in suites]
     for r in results:
         print(f"\n### {r['suite']}\n{r['table']}\nreport: {r['report']}")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+    logger.info(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
     return 0

@@ -13,10 +13,15 @@ prefixed with the rank that raised them. At DEBUG every rank logs.
 The tree does not propagate to the root logger: `distkd.dist.quiet()` holds the root (and
 torchrec's, torch.distributed's) at ERROR to silence third-party noise, which must not
 silence distkd's own lines.
+
+A progress line that redraws itself (carriage return, no newline) passes `extra={"end": ""}`.
+
+`print` is for a command's primary result on stdout only (a report table, JSON, `cache status`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -36,6 +41,14 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # StreamHandler.emit with the record's own line end: a progress line redraws in place
+        try:
+            self.stream.write(self.format(record) + getattr(record, "end", self.terminator))
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 class RankFilter(logging.Filter):
@@ -61,6 +74,26 @@ def level_from(value: str | None) -> int:
         raise ValueError(f"log level {name!r}: expected one of {', '.join(LEVELS)} "
                          f"(from {'--log-level' if value else ENV})")
     return getattr(logging, name)
+
+
+def current_level() -> str:
+    """The level in force, by name: what a process started elsewhere (a Ray worker on another
+    node, which does not inherit this environment) passes to its own `setup`."""
+    lvl = logging.getLogger(ROOT).level
+    return logging.getLevelName(lvl if lvl != logging.NOTSET else level_from(None))
+
+
+@contextlib.contextmanager
+def silenced(name: str, level: int = logging.WARNING):
+    """Hold logger `name` (and its children) at `level` for the block: a benchmark's timed call
+    without its progress lines."""
+    target = logging.getLogger(name)
+    before = target.level
+    target.setLevel(level)
+    try:
+        yield
+    finally:
+        target.setLevel(before)
 
 
 def setup(level: str | None = None) -> logging.Logger:

@@ -21,15 +21,17 @@ is written to runs/submit/ and the `sbatch` / `kubectl apply` command to run is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from distkd.config import ConfigError, apply_overrides, read_yaml
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("data", "teacher", "student", "cache", "distill", "eval")
 DDP_STAGES = ("teacher", "student", "distill")
@@ -181,10 +183,10 @@ def _submit_ray(args, entrypoint: str) -> int:
         print(f"entrypoint: {entrypoint}")
         return 0
     if not address.startswith(("http://", "https://", "ray://")):
-        print(f"distkd: note: the Ray Jobs API usually lives at http://HOST:8265, got {address!r}")
+        logger.warning(f"distkd: note: the Ray Jobs API usually lives at http://HOST:8265, got {address!r}")
     if not Path(args.config).resolve().is_relative_to(Path.cwd().resolve()):
-        print(f"distkd: note: {args.config} is outside the working directory uploaded with the job; "
-              "the cluster must see it at that path", file=sys.stderr)
+        logger.warning(f"distkd: note: {args.config} is outside the working directory uploaded with the job; "
+                       "the cluster must see it at that path")
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -195,7 +197,7 @@ def _submit_ray(args, entrypoint: str) -> int:
     )
     print(f"submitted {job_id} to {address}", flush=True)
     if not args.wait:
-        print(f"follow it: ray job logs --address {address} --follow {job_id}")
+        logger.info(f"follow it: ray job logs --address {address} --follow {job_id}")
         return 0
     return wait(client, job_id, address)
 
@@ -214,11 +216,10 @@ def wait(client, job_id: str, address: str, poll_s: float = 1.0) -> int:
     try:
         asyncio.run(follow())
     except KeyboardInterrupt:
-        print(f"\ndistkd: stopped waiting; the job keeps running (ray job stop --address {address} {job_id})",
-              file=sys.stderr)
+        logger.warning(f"\ndistkd: stopped waiting; the job keeps running (ray job stop --address {address} {job_id})")
         return 130
     except RuntimeError as e:  # the log stream closed early (dashboard restarted): fall back to polling
-        print(f"distkd: note: log stream ended early ({e}); polling the job's status", file=sys.stderr)
+        logger.warning(f"distkd: note: log stream ended early ({e}); polling the job's status")
     info = client.get_job_info(job_id)
     while not info.status.is_terminal():  # the log stream ends with the job, its status may lag
         time.sleep(poll_s)
@@ -262,7 +263,7 @@ def run(args) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)
-    print(f"wrote {out} (from cluster/{template.relative_to(CLUSTER).as_posix()})")
+    logger.info(f"wrote {out} (from cluster/{template.relative_to(CLUSTER).as_posix()})")
     if args.to == "slurm":
         for folder in sbatch_log_folders(text):
             folder.mkdir(parents=True, exist_ok=True)

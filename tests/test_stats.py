@@ -209,7 +209,7 @@ def test_transform_without_stats_is_a_clear_error(logs):
 def test_stats_round_trip_into_schema_and_fingerprint(logs):
     r = cli("data", "stats", str(logs))
     assert r.returncode == 0, r.stderr
-    assert "gauss" in r.stdout and "wrote" in r.stdout and "parameters from this file" in r.stdout
+    assert "gauss" in r.stdout and "wrote" in r.stderr and "parameters from this file" in r.stderr  # the table; log lines
     doc = read_stats(logs)
     c = doc["content"]
     assert json.loads((logs / STATS_FILE).read_text())["fingerprint"] == doc["fingerprint"]

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distkd import log
+
 
 # -- (1) Ray Data batch inference ------------------------------------------------------------
 
@@ -134,6 +136,7 @@ def train_rank(prepared, steps: int, reps: int) -> dict[str, Any]:
     from distkd import dist
     from distkd.train.trainer import Trainer
 
+    log.setup()  # a spawned rank starts with logging unconfigured; the level comes from the environment
     env = dist.init()
     trainer = Trainer(prepared.job, prepared.schema, prepared.objective, env)
     ld = trainer.train_loader
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--json", required=True)
     t.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    log.setup()
     return _train_main(args)
 
 

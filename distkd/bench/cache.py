@@ -18,14 +18,17 @@ teacher with the default ModelConfig, both created under runs/bench/ when missin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from distkd import log
 from distkd.bench import cpu_model
+
+logger = logging.getLogger(__name__)
 
 
 def ensure_logs(logs: Path, rows: int) -> None:
@@ -35,7 +38,7 @@ def ensure_logs(logs: Path, rows: int) -> None:
         return
     from distkd.data.synth import generate
 
-    print(f"generating {rows:,} rows of criteo-preset logs into {logs} ...", flush=True)
+    logger.info(f"generating {rows:,} rows of criteo-preset logs into {logs} ...")
     generate(logs, rows, shards=4, seed=0, row_group_rows=16_384, preset="criteo", max_cardinality=100_000,
              workers=min(2, os.cpu_count() or 1), force=True)
 
@@ -55,7 +58,7 @@ def ensure_teacher(export: Path, logs: Path, cfg=None) -> None:
 
     from distkd.models.ranking import ModelConfig, RankingModel
 
-    print(f"writing an untrained teacher export to {export} ...", flush=True)
+    logger.info(f"writing an untrained teacher export to {export} ...")
     torch.manual_seed(0)
     cfg = cfg or ModelConfig()
     model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads-per-worker", type=int, default=None)
     ap.add_argument("--passes", type=int, default=2, help="(a) is the best of this many passes (conservative on a noisy machine)")
     args = ap.parse_args(argv)
+    log.setup()
     splits = [s for s in args.splits.split(",") if s]
 
     ensure_logs(args.logs, args.rows)
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     job = CacheJob(teacher=str(args.teacher), logs=str(args.logs), out=str(args.out), splits=splits,
                    workers=plan.workers, threads_per_worker=plan.threads, batch_size=args.batch_size)
-    s = build(job, log=lambda m: print(m, file=sys.stderr, flush=True))
+    s = build(job)  # its progress: the cache's own log lines
     if s["rows"] != rows:
         raise SystemExit(f"row counts differ: (a) ran {rows:,} rows, the cache has {s['rows']:,}")
     b = s["rows_computed"] / s["seconds"]

@@ -14,6 +14,7 @@ a b b a ... (a drift linear in time weighs on both alike) and the ratio is of me
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -21,8 +22,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from distkd import log
 from distkd.bench import cli_summary, cpu_model
 from distkd.data.loader import split_files
+
+logger = logging.getLogger(__name__)
 
 
 def interleaved(names: list[str], repeats: int) -> list[str]:
@@ -31,13 +35,12 @@ def interleaved(names: list[str], repeats: int) -> list[str]:
     return [n for r in range(repeats) for n in (names if r % 2 == 0 else names[::-1])]
 
 
-def run_all(commands: dict[str, list[str]], order: list[str], steps: int, log=None) -> tuple[dict[str, list[float]], int]:
+def run_all(commands: dict[str, list[str]], order: list[str], steps: int) -> tuple[dict[str, list[float]], int]:
     """rows/s of each run of `order` (names of `commands`), and the student's parameters."""
     rates: dict[str, list[float]] = {n: [] for n in commands}
     parameters = 0
     for i, name in enumerate(order, 1):
-        if log:
-            log(f"[{i}/{len(order)}] {name} ({steps} steps)")
+        logger.info(f"[{i}/{len(order)}] {name} ({steps} steps)")
         s = cli_summary(commands[name], steps)
         rates[name].append(s["rows_per_s"])
         parameters = s["parameters"]["total"]
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--repeats", type=int, default=3, help="runs of a and of b each (c runs once)")
     a = p.parse_args(argv)
+    log.setup()
     from distkd.demo import teacher_and_cache
 
     jobs = Path(a.jobs)
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     names = list(commands)
     order = interleaved(names[:2], a.repeats) + [names[2]]
-    rates, parameters = run_all(commands, order, a.steps, lambda m: print(m, file=sys.stderr, flush=True))
+    rates, parameters = run_all(commands, order, a.steps)
 
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(data.out, "train"))
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; 2 gloo ranks, one thread each")

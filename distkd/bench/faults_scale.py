@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -37,13 +38,13 @@ import threading
 import time
 from pathlib import Path
 
+from distkd import log
+
+logger = logging.getLogger(__name__)
+
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_BOUND_S = 30  # from the head's death to the driver's exit (Ray itself would give up only after 60 s)
 Row = tuple[str, str, str, str]  # fault, what distkd did, rows lost, seconds
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _cmd(teacher: Path, logs: Path, out: Path, address: str, faults: list[str], workers: int | None) -> list[str]:
@@ -85,7 +86,8 @@ def compare(out: Path, clean: dict, logs: Path) -> dict:
     kept = sum(e["output"]["rows"] for rel, e in m["shards"].items()
                if e["output"]["sha256"] == clean[rel]["output"]["sha256"] and e["input"]["ids"] == clean[rel]["input"]["ids"])
     try:
-        verify_cache(out, logs, log=lambda msg: None)
+        with log.silenced("distkd.cache"):  # the verdict is the figure, not its per-shard lines
+            verify_cache(out, logs)
         verified = "passes"
     except Exception as e:  # the verdict is the figure: record it, keep the table going
         verified = f"FAILS: {str(e).splitlines()[0][:120]}"
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch", type=int, default=1024, help="rows per rank and step of the distillations")
     p.add_argument("--out", default="runs/bench-faults/scale")
     a = p.parse_args(argv)
+    log.setup()
     from distkd.bench.cache import ensure_teacher
     from distkd.bench.faults_scale_train import train_faults
     from distkd.bench.suite import TEACHER
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     logs, teacher = work / "logs", work / "teacher"
     stamp = logs / "rows.txt"
     if not (stamp.is_file() and stamp.read_text() == f"{a.rows} {a.shards}"):
-        say(f"generating {a.rows:,} rows in {a.shards} shards …")
+        logger.info(f"generating {a.rows:,} rows in {a.shards} shards …")
         generate(logs, a.rows, shards=a.shards, seed=0, preset="criteo", max_cardinality=100_000,
                  workers=min(2, os.cpu_count() or 1), force=True)
         stamp.write_text(f"{a.rows} {a.shards}")
@@ -288,22 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     (work / "ray").mkdir(parents=True, exist_ok=True)
     with ray_cluster(work / "ray", head_cpus=2, dashboard=False) as address:
-        say("clean build …")
+        logger.info("clean build …")
         rc, secs, err = build(teacher, logs, work / "clean", address, [])
         if rc:
             raise SystemExit(f"the clean build exited {rc}:\n{err[-3000:]}")
         clean = read_manifest(work / "clean")["shards"]
         total = sum(e["output"]["rows"] for e in clean.values())
         rows.append(("clean build (reference)", f"{len(clean)} shards, {total:,} rows", "0", f"{secs:.0f}"))
-        say("one worker killed on every shard …")
+        logger.info("one worker killed on every shard …")
         rows.append(workers_killed(teacher, logs, work, address, clean, total))
-        say("driver killed, then rerun …")
+        logger.info("driver killed, then rerun …")
         rows.append(driver_killed(teacher, logs, work, address, clean, total))
-        say("two builds racing, a reader polling …")
+        logger.info("two builds racing, a reader polling …")
         rows += race(teacher, logs, work, address, clean, total)
-        say("a teacher returning NaN …")
+        logger.info("a teacher returning NaN …")
         rows.append(nan_in_last_shard(teacher, logs, work, address, clean))
-    say("the Ray head killed mid-build, then rerun on a new head …")
+    logger.info("the Ray head killed mid-build, then rerun on a new head …")
     rows.append(head_killed(teacher, logs, work, clean, total))
     rows += train_faults(work, logs, work / "clean", teacher, a.train_batch)
     print(f"\n## Faults at scale: {total:,} train rows, {len(clean)} shards, {time.perf_counter() - t_all:.0f} s\n")

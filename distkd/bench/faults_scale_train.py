@@ -16,6 +16,7 @@ the same rows, batches and optimizer state). Rows lost = the reference's rows le
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from distkd.bench.faults_scale import ROOT, child_env, say
+from distkd.bench.faults_scale import ROOT, child_env
+
+logger = logging.getLogger(__name__)
 
 NPROC = 2
 
@@ -77,7 +80,7 @@ def train_faults(work: Path, logs: Path, cache: Path, teacher: Path, batch: int)
     }
     seen: dict[str, tuple[int, float, str]] = {}
     for name, (restarts, faults) in runs.items():
-        say(f"distillation at scale: {name} ({4 * every} steps of {NPROC} × {batch} rows) …")
+        logger.info(f"distillation at scale: {name} ({4 * every} steps of {NPROC} × {batch} rows) …")
         seen[name] = _torchrun(work / f"train-{name}", logs, cache, sha, batch, every, restarts, faults)
     rc, secs, err = seen["reference"]
     if rc:

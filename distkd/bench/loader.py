@@ -13,6 +13,7 @@ Aim: b/a >= 0.5. The ratio by CPU time is printed too: it holds still on a busy 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distkd import log
 from distkd.bench import cpu_model
+
+logger = logging.getLogger(__name__)
 
 
 def pin_one_core() -> int:
@@ -114,7 +118,7 @@ def ensure_logs(logs: Path, rows: int) -> None:
         return
     from distkd.data.synth import generate
 
-    print(f"generating {rows:,} rows of synthetic logs into {logs} ...", flush=True)
+    logger.info(f"generating {rows:,} rows of synthetic logs into {logs} ...")
     generate(logs, rows, shards=4, seed=0, row_group_rows=65536, preset="criteo", force=True)
 
 
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8192)
     ap.add_argument("--passes", type=int, default=2, help="best of this many passes each")
     args = ap.parse_args(argv)
+    log.setup()
 
     ensure_logs(args.logs, args.rows)
     from distkd.data.loader import split_files

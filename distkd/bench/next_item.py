@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -39,11 +40,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distkd import log
 from distkd.cache import topk as tk
 from distkd.data import synth_next_item as sn
 from distkd.metrics_retrieval import RetrievalMetrics, expected_recall_at_k, gap_recovered
 from distkd.models.next_item import NextItemConfig, NextItemModel, count_parameters
 from distkd.objectives.next_item_losses import hard_ce, sampled_tail_kl, topk_kl
+
+logger = logging.getLogger(__name__)
 
 
 def load_split(logs: str, split: str, max_rows: int | None = None) -> dict[str, np.ndarray]:
@@ -96,7 +100,7 @@ def train(model, d, rows: int, loss_fn, batch: int, lr: float, micro: int = 128,
         sched.step()
         seen = 0.98 * seen + 0.02 * total if step else total
         if (step + 1) % max(1, steps // 5) == 0:
-            print(f"  {label} step {step + 1}/{steps} loss {seen:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            logger.info(f"  {label} step {step + 1}/{steps} loss {seen:.4f} ({time.perf_counter() - t0:.0f}s)")
     return time.perf_counter() - t0
 
 
@@ -166,13 +170,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bytes", action="store_true", help="also measure cache bytes at k = 8..128")
     ap.add_argument("--bytes-only", action="store_true", help="only the teacher (trained or loaded) and the bytes")
     args = ap.parse_args(argv)
+    log.setup()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     os.makedirs(args.out, exist_ok=True)
     logs = os.path.join(args.out, "logs")
     t0 = time.perf_counter()
     if not os.path.exists(os.path.join(logs, sn.SCHEMA_FILE)):
         sn.generate(logs, rows=args.rows, shards=4, seed=args.seed, preset=args.preset, force=True)
-        print(f"generated {args.rows:,} rows in {time.perf_counter() - t0:.0f}s", flush=True)
+        logger.info(f"generated {args.rows:,} rows in {time.perf_counter() - t0:.0f}s")
     p = sn.PRESETS[args.preset]
     n = p.num_items
     train_d, test_d = load_split(logs, "train"), load_split(logs, "test", args.test_rows)
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
         results["teacher"] = {**evaluate(teacher, test_d, n_test, n), "train_s": secs,
                               "steps": args.teacher_epochs * (n_train // args.batch)}
         torch.save(teacher.state_dict(), ckpt)
-    print("teacher", results["teacher"], flush=True)
+    logger.info(f"teacher {results['teacher']}")
 
     if args.bytes_only:
         results["bytes"] = bytes_table(teacher, train_d, min(16_384, n_train), n, args.out)
@@ -215,7 +220,7 @@ def main(argv=None) -> int:
     size = os.path.getsize(cache_path)
     results["cache"] = {"k": args.k, "tail": args.tail, "rows": n_student, "bytes": size, "seconds": time.perf_counter() - t1,
                         "bytes_per_row": size / n_student, "bytes_per_entry": size / (n_student * (args.k + args.tail))}
-    print("cache", results["cache"], flush=True)
+    logger.info(f"cache {results['cache']}")
 
     def kd(out, a, b):
         top = tk.unpack(cache.slice(a, b - a), fmt)
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
             secs = train(student, train_d, n_student, fn, args.batch, args.student_lr, label=name)
             results.setdefault(name, []).append({**evaluate(student, test_d, n_test, n), "train_s": secs,
                                                  "steps": n_student // args.batch, "alpha": alpha, "seed": seed})
-            print(name, results[name][-1], flush=True)
+            logger.info(f"{name} {results[name][-1]}")
 
     feats = [{"name": sn.HISTORY, "num_embeddings": n, "multi_valued": True}, {"name": sn.SURFACE, "num_embeddings": p.surfaces}]
     pt = count_parameters(feats, n, NextItemConfig(args.teacher_dim, args.teacher_tower))["total"]

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from distkd import log
 from distkd.bench import scaled_jobs
 from distkd.config import read_yaml
+
+logger = logging.getLogger(__name__)
 
 
 def setting(text: str) -> tuple[int, int]:
@@ -37,7 +41,7 @@ def setting(text: str) -> tuple[int, int]:
 
 def cli(*args: str) -> None:
     cmd = [sys.executable, "-m", "distkd.cli", *args]
-    print(f"\n== {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    logger.info(f"\n== {' '.join(cmd[2:])}")
     subprocess.run(cmd, check=True)
 
 
@@ -55,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+", type=setting, default=[(8, 0), (32, 0), (64, 0), (128, 0), (64, 32)],
                     metavar="K:TAIL")
     args = ap.parse_args(argv)
+    log.setup()
     jobs = Path(args.jobs)
     runs = str(Path(load_out(jobs / "teacher.yaml")).parent)  # runs/next-item
     if args.rows:
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
                      "summary": read_manifest(cache)["totals"]})
 
     models = {"teacher": [base.teacher], "student-hard": hard, **{r["name"]: r["exports"] for r in rows}}
-    print(f"\n== eval: test split, {len(models)} models", file=sys.stderr, flush=True)
+    logger.info(f"\n== eval: test split, {len(models)} models")
     result = evaluate_models(read_yaml(jobs / "eval.yaml")["logs"], models, split="test",
                              gap=("teacher", rows[0]["name"], "student-hard"))
     task = result["tasks"][0]

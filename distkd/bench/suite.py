@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -34,8 +35,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from distkd import log
 from distkd.bench import cli_summary
 from distkd.bench.suite_report import SWEEP  # the sweep's scales
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SCALE = 3_000_000
 QUICK_SCALE = 24_000
@@ -59,8 +63,8 @@ class Progress:
         el = time.perf_counter() - self.start
         eta = el * (self.total - self.done) / self.done if self.done else 0.0
         what = f", {rows:,} rows, {rate:,.0f} rows/s" if rows else ""
-        print(f"[{el / 60:5.1f} min] {stage}{what}; {100 * self.done / self.total:3.0f}% done, "
-              f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+        logger.info(f"[{el / 60:5.1f} min] {stage}{what}; {100 * self.done / self.total:3.0f}% done, "
+                    f"ETA {eta / 60:.1f} min")
 
 
 class PeakRSS:
@@ -156,8 +160,6 @@ def stage_loader(R: dict, subsets: dict[int, Path], reps: int, progress: Progres
 
 
 def _ray(num_cpus: int):
-    import logging
-
     import ray
 
     ray.shutdown()
@@ -172,7 +174,8 @@ def _build(teacher: Path, logs: Path, out: Path, plan) -> dict:
     job = CacheJob(teacher=str(teacher), logs=str(logs), out=str(out), splits=["train"], workers=plan.workers,
                    threads_per_worker=plan.threads, batch_size=8192)
     with PeakRSS(exclude=(os.getpid(),), match="CacheWorker") as rss:  # Ray titles actors ray::CacheWorker
-        s = build(job, log=lambda m: None)
+        with log.silenced("distkd.cache"):  # timed: the suite's own progress lines say enough
+            s = build(job)
     return {"rows_per_s": s["rows_computed"] / s["seconds"], "seconds": s["seconds"], "rows": s["rows"],
             "peak_rss": rss.peak, "workers_start_s": s["workers_start_s"]}
 
@@ -350,7 +353,7 @@ def run(scale: int, reps: int, out: Path, work: Path, quick: bool) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / (out.stem + ".json")).write_text(json.dumps(R, indent=1, default=str))
     write_markdown(R, out)
-    print(f"wrote {out} in {R['seconds'] / 60:.1f} min", file=sys.stderr)
+    logger.info(f"wrote {out} in {R['seconds'] / 60:.1f} min")
     return R
 
 
@@ -365,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", type=Path, default=None,
                    help="only write --out from the figures a run saved (BENCHMARKS.json)")
     a = p.parse_args(argv)
+    log.setup()
     if a.from_json:
         from distkd.bench.suite_report import write_markdown
 

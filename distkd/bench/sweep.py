@@ -12,6 +12,7 @@ missing); default the MovieLens suite.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from distkd import log
 from distkd.bench import cpu_model
+
+logger = logging.getLogger(__name__)
 
 
 def _run(cmd: list[str]) -> float:
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--students", type=int, default=4, help="N")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student")
     a = p.parse_args(argv)
+    log.setup()
     from distkd.demo import teacher_and_cache
 
     jobs = Path(a.jobs)
@@ -54,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             "scheduler": {"kind": "fifo"},
             "kd": {"base": distill, "overrides": fixed + [f"objective.teachers.0.cache={cache.out}"],
                    "space": {"train.seed": {"grid": list(range(a.students))}}}}))
-        print(f"[a] one sweep of {a.students} students from the cache", file=sys.stderr, flush=True)
+        logger.info(f"[a] one sweep of {a.students} students from the cache")
         times["a"] = _run(["sweep", "--config", str(config)])
         sources = {"b": [f"objective.teachers.0.cache={cache.out}"],
                    "c": ["objective.teachers.0.cache=null", f"objective.teachers.0.export={cache.teacher}"]}
         for key, source in sources.items():
-            print(f"[{key}] {a.students} runs alone, {'from the cache' if key == 'b' else 'online'}",
-                  file=sys.stderr, flush=True)
+            logger.info(f"[{key}] {a.students} runs alone, {'from the cache' if key == 'b' else 'online'}")
             times[key] = sum(_run(["distill", "--config", distill, *fixed, *source, f"train.seed={i}",
                                    f"out={tmp}/{key}-{i}", "--nproc", "1"]) for i in range(a.students))
     print(f"machine: {cpu_model()}, {cpus} cores; one rank and one torch thread per student")

@@ -8,11 +8,15 @@ last (start-up, planning and the final evaluation are excluded).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
+from distkd import log
 from distkd.bench import cli_summary, cpu_model
+
+logger = logging.getLogger(__name__)
 
 
 def ensure_logs(path: Path, rows: int) -> None:
@@ -20,7 +24,7 @@ def ensure_logs(path: Path, rows: int) -> None:
         return
     from distkd.data.synth import generate
 
-    print(f"generating {rows:,} rows of synthetic logs in {path} …", file=sys.stderr)
+    logger.info(f"generating {rows:,} rows of synthetic logs in {path} …")
     generate(path, rows=rows, shards=4, seed=0, max_cardinality=100_000, force=True, workers=2)
 
 
@@ -32,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the job")
     args = p.parse_args(argv)
+    log.setup()
     logs = Path(args.logs)
     ensure_logs(logs, args.rows)
 

@@ -13,6 +13,7 @@ with the per-round paired ratios beside it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import statistics
@@ -21,15 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from distkd import log
 from distkd.bench import cpu_model, scaled_jobs
+
+logger = logging.getLogger(__name__)
 
 DEMO = "runs/bench/vs-demo"
 TRAIN_LOGS = "runs/bench/vs-train-logs"
 JOBS = "runs/bench/vs-jobs"
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds any one benchmark process may take")
     p.add_argument("--out", default="runs/bench/vs.md")
     a = p.parse_args(argv)
+    log.setup()
     root = Path(git("rev-parse", "--show-toplevel", cwd=Path.cwd()))
     head_sha = git("rev-parse", "HEAD", cwd=root)
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", cwd=root))
@@ -110,14 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     trees = {"base": base, "head": root}
     t0 = time.perf_counter()
     for name, tree in trees.items():
-        say(f"{name}: {tree}: demo logs, teacher and cache at {a.rows:,} rows (reused when valid)")
+        logger.info(f"{name}: {tree}: demo logs, teacher and cache at {a.rows:,} rows (reused when valid)")
         jobs = scaled_jobs(tree / "jobs" / "demo", tree / JOBS, a.rows, ("runs/demo", DEMO))
-        run_in(tree, ["-c", f"from pathlib import Path; from distkd.demo import teacher_and_cache; "
-                            f"teacher_and_cache(Path({str(jobs)!r}))"], a.timeout)
+        # the demo's stage lines are log lines in a tree that has distkd.log (an older base prints them)
+        run_in(tree, ["-c", "import importlib.util; from pathlib import Path; "
+                            "importlib.util.find_spec('distkd.log') and importlib.import_module('distkd.log').setup(); "
+                            f"from distkd.demo import teacher_and_cache; teacher_and_cache(Path({str(jobs)!r}))"],
+               a.timeout)
     results: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
     for r in range(a.rounds):
         for name in (("base", "head") if r % 2 == 0 else ("head", "base")):
-            say(f"round {r + 1}/{a.rounds}: {name} ({time.perf_counter() - t0:,.0f} s so far)")
+            logger.info(f"round {r + 1}/{a.rounds}: {name} ({time.perf_counter() - t0:,.0f} s so far)")
             results[name].append(one_round(trees[name], a))
     report = [f"# bench-vs: head {head_sha[:12]}{' (+ uncommitted changes)' if dirty else ''} against base {base_sha[:12]}",
               "",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import torch
 
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import load_schema
+
+logger = logging.getLogger(__name__)
 
 
 def inspect_split(logs: str, split: str = "train", batch_size: int = 8192, progress: bool = True) -> dict:
@@ -28,11 +30,11 @@ def inspect_split(logs: str, split: str = "train", batch_size: int = 8192, progr
         if progress and (step % 20 == 0 or step == len(loader)):
             rate = rows / (time.perf_counter() - start)
             eta = (loader.num_rows - rows) / max(rate, 1e-9)
-            print(f"\r  {rows:>12,}/{loader.num_rows:,} rows  {rate:,.0f} rows/s  ETA {eta:4.0f}s",
-                  end="", file=sys.stderr)
+            logger.info(f"\r  {rows:>12,}/{loader.num_rows:,} rows  {rate:,.0f} rows/s  ETA {eta:4.0f}s",
+                        extra={"end": ""})
     took = time.perf_counter() - start
     if progress:
-        print(file=sys.stderr)
+        logger.info("")  # ends the progress line
     return {
         "split": split,
         "files": len(loader.files),

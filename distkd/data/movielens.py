@@ -13,6 +13,7 @@ use only ratings with a strictly earlier timestamp, so they never see the row's 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError
 from distkd.data.schema import SCHEMA_FILE, SPLITS, DenseFeature, LogsError, Schema, SparseFeature, Task
+
+logger = logging.getLogger(__name__)
 
 RATINGS = {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
 MOVIES = {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}
@@ -260,14 +263,14 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force) -> tuple[Schema, d
 def run(args) -> int:
     t0 = time.perf_counter()
     schema, s = _convert(args.path, args.out, args.shards, args.row_group_rows, args.force)
-    print(f"converted {args.path} -> {args.out} in {time.perf_counter() - t0:.1f}s: {s['rows']:,} ratings, "
-          f"{s['users']:,} users, {s['movies']:,} movies, {s['genres']} genres")
-    print(f"  {'split':<6} {'rows':>12} {'shards':>6} {'liked':>6}  time range (UTC)")
+    logger.info(f"converted {args.path} -> {args.out} in {time.perf_counter() - t0:.1f}s: {s['rows']:,} ratings, "
+                f"{s['users']:,} users, {s['movies']:,} movies, {s['genres']} genres")
+    logger.info(f"  {'split':<6} {'rows':>12} {'shards':>6} {'liked':>6}  time range (UTC)")
     for split, d in s["splits"].items():
         span = " .. ".join(time.strftime("%Y-%m-%d %H:%M", time.gmtime(d[k])) for k in ("from", "to"))
-        print(f"  {split:<6} {d['rows']:>12,} {d['shards']:>6} {d['liked']:>6.3f}  {span}")
+        logger.info(f"  {split:<6} {d['rows']:>12,} {d['shards']:>6} {d['liked']:>6.3f}  {span}")
     sparse = ", ".join(f"{f.name}={f.rows}{' (multi)' if f.multi_valued else ''}" for f in schema.sparse)
-    print(f"  sparse: {sparse}")
-    print(f"  dense: {', '.join(f.name for f in schema.dense)}; task like: label 'liked' = rating >= 4")
-    print(f"  schema: {Path(args.out) / SCHEMA_FILE}")
+    logger.info(f"  sparse: {sparse}")
+    logger.info(f"  dense: {', '.join(f.name for f in schema.dense)}; task like: label 'liked' = rating >= 4")
+    logger.info(f"  schema: {Path(args.out) / SCHEMA_FILE}")
     return 0

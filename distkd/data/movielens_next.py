@@ -16,6 +16,7 @@ dropped. Vectorized: one stable sort per user, then the history windows as one g
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from distkd.config import ConfigError
 from distkd.data.movielens import MOVIES, RATINGS, SPLIT_FRACTIONS, _cut, _dense_index, _prepare_out, _read_csv, _write_atomic
 from distkd.data.schema import SCHEMA_FILE, SPLITS, LogsError
 from distkd.storage import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 LABEL = "next_movie"
 
@@ -135,8 +138,8 @@ def convert_next(src_dir: str | Path, out_dir: str | Path, history: int = 20, mi
 def run(args) -> int:
     t0 = time.perf_counter()
     s = convert_next(args.path, args.out, args.history, args.min_history, args.shards, args.row_group_rows, args.force)["summary"]
-    print(f"converted {args.path} -> {args.out} in {time.perf_counter() - t0:.1f}s: {s['rows']:,} next-movie rows "
-          f"({s['dropped']:,} without history dropped), {s['users']:,} users, {s['movies']:,} movies")
+    logger.info(f"converted {args.path} -> {args.out} in {time.perf_counter() - t0:.1f}s: {s['rows']:,} next-movie rows "
+                f"({s['dropped']:,} without history dropped), {s['users']:,} users, {s['movies']:,} movies")
     for split, d in s["splits"].items():
-        print(f"  {split:<6} {d['rows']:>10,} rows {d['shards']:>3} shards")
+        logger.info(f"  {split:<6} {d['rows']:>10,} rows {d['shards']:>3} shards")
     return 0

@@ -30,14 +30,17 @@ about raw-scale dense features and ids that do not fit their tables.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 
 from distkd import storage
 from distkd.data.schema import check_arrow_schema, load_schema
 from distkd.data.stats_file import stats_location, write_stats
 from distkd.data.sketches import QUANTILE_POINTS, SKETCHES, Accumulator
+
+logger = logging.getLogger(__name__)
+
 
 # -- the pass --------------------------------------------------------------------------------
 
@@ -57,8 +60,8 @@ class Progress:
         self.last = now
         rate = self.rows / max(now - self.t0, 1e-9)
         eta = (self.total - self.rows) / max(rate, 1e-9)
-        print(f"\r  {self.rows:>12,}/{self.total:,} rows  {rate:>10,.0f} rows/s  ETA {eta:5.0f}s",
-              end="\n" if final else "", file=sys.stderr, flush=True)
+        logger.info(f"\r  {self.rows:>12,}/{self.total:,} rows  {rate:>10,.0f} rows/s  ETA {eta:5.0f}s",
+                    extra={"end": "\n" if final else ""})
 
 
 def compute_stats(logs: str, split: str = "train", progress: bool = True, partitions=None) -> dict:
@@ -135,10 +138,10 @@ def run(args) -> int:
     fp = write_stats(args.logs, content)
     took = time.perf_counter() - t0
     print(format_summary(content))
-    print(f"wrote {stats_location(args.logs)} (fingerprint {fp}) in {took:.1f}s "
-          f"({content['rows'] / max(took, 1e-9):,.0f} rows/s)")
+    logger.info(f"wrote {stats_location(args.logs)} (fingerprint {fp}) in {took:.1f}s "
+                f"({content['rows'] / max(took, 1e-9):,.0f} rows/s)")
     schema = load_schema(args.logs)
     used = [f"{f.name} ({f.transform})" for f in schema.dense if f.needs_stats]
     if used:
-        print(f"schema {schema.fingerprint()}: parameters from this file for {', '.join(used)}")
+        logger.info(f"schema {schema.fingerprint()}: parameters from this file for {', '.join(used)}")
     return 0

@@ -23,10 +23,10 @@ independent of how many processes write it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +39,8 @@ import pyarrow.parquet as pq
 from distkd import storage
 from distkd.config import ConfigError
 from distkd.data.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
+
+logger = logging.getLogger(__name__)
 
 LATENT_DIM = 16
 
@@ -345,7 +347,7 @@ def generate(
         if progress:
             rate = done / max(time.perf_counter() - start, 1e-9)
             eta = (rows - done) / rate
-            print(f"  {done:>12,}/{rows:,} rows  {rate:,.0f} rows/s  ETA {eta:5.0f}s  {path}", file=sys.stderr)
+            logger.info(f"  {done:>12,}/{rows:,} rows  {rate:,.0f} rows/s  ETA {eta:5.0f}s  {path}")
 
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -371,7 +373,7 @@ def run(args) -> int:
         raise ConfigError(str(e)) from None
     took = time.perf_counter() - start
     print(summarize(args.out, schema))
-    print(f"wrote {args.rows:,} rows in {took:.1f}s ({args.rows / took:,.0f} rows/s)")
+    logger.info(f"wrote {args.rows:,} rows in {took:.1f}s ({args.rows / took:,.0f} rows/s)")
     return 0
 
 

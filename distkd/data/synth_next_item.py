@@ -33,6 +33,7 @@ cache and sampled by inverse CDF over blocks of items. Each row group is seeded 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -44,6 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_FILE = "schema.yaml"
 GENERATOR_FILE = "generator.yaml"
@@ -361,6 +364,6 @@ def run(args) -> int:
                       num_items=args.num_items, unlabeled_fraction=args.unlabeled_fraction, workers=args.workers,
                       force=args.force)
     task = schema["tasks"][0]
-    print(f"wrote {args.rows:,} next-item rows ({task['num_classes']:,} items) to {args.out} in "
-          f"{time.perf_counter() - t0:.1f}s")
+    logger.info(f"wrote {args.rows:,} next-item rows ({task['num_classes']:,} items) to {args.out} in "
+                f"{time.perf_counter() - t0:.1f}s")
     return 0

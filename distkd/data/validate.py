@@ -18,7 +18,7 @@ transform with no statistics yet, and a stats.json computed from other train sha
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -33,6 +33,8 @@ from distkd.data.checks import check_row_group
 from distkd.data.rows import _floats
 from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, check_arrow_schema, load_schema
 from distkd.data.sketches import Accumulator
+
+logger = logging.getLogger(__name__)
 
 # Scale warnings (see the module docstring).
 DENSE_MEAN, DENSE_STD, DENSE_MAX = 10.0, 10.0, 1e3
@@ -218,5 +220,5 @@ def run(args) -> int:
         labs = "".join(f" {lab['rate']:>{width[t]}.4f} {lab['labeled']:>{width[t]},}" for t, lab in d["labels"].items())
         print(f"  {split:<{w}} {d['rows']:>12,} {d['shards']:>6} {d['row_groups']:>10}{labs}")
     for w in s["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
+        logger.warning(f"warning: {w}")
     return 0

@@ -33,19 +33,20 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from distkd import storage
+from distkd import log, storage
 from distkd.errors import RankFailure
 from distkd.train.job import TrainJob
 
 POINTER = "distkd-checkpoint.json"
 REPORTED = ("auc", "logloss", "ne", "calibration")
+
+logger = logging.getLogger(__name__)
 
 
 def address(job: TrainJob) -> str | None:
@@ -176,12 +177,15 @@ def worker(config: dict) -> None:
     from distkd.train.trainer import Trainer
 
     prepared, resume, callbacks = config["prepared"], config["resume"], list(config["callbacks"])
+    # a Ray worker starts with logging unconfigured, perhaps on another node: the driver's level travels
+    log.setup(config["log_level"])
     job = prepared.job
     env = dist.init(timeout_s=job.launch.timeout_s)
+    os.environ.setdefault("RANK", str(env.rank))  # the rank filter reads it (Ray Train sets it; kept if not)
     env.restart = start_generation(Path(config["run_dir"]), env.is_main)
-    if env.restart and env.is_main:
-        print(f"ray train: worker group restart {env.restart} of run {config['run']}: resuming from the last "
-              "committed checkpoint", file=sys.stderr, flush=True)
+    if env.restart:
+        logger.info(f"ray train: worker group restart {env.restart} of run {config['run']}: resuming from the last "
+                    "committed checkpoint")
     trainer = Trainer(job, prepared.schema, prepared.objective, env, resume=resume or env.restart > 0,
                       callbacks=[*callbacks, Report(via="train")])
     summary = trainer.train()
@@ -220,11 +224,10 @@ def launch(prepared, resume: bool = False, callbacks: Sequence = (), run_callbac
     run = f"{job.role}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     scaling, run_config, torch_config = configs(job, run)
     run_config.callbacks = list(run_callbacks) or None
-    print(f"ray train: {scaling.num_workers} worker(s) x {scaling.resources_per_worker} "
-          f"({torch_config.backend}), max_failures {job.launch.max_failures}, run {run_config.storage_path}/{run}",
-          file=sys.stderr, flush=True)
+    logger.info(f"ray train: {scaling.num_workers} worker(s) x {scaling.resources_per_worker} "
+                f"({torch_config.backend}), max_failures {job.launch.max_failures}, run {run_config.storage_path}/{run}")
     config = {"prepared": prepared, "resume": resume, "callbacks": list(callbacks), "run": run,
-              "run_dir": str(Path(run_config.storage_path) / run)}
+              "run_dir": str(Path(run_config.storage_path) / run), "log_level": log.current_level()}
     trainer = TorchTrainer(worker, train_loop_config=config,
                            scaling_config=scaling, run_config=run_config, torch_config=torch_config)
     try:

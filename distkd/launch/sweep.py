@@ -31,16 +31,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from distkd import log
 from distkd.config import ConfigError, apply_overrides, from_dict, load, read_yaml, to_dict
 from distkd.launch.sweep_state import StudyState, draw, fingerprint
+
+logger = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -174,6 +177,7 @@ def trainable(config: dict, meta: dict) -> None:
     from distkd.train.prepare import prepare
     from distkd.train.trainer import Trainer
 
+    log.setup(meta["log_level"])  # a trial's Ray worker starts with logging unconfigured, perhaps on another node
     out = Path(meta["trials"]) / (config.get("__trial") or tune.get_context().get_trial_id())
     job = trial_job(meta["job"], {k: v for k, v in config.items() if not k.startswith("__")}, out, meta["where"])
     resume = latest(out / "checkpoints") is not None  # a restored or retried trial continues its own run
@@ -278,10 +282,10 @@ def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list
         points = draw(study.space, cfg.num_samples, cfg.seed, name)
     state, resumed = StudyState.open(out / name, name, fp, points)
     if resumed:
-        print(f"sweep {name}: resuming {state.path} ({len(state.finished())} finished trials are kept, "
-              f"{len(state.unfinished())} run again)", file=sys.stderr, flush=True)
+        logger.info(f"sweep {name}: resuming {state.path} ({len(state.finished())} finished trials are kept, "
+                    f"{len(state.unfinished())} run again)")
     meta = {"job": data, "trials": str(out / name / "trials"), "where": f"{where}: {name}", "ranks": cfg.ranks_per_trial,
-            "cpus": cfg.cpus_per_rank, "gpus": cfg.gpus_per_rank}
+            "cpus": cfg.cpus_per_rank, "gpus": cfg.gpus_per_rank, "log_level": log.current_level()}
     # a TorchTrainer trial's own process only waits for its workers: no CPU (Tune needs a bundle: 1 byte)
     per_trial = ({"CPU": 0, "memory": 1} if cfg.ranks_per_trial > 1 else
                  {"CPU": cfg.cpus_per_rank, **({"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {})})

@@ -14,10 +14,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from distkd.launch.sweep_state import StudyState
 from distkd.storage import atomic_write_bytes
 
 SHOWN = ("auc", "logloss")
+
+logger = logging.getLogger(__name__)
 
 
 def _params(config: dict) -> dict:
@@ -42,7 +44,7 @@ def _fmt(v: Any) -> str:
 
 class Record(tune.Callback):
     """Records every trial of a Tune run in the study's state (distkd.launch.sweep_state), and
-    prints one line per change: trials done / running / stopped (ASHA) / errored, counting those
+    logs one line per change: trials done / running / stopped (ASHA) / errored, counting those
     kept from earlier runs, and the best so far."""
 
     def __init__(self, state: StudyState, run: str, metric: str, mode: str, every_s: float = 15.0):
@@ -66,7 +68,7 @@ class Record(tune.Callback):
     def _say(self, force: bool = False) -> None:
         line, now = self.line(), time.monotonic()
         if line != self.last_line and (force or now - self.last_t >= self.every_s):
-            print(line, file=sys.stderr, flush=True)
+            logger.info(line)
             self.last_line, self.last_t = line, now
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -91,8 +93,8 @@ class Record(tune.Callback):
 
 def final(state: StudyState) -> None:
     counts = state.counts()
-    print(f"sweep {state.study}: finished, {len(state.trials)} trials: "
-          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr, flush=True)
+    logger.info(f"sweep {state.study}: finished, {len(state.trials)} trials: "
+                + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def finish(cfg, states: dict[str, StudyState], where: str) -> int:
         plot(table, cfg.metric, study.space, folder / f"{_slug(cfg.metric)}.png")
         row = best_export(table, folder, cfg.metric)
         if row is None:
-            print(f"sweep {name}: no trial finished; nothing to compare", file=sys.stderr)
+            logger.error(f"sweep {name}: no trial finished; nothing to compare")
             return 1
         best[name] = row
         params = ", ".join(f"{k}={_fmt(row[k])}" for k in study.space)

@@ -16,7 +16,7 @@ committed checkpoint): the seam Ray Train and Ray Tune report through.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +38,8 @@ from distkd.train.job import TrainJob
 from distkd.train.metrics_logger import MetricsLogger
 from distkd.train.sharding import LRSchedule, describe_plan, shard
 from distkd.train.validation import Validator, evaluate
+
+logger = logging.getLogger(__name__)
 
 Callback = Callable[["Trainer"], None]
 
@@ -70,11 +72,11 @@ class Trainer:
         loop = job.train
         self.train_loader = self._loader("train", loop.batch_size, objective.aligned, objective.keep_requests)
         self.validator = Validator(self._loader("valid", loop.eval_batch_size), schema, env.device,
-                                   loop.early_stopping_patience, env.is_main)
+                                   loop.early_stopping_patience)
         self.checkpointer = Checkpointer(self.out / "checkpoints", env.rank, env.world_size,
                                          run_identity(job, schema, self.model_cfg), loop.keep_checkpoints)
         self.state = TrainState()
-        self.logger: MetricsLogger | None = None
+        self.metrics_log: MetricsLogger | None = None
         self.schedule = LRSchedule(self.optimizer, job.optim, self.total_steps())
 
     def _loader(self, split: str, batch_size: int, aligned=(), keep_requests: bool = False) -> LogLoader:
@@ -115,21 +117,21 @@ class Trainer:
         self.resume_if_any()
         total = self.total_steps()
         self.schedule.total = max(total, 1)
-        self.log(f"{job.role}: {count_params(self.schema, self.model_cfg)['total']:,} parameters on "
-                 f"{env.world_size} rank(s) ({env.backend}); plan {describe_plan(self.dmp)}")
-        self.logger = logger = MetricsLogger(self.out, env.is_main, total, self.state.step,
-                                             loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
+        logger.info(f"{job.role}: {count_params(self.schema, self.model_cfg)['total']:,} parameters on "
+                    f"{env.world_size} rank(s) ({env.backend}); plan {describe_plan(self.dmp)}")
+        self.metrics_log = metrics_log = MetricsLogger(self.out, env.is_main, total, self.state.step,
+                                                       loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
         stop = self.state.step >= total
         while not stop and self.state.epoch < loop.epochs:
             self.train_loader.set_epoch(self.state.epoch)
             for batch in self.train_loader:
                 out = self.train_step(batch)
                 self.state.rows += self.train_loader.global_batch_rows(self.train_loader.layout_step - 1)
-                logger.step(self.state.step, out.loss, out.parts)
+                metrics_log.step(self.state.step, out.loss, out.parts)
                 for callback in self.callbacks:
                     callback(self)
                 if loop.eval_every and self.state.step % loop.eval_every == 0:
-                    stop = self.validate(logger)
+                    stop = self.validate(metrics_log)
                 if stop or self.state.step >= total:
                     break
                 if self.state.step % loop.checkpoint_every == 0:
@@ -137,15 +139,15 @@ class Trainer:
             if self.train_loader.step >= len(self.train_loader):  # the epoch ran to its end
                 self.state.epoch += 1
                 if not loop.eval_every:
-                    stop = self.validate(logger) or stop
+                    stop = self.validate(metrics_log) or stop
             stop = stop or self.state.step >= total
             self.save()
-        logger.close()
-        return self.finish(logger)
+        metrics_log.close()
+        return self.finish(metrics_log)
 
-    def validate(self, logger: MetricsLogger) -> bool:
+    def validate(self, metrics_log: MetricsLogger) -> bool:
         result, stop = self.validator(self.model, self.state.step)
-        logger.valid(self.state.step, result)
+        metrics_log.valid(self.state.step, result)
         self._hook("on_valid", result)
         return stop
 
@@ -160,8 +162,8 @@ class Trainer:
         return {"model": self.dmp.state_dict(), "optim": optimizer_tensors(self.optimizer)}
 
     def save(self) -> Path:
-        if self.logger is not None:
-            self.logger.flush()  # the loss log holds every step the checkpoint holds
+        if self.metrics_log is not None:
+            self.metrics_log.flush()  # the loss log holds every step the checkpoint holds
         state = {"trainer": to_dict(self.state), "loader": self.train_loader.state_dict(),
                  "validator": self.validator.state_dict()}
         path = self.checkpointer.save(self.state.step, self._tensors(), state)
@@ -175,7 +177,7 @@ class Trainer:
             return
         path = latest(self.out / "checkpoints")
         if path is None:
-            self.log("resume: no committed checkpoint yet; starting from step 0")
+            logger.info("resume: no committed checkpoint yet; starting from step 0")
             return
         # TorchRec's keyed optimizers load only into initialized state: create it (no step
         # is taken, the weights stay as they are), then fill every tensor in place.
@@ -188,12 +190,12 @@ class Trainer:
         self.validator.load_state_dict(meta["validator"])
         self.state = TrainState(**meta["trainer"])
         moved = "" if meta["world_size"] == self.env.world_size else f", resharded {meta['world_size']} -> {self.env.world_size} ranks"
-        self.log(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}{moved}")
+        logger.info(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}{moved}")
 
 
     # -- the end --------------------------------------------------------------------------------
 
-    def finish(self, logger: MetricsLogger) -> dict[str, Any]:
+    def finish(self, metrics_log: MetricsLogger) -> dict[str, Any]:
         """Collective: test metrics, the export (rank 0) and the summary."""
         job, env = self.job, self.env
         test = evaluate(self.model, self._loader("test", job.train.eval_batch_size), self.schema, env.device)
@@ -205,8 +207,8 @@ class Trainer:
             "epochs": self.state.epoch,
             "rows": self.state.rows,
             "world_size": env.world_size,
-            "rows_per_s": logger.rate(),
-            "loss": logger.loss_summary(),
+            "rows_per_s": metrics_log.rate(),
+            "loss": metrics_log.loss_summary(),
             "plan": describe_plan(self.dmp),
             "parameters": count_params(self.schema, self.model_cfg),
             "valid": valid,
@@ -218,14 +220,10 @@ class Trainer:
             summary["export"] = write_export(self.out / "export", job.role, self.schema, self.model_cfg, state_dict,
                                              extra={"test": test, "job": to_dict(job)})
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(f"\n{job.role} finished: {self.state.step} steps, {logger.rate():,.0f} rows/s", file=sys.stderr)
-            print(format_table({f"{job.role} (valid)": valid, f"{job.role} (test)": test}))
-            print(f"export: {self.out / 'export'} sha256 {summary['export']['sha256'][:16]}…")
+            logger.info(f"\n{job.role} finished: {self.state.step} steps, {metrics_log.rate():,.0f} rows/s")
+            logger.info(format_table({f"{job.role} (valid)": valid, f"{job.role} (test)": test}))
+            logger.info(f"export: {self.out / 'export'} sha256 {summary['export']['sha256'][:16]}…")
         return summary
-
-    def log(self, msg: str) -> None:
-        if self.env.is_main:
-            print(msg, file=sys.stderr, flush=True)
 
 
 def replica_drift(dmp) -> float:

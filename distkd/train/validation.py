@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,8 @@ import torch
 from distkd.data.loader import LogLoader
 from distkd.data.schema import Schema
 from distkd.metrics import SchemaMetrics, headline
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -36,7 +38,6 @@ class Validator:
     schema: Schema
     device: torch.device
     patience: int = 0  # passes without improvement before stopping; 0: never stop early
-    is_main: bool = True
     best: float = float("-inf")
     stale: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -45,8 +46,7 @@ class Validator:
         """Collective: (metrics, whether to stop)."""
         result = evaluate(model, self.loader, self.schema, self.device)
         self.history.append({"step": step, "metrics": result})
-        if self.is_main:
-            print(f"step {step}: valid " + ", ".join(_brief(t, m) for t, m in result.items()), file=sys.stderr, flush=True)
+        logger.info(f"step {step}: valid " + ", ".join(_brief(t, m) for t, m in result.items()))
         score = headline(result)
         if score > self.best:
             self.best, self.stale = score, 0
