@@ -32,7 +32,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,8 +39,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from distkd import log
-from distkd.config import ConfigError, apply_overrides, from_dict, load, read_yaml, to_dict
+from distkd.config import ConfigError, apply_overrides, from_dict, load, read_yaml
+from distkd.evaluate import HARD, KD, TEACHER, evaluate_models
+from distkd.launch.sweep_report import Record, best_of_studies, exports, final, rows, write_table
 from distkd.launch.sweep_state import StudyState, draw, fingerprint
+from distkd.report import format_comparison, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +272,6 @@ def run_study(cfg: SweepConfig, name: str, study: Study, where: str, extra: list
     """One study, its trials in <out>/<name>/state.json: those not finished there run (all of
     them the first time), as a fresh Tune experiment; `points` fixes the trial list instead of
     drawing it from the space. Returns the study's state."""
-    from distkd.launch.sweep_report import final
-
     out = Path(cfg.out).resolve()
     data = base_job(study, extra, cfg.teacher)
     probe = trial_job(data, {}, out, where)
@@ -316,7 +316,6 @@ def _fit(cfg: SweepConfig, state: StudyState, per_trial: dict, meta: dict, space
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from distkd.launch.ray_train import connect
-    from distkd.launch.sweep_report import Record
 
     connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # only when trials run: a finished study needs no Ray
     run = f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(_RUNS)}"
@@ -334,10 +333,34 @@ def _fit(cfg: SweepConfig, state: StudyState, per_trial: dict, meta: dict, space
     tuner.fit()
 
 
+def finish(cfg: SweepConfig, states: dict[str, StudyState], where: str) -> int:
+    """The studies' tables and best exports; then the winners retrained per final seed and the report."""
+    best = best_of_studies(cfg, states)
+    if best is None:
+        return 1
+    out = Path(cfg.out).resolve()
+    students: dict[str, list[str]] = {n: [str(out / n / "best" / "export")] for n in best}
+    if cfg.final_seeds:
+        for name, row in best.items():
+            study = cfg.studies()[name]
+            points = [{**{k: row[k] for k in study.space}, "train.seed": seed} for seed in cfg.final_seeds]
+            state = run_study(cfg, f"{name}-seeds", study, where, points=points, asha=False)
+            students[name] = exports(state)
+            write_table(rows(state, cfg.metric, cfg.mode), out / f"{name}-seeds")
+    if not cfg.teacher:
+        return 0
+    logs = base_job(cfg.kd)["logs"]
+    models = {TEACHER: [cfg.teacher], KD: students["kd"], **({HARD: students["hard"]} if "hard" in students else {})}
+    result = evaluate_models(logs, models, split=cfg.report_split)
+    result["command"] = f"distkd sweep --config {where}"
+    path = write_report(result, out / "report")
+    print(format_comparison(result))
+    print(f"\nreport: {path}")
+    return 0
+
+
 def run(args) -> int:
     """`distkd sweep --config SWEEP.yaml [key=value ...]`."""
-    from distkd.launch.sweep_report import finish
-
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checkpoint-only reports carry no metric
     where = args.config
     cfg = load(SweepConfig, args.config, list(args.overrides or []))

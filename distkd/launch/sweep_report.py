@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -196,10 +195,9 @@ def exports(state: StudyState) -> list[str]:
             if t["status"] == "done" and (trials / t["id"] / "export").is_dir()]
 
 
-def finish(cfg, states: dict[str, StudyState], where: str) -> int:
-    """Tables, plots and best exports of every study (from their states); then the final seeds and the report."""
-    from distkd.launch.sweep import base_job, run_study
-
+def best_of_studies(cfg, states: dict[str, StudyState]) -> dict[str, dict] | None:
+    """Tables, plots and best exports of every study (from their states); the best row of each,
+    or None when a study has no finished trial."""
     out = Path(cfg.out).resolve()
     best: dict[str, dict] = {}
     for name, state in states.items():
@@ -215,30 +213,9 @@ def finish(cfg, states: dict[str, StudyState], where: str) -> int:
         row = best_export(table, folder, cfg.metric)
         if row is None:
             logger.error(f"sweep {name}: no trial finished; nothing to compare")
-            return 1
+            return None
         best[name] = row
         params = ", ".join(f"{k}={_fmt(row[k])}" for k in study.space)
         print(f"sweep {name}: best {cfg.metric} {row[cfg.metric]:.4f}: {params}; export {folder / 'best' / 'export'}; "
               f"table {folder / 'trials.md'}")
-
-    students: dict[str, list[str]] = {n: [str(out / n / "best" / "export")] for n in best}
-    if cfg.final_seeds:
-        for name, row in best.items():
-            study = cfg.studies()[name]
-            points = [{**{k: row[k] for k in study.space}, "train.seed": seed} for seed in cfg.final_seeds]
-            state = run_study(cfg, f"{name}-seeds", study, where, points=points, asha=False)
-            students[name] = exports(state)
-            write_table(rows(state, cfg.metric, cfg.mode), out / f"{name}-seeds")
-    if not cfg.teacher:
-        return 0
-    from distkd.evaluate import HARD, KD, TEACHER, evaluate_models
-    from distkd.report import format_comparison, write_report
-
-    logs = base_job(cfg.kd)["logs"]
-    models = {TEACHER: [cfg.teacher], KD: students["kd"], **({HARD: students["hard"]} if "hard" in students else {})}
-    result = evaluate_models(logs, models, split=cfg.report_split)
-    result["command"] = f"distkd sweep --config {where}"
-    path = write_report(result, out / "report")
-    print(format_comparison(result))
-    print(f"\nreport: {path}")
-    return 0
+    return best
