@@ -40,6 +40,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from distkd.dcp_reader import SafeReader
 from distkd.errors import CheckpointError
+from distkd.models.sharded_export import is_table
 from distkd.storage import atomic_write_bytes, replace_dir
 
 MARKER = "COMMITTED"
@@ -50,17 +51,13 @@ PARTIAL = ".partial"
 # -- what is saved ------------------------------------------------------------------------
 
 
-def _is_table(param: str) -> bool:
-    return ".embedding_bags." in param or ".embeddings." in param
-
-
 def optimizer_tensors(optimizer) -> dict[str, Any]:
     """The optimizers' state as `{param}/{name}` tensors, table accumulators under one name
     whatever the plan (fused: `<table>.momentum1` [rows]; data-parallel: `sum` [rows, 1])."""
     out: dict[str, Any] = {}
     for param, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
-            if _is_table(param):
+            if is_table(param):
                 if name == "step":  # row-wise Adagrad's step only feeds lr_decay, which is 0
                     continue
                 if name == "sum" or name.endswith(".momentum1"):
