@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import os
 import posixpath
 import re
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Callable
@@ -136,6 +138,15 @@ def open_parquet(loc: str | Path, **kw: Any) -> pq.ParquetFile:
     return _call(loc, lambda: pq.ParquetFile(path, filesystem=fs, **kw))
 
 
+def sha256_file(loc: str | Path) -> str:
+    """sha256 of a file (a path, or a storage URI such as s3://…)."""
+    h = hashlib.sha256()
+    with open_input(loc) as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_text(loc: str | Path) -> str:
     if not is_remote(loc):
         return Path(local_path(loc)).read_text()
@@ -239,3 +250,12 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(partial: Path, final: Path) -> None:
+    """Publish the complete folder `partial` as `final` in one rename (an older `final` is
+    removed first), then fsync the parent: readers see the old folder, none, or the new one."""
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    fsync_dir(final.parent)

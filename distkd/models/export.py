@@ -1,30 +1,71 @@
-"""The model export contract: one file that loads with `torch.load(weights_only=True)`.
+"""The model export contract, in two forms; `load_export` loads either.
 
-`model.pt` holds {"format", "role", "schema", "model", "state_dict"}: plain tensors,
-strings and numbers only, so loading executes no pickled code. `export.json` beside
-it records the sha256 of `model.pt`, the teacher's fingerprint that the logit cache
-keys on, plus parameter counts and the metrics it was exported with.
+file (`model.pt`): {"format", "role", "schema", "model", "state_dict"} in one file that
+loads with `torch.load(weights_only=True)`: plain tensors, strings and numbers only, so
+loading executes no pickled code. Gathered on rank 0; what a student is served from.
+
+sharded (a teacher too large to gather): `dense.pt` (the same payload, dense layers only)
+plus the embedding tables as DCP shards written by every rank (distkd.models.sharded_export).
+
+`export.json` beside them records the form, the teacher's fingerprint that the logit cache
+keys on (`sha256`: of `model.pt`, or of every file of the sharded form), parameter counts
+and the metrics it was exported with. `verify_export` recomputes the fingerprint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+import math
 import pickle
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, Optional
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from distkd import storage
-from distkd.storage import atomic_write_bytes
-from distkd.config import ConfigError, from_dict, to_dict
+from distkd.config import ConfigError, coerce, from_dict, to_dict
 from distkd.data.schema import Schema
+from distkd.models import ModelSpec, build_model
+from distkd.models import sharded_export as sharded
+from distkd.storage import atomic_write_bytes, replace_dir, sha256_file
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1
 MODEL_FILE = "model.pt"
+DENSE_FILE = "dense.pt"
 META_FILE = "export.json"
+PARTIAL = ".partial"
+
+
+@dataclass
+class ExportConfig:
+    # file: one model.pt gathered on rank 0 (servable); sharded: the tables as DCP shards written
+    # by every rank, never gathered. auto: sharded for a teacher on more than one rank whose
+    # tables exceed gather_limit_bytes, else file.
+    format: Literal["auto", "file", "sharded"] = "auto"
+    gather_limit_bytes: int = 1 << 30
+
+    def validate(self) -> None:
+        if self.gather_limit_bytes < 0:
+            raise ConfigError(f"gather_limit_bytes: must be >= 0, got {self.gather_limit_bytes}")
+
+
+def _numel(t: Any) -> int:
+    return math.prod(t.size())  # a ShardedTensor's global size
+
+
+def export_form(cfg: ExportConfig, role: str, world_size: int, state_dict: dict[str, Any], prefix: str = "") -> str:
+    """"file" or "sharded": what `cfg` asks for, `auto` decided by the size of the tables."""
+    if cfg.format != "auto":
+        return cfg.format
+    tables, _ = sharded.split_state_dict(state_dict, prefix)
+    size = sum(_numel(t) * t.dtype.itemsize for t in tables.values())
+    return "sharded" if role == "teacher" and world_size > 1 and size > cfg.gather_limit_bytes else "file"
 
 
 def gather_state_dict(dmp: torch.nn.Module, rank: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -46,40 +87,72 @@ def gather_state_dict(dmp: torch.nn.Module, rank: int, prefix: str = "") -> dict
     return out
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file (a path, or a storage URI such as s3://…)."""
-    h = hashlib.sha256()
-    with storage.open_input(path) as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _write_payload(path: Path, role: str, schema: Schema, cfg, state_dict: dict[str, torch.Tensor]) -> None:
+    payload = {"format": EXPORT_FORMAT, "role": role, "schema": to_dict(schema), "model": to_dict(cfg),
+               "state_dict": state_dict}
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write_bytes(out_dir / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+
+
+def _describe(role: str, schema: Schema, cfg, form: str, file: str) -> dict[str, Any]:
+    return {"format": EXPORT_FORMAT, "form": form, "role": role, "file": file,
+            "schema_fingerprint": schema.fingerprint(), "model": to_dict(cfg)}
 
 
 def write_export(out_dir: str | Path, role: str, schema: Schema, cfg,
                  state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The file form: `model.pt` (the whole state dict, gathered) and export.json."""
     out_dir = Path(out_dir)
-    payload = {
-        "format": EXPORT_FORMAT,
-        "role": role,
-        "schema": to_dict(schema),
-        "model": to_dict(cfg),
-        "state_dict": state_dict,
-    }
     path = out_dir / MODEL_FILE
-    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
-    meta = {
-        "format": EXPORT_FORMAT,
-        "role": role,
-        "file": MODEL_FILE,
-        "sha256": sha256_file(path),
-        "bytes": path.stat().st_size,
-        "parameters": sum(t.numel() for t in state_dict.values()),
-        "schema_fingerprint": schema.fingerprint(),
-        "model": to_dict(cfg),
-        **(extra or {}),
-    }
-    atomic_write_bytes(out_dir / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    _write_payload(path, role, schema, cfg, state_dict)
+    meta = {**_describe(role, schema, cfg, "file", MODEL_FILE), "sha256": sha256_file(path),
+            "bytes": path.stat().st_size, "parameters": sum(t.numel() for t in state_dict.values()), **(extra or {})}
+    _write_meta(out_dir, meta)
     return meta
+
+
+def write_sharded_export(out_dir: str | Path, role: str, schema: Schema, cfg, state_dict: dict[str, Any],
+                         rank: int, world_size: int, prefix: str = "",
+                         extra: dict[str, Any] | None = None) -> Optional[dict[str, Any]]:
+    """Collective: the sharded form of a (DistributedModelParallel) state dict, the keys under
+    `prefix`. Every rank writes its table shards, rank 0 the dense layers and export.json, all
+    into `.<out>.partial/`, which rank 0 renames to `out` once complete: a half-written export
+    is never where a reader looks. Returns export.json's content on rank 0, None elsewhere."""
+    final = Path(out_dir)
+    partial = final.with_name(f".{final.name}{PARTIAL}")
+    tables, dense = sharded.split_state_dict(state_dict, prefix)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-export
+        partial.mkdir(parents=True)
+    _barrier()
+    meta = None
+    try:
+        files = sharded.save_tables(partial / sharded.TABLES_DIR, tables, rank, world_size)
+        if rank == 0:
+            _write_payload(partial / DENSE_FILE, role, schema, cfg, {k: v.detach().cpu() for k, v in dense.items()})
+            files[DENSE_FILE] = sha256_file(partial / DENSE_FILE)
+            meta = {**_describe(role, schema, cfg, sharded.FORM, DENSE_FILE), "files": dict(sorted(files.items())),
+                    "world_size": world_size}
+            meta["sha256"] = sharded.fingerprint(meta)
+            meta.update(bytes=sum(p.stat().st_size for p in partial.rglob("*") if p.is_file()),
+                        parameters=sum(_numel(t) for t in (*tables.values(), *dense.values())), **(extra or {}))
+            _write_meta(partial, meta)
+            replace_dir(partial, final)
+    except BaseException:  # a full disk, a lost rank (DCP's CheckpointException is a BaseException)
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # never published, never trusted
+        raise
+    _barrier()
+    logger.debug("rank %d: sharded export of %d tables written to %s", rank, len(tables), final)
+    return meta
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def read_meta(export_dir: str | Path) -> dict[str, Any]:
@@ -127,30 +200,71 @@ def load_payload(path: str | Path, mmap: bool = False) -> Any:
         raise ConfigError(f"{path}: not a torch file: {(str(e).splitlines() or [''])[0][:200]}") from None
 
 
-def load_export(export_dir: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the exported model (unsharded, eval mode) and return it with its metadata.
+def verify_export(export_dir: str | Path, meta: Optional[dict[str, Any]] = None) -> str:
+    """The export's fingerprint (export.json's `sha256`), recomputed from its files: the sha256
+    of model.pt, or of every file of the sharded form (sharded_export.check_files). A file that
+    does not match is a ConfigError naming it. What `cache verify` checks a teacher with."""
+    export_dir = Path(export_dir)
+    meta = read_meta(export_dir) if meta is None else meta
+    if meta.get("form", "file") == sharded.FORM:
+        return sharded.check_files(export_dir, meta)
+    digest = sha256_file(export_dir / meta["file"])
+    if digest != meta["sha256"]:
+        raise ConfigError(f"{export_dir}: {meta['file']} has sha256 {digest[:12]}…, {META_FILE} says "
+                          f"{meta['sha256'][:12]}…: not the file its metadata names")
+    return digest
 
-    With verify, the file's sha256 must match export.json: a model that is not the
-    fingerprinted one is never used silently.
+
+def check_loadable(export_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse (ConfigError) an export whose files would run pickled code, without loading its
+    tensors: model.pt / dense.pt memory-mapped, a sharded export's DCP metadata read safely."""
+    load_payload(Path(export_dir) / meta["file"], mmap=True)
+    if meta.get("form", "file") == sharded.FORM:
+        sharded.check_metadata(export_dir)
+
+
+def load_export(export_dir: str | Path, verify: bool = True, device: str | torch.device = "cpu",
+                parallel: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the exported model (eval mode), either form, and return it with its metadata.
+
+    Without `parallel`: one process, an unsharded model (a sharded export's tables are read
+    into plain tensors). With `parallel` (collective: every rank of the group calls it), the
+    model is built with its tables on meta and handed to `parallel`, which returns it wrapped
+    in a DistributedModelParallel under this world's plan; each rank then reads its own shards
+    (DCP reshards a sharded export from any world size; a file export is sliced).
+
+    With verify, the files must hash to export.json's fingerprint (`verify_export`): a model
+    that is not the fingerprinted one is never used silently.
     """
     export_dir = Path(export_dir)
     meta = read_meta(export_dir)
-    path = export_dir / meta["file"]
     if verify:
-        digest = sha256_file(path)
-        if digest != meta["sha256"]:
-            raise ConfigError(f"{path}: sha256 {digest[:12]}… does not match {META_FILE} ({meta['sha256'][:12]}…): "
-                              "not the file its metadata names")
+        verify_export(export_dir, meta)
+    path = export_dir / meta["file"]
     payload = load_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{path}: export format {payload.get('format') if isinstance(payload, dict) else '?'} "
                           f"is not {EXPORT_FORMAT}")
     schema = from_dict(Schema, payload["schema"], f"{path}:schema")
-    from distkd.config import coerce
-    from distkd.models import ModelSpec, build_model
-
     cfg = coerce(payload["model"], ModelSpec, f"{path}:model")
-    model = build_model(schema, cfg, device=torch.device(device), sparse_device=torch.device(device))
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return model, meta
+    device = torch.device(device)
+    is_sharded = meta.get("form", "file") == sharded.FORM
+    if parallel is None:
+        model = build_model(schema, cfg, device=device, sparse_device=device)
+        state = payload["state_dict"]
+        if is_sharded:
+            tables, _ = sharded.split_state_dict(model.state_dict())
+            sharded.load_tables(export_dir, tables, distributed=False)
+            state = {**state, **tables}
+        model.load_state_dict(state)
+        return model.eval(), meta
+    model = parallel(build_model(schema, cfg, device=device))
+    state = model.state_dict()
+    tables, _ = sharded.split_state_dict(state)
+    if is_sharded:
+        sharded.load_tables(export_dir, tables, distributed=True)
+    else:
+        for key, target in tables.items():
+            sharded.fill_from_full(target, payload["state_dict"][key])
+    model.load_state_dict({**state, **tables, **{k: v for k, v in payload["state_dict"].items() if k not in tables}})
+    return model.eval(), meta

@@ -18,7 +18,8 @@ dtype); or a tuple (logits, hidden), a dict, or an object with `logits` and opti
 
 How a teacher is given (`TeacherSpec`, distkd.models.teacher_spec; exactly one of):
 
-    export:  a distkd export directory (export.json + model.pt, distkd.models.export); kjt
+    export:  a distkd export directory (export.json + model.pt, or its sharded form: dense.pt
+             + tables/ as DCP shards; distkd.models.export); kjt
     factory: "package.module:function" plus `weights`, a state dict loaded with
              torch.load(weights_only=True) (a bare mapping, or {"state_dict": mapping}). The
              function is called as fn(schema=Schema, **kwargs) when it has a `schema`
@@ -31,7 +32,8 @@ How a teacher is given (`TeacherSpec`, distkd.models.teacher_spec; exactly one o
 
 The fingerprint (the cache's `manifest["teacher"]["sha256"]`):
 
-    export   the sha256 of model.pt (as export.json records it)
+    export   export.json's sha256: of model.pt, or of every file of the sharded form
+             (distkd.models.sharded_export); distkd.models.export.verify_export recomputes it
     program  the sha256 of the .pt2 file
     factory  sha256 of the canonical JSON of {factory, input, kwargs, weights: sha256 of the
              weights file, source: {file: sha256} of the factory's module, its .py file, or
@@ -54,7 +56,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -118,18 +120,15 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
     """The manifest's teacher record: `sha256` (the fingerprint) and what it was computed
     from, `spec` (to load it again: `cache verify --recompute`) and `hidden_dim`. Checks an
     export's sha256, and its schema against `schema`."""
-    from distkd.models.export import load_payload, read_meta, sha256_file
+    from distkd.models.export import check_loadable, read_meta, verify_export
 
     spec = spec.resolved()
     rec: dict[str, Any] = {"form": spec.form, "name": spec.name, "spec": to_dict(spec), "input": spec.input}
     if spec.export:
-        meta = read_meta(spec.export)
-        digest = sha256_file(Path(spec.export) / meta["file"])
-        if digest != meta["sha256"]:
-            raise TeacherError(f"{spec.export}: {meta['file']} has sha256 {digest[:12]}…, export.json says "
-                               f"{meta['sha256'][:12]}…")
-        try:  # memory-mapped: refused here, in the driver, before any worker or file is started
-            load_payload(Path(spec.export) / meta["file"], mmap=True)
+        try:  # here, in the driver, before any worker or file is started
+            meta = read_meta(spec.export)
+            verify_export(spec.export, meta)
+            check_loadable(spec.export, meta)
         except ConfigError as e:
             raise TeacherError(str(e)) from None
         if schema is not None and meta.get("schema_fingerprint") != schema.fingerprint():
@@ -279,24 +278,26 @@ def _state_dict(data: bytes, spec: TeacherSpec, device) -> dict:
 
 
 def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, device: Any = "cpu",
-                 expect_sha256: Optional[str] = None) -> Teacher:
+                 expect_sha256: Optional[str] = None, parallel: Optional[Callable] = None) -> Teacher:
     """Load a teacher in eval mode on `device`. `schema` (the logs') is required except for an
     export, which carries its own. With `expect_sha256`, a teacher whose files here do not
     hash to that fingerprint (another copy of the package on this worker, a replaced file)
-    is refused."""
+    is refused. An export (file or sharded) loads unsharded on this process, or with `parallel`
+    (collective: every rank of a group) into a DistributedModelParallel (see load_export)."""
     from distkd.models.export import load_export
 
     spec = as_spec(spec).resolved()
     device = torch.device(device)
     if spec.export:
         try:
-            model, meta = load_export(spec.export, verify=True, device=device)
+            module, meta = load_export(spec.export, verify=True, device=device, parallel=parallel)
         except ConfigError as e:  # a one-line reason, also from a cache worker
             raise TeacherError(str(e)) from None
+        model = getattr(module, "module", module)  # the model inside a DistributedModelParallel
         if schema is not None and model.schema.fingerprint() != schema.fingerprint():
             raise TeacherError(f"{spec.export}: the teacher was exported for schema {model.schema.fingerprint()}, "
                                f"the logs have schema {schema.fingerprint()}")
-        teacher = Teacher(model, spec, meta["sha256"], model.schema, model.hidden_dim)
+        teacher = Teacher(module, spec, meta["sha256"], model.schema, model.hidden_dim)
     else:
         if schema is None:
             raise TeacherError(f"teacher {spec.name}: loading it needs the logs' schema")

@@ -20,14 +20,13 @@ COMMITTED and renames the folder to `step-N/` in one rename; a folder without th
 never trusted, and the last `keep` committed checkpoints are kept, older ones deleted only
 after a newer one is committed. Loading reads DCP's `.metadata` with an unpickler that only
 builds DCP's own metadata classes, and refuses checkpoints holding pickled objects, so
-nothing in a checkpoint folder can run code.
+nothing in a checkpoint folder can run code (distkd.dcp_reader, shared with sharded exports).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -37,11 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint import FileSystemWriter
 
+from distkd.dcp_reader import SafeReader
 from distkd.errors import CheckpointError
-from distkd.storage import atomic_write_bytes, fsync_dir
+from distkd.models.sharded_export import is_table
+from distkd.storage import atomic_write_bytes, replace_dir
 
 MARKER = "COMMITTED"
 FORMAT = 2
@@ -51,17 +51,13 @@ PARTIAL = ".partial"
 # -- what is saved ------------------------------------------------------------------------
 
 
-def _is_table(param: str) -> bool:
-    return ".embedding_bags." in param or ".embeddings." in param
-
-
 def optimizer_tensors(optimizer) -> dict[str, Any]:
     """The optimizers' state as `{param}/{name}` tensors, table accumulators under one name
     whatever the plan (fused: `<table>.momentum1` [rows]; data-parallel: `sum` [rows, 1])."""
     out: dict[str, Any] = {}
     for param, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
-            if _is_table(param):
+            if is_table(param):
                 if name == "step":  # row-wise Adagrad's step only feeds lr_decay, which is 0
                     continue
                 if name == "sum" or name.endswith(".momentum1"):
@@ -87,47 +83,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-# -- safe reading -------------------------------------------------------------------------
-
-_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
-        "StorageMeta", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes, torch dtypes and nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never needs")
-
-
-class SafeReader(FileSystemReader):
-    """DCP's file reader with `.metadata` read by `_MetadataUnpickler`; pickled objects refused."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as fh:
-                metadata = _MetadataUnpickler(fh).load()
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            raise CheckpointError(f"{path}: unreadable DCP metadata: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not DCP metadata")
-        objects = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-        if objects:
-            raise CheckpointError(f"{Path(self.path)}: holds pickled objects ({objects[:3]}); distkd checkpoints hold "
-                                  "tensors only, and loading these would run their code")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # -- the checkpoint folder --------------------------------------------------------------------
@@ -230,10 +185,7 @@ class Checkpointer:
     def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         """Rank 0: the marker, then one rename publishes the checkpoint."""
         atomic_write_bytes(partial / MARKER, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
-        if final.exists():  # the same step again (a rerun of a finished run): replace it
-            shutil.rmtree(final)
-        partial.rename(final)
-        fsync_dir(self.root)
+        replace_dir(partial, final)  # the same step again (a rerun of a finished run) is replaced
 
     def check(self, path: Path) -> dict[str, Any]:
         """The marker of checkpoint `path`, if it belongs to this run and its DCP metadata reads

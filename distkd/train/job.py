@@ -4,6 +4,7 @@
     model / optim / sharding         the model, its optimizers, the embedding plan
     train                            the loop: batches, epochs, validation, checkpoints
     objective                        what the model learns from (`kind: hard | ctr_kd`)
+    export                           the export's form: one file, or a teacher's tables sharded (DCP)
     launch                           launcher (local | ray), restarts, timeouts, Ray Train resources
     partitions                       partitioned logs: the partition range of each split
 """
@@ -17,6 +18,7 @@ from distkd.config import ConfigError
 from distkd.data.layout import PartitionRange
 from distkd.dist import DEFAULT_TIMEOUT_S
 from distkd.models import ModelConfig, ModelSpec
+from distkd.models.export import ExportConfig
 from distkd.objectives import ObjectiveConfig
 from distkd.objectives.hard import HardConfig
 from distkd.train.sharding import OptimConfig, ShardingConfig
@@ -86,6 +88,7 @@ class TrainJob:
     train: LoopConfig = field(default_factory=LoopConfig)
     objective: ObjectiveConfig = field(default_factory=HardConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     tensorboard: bool = True
     # Partitioned logs: which partitions make train/valid/test (split folders otherwise); see
     # distkd.data.layout.
@@ -94,3 +97,5 @@ class TrainJob:
     def validate(self) -> None:
         if self.nproc < 1:
             raise ConfigError(f"nproc: must be >= 1, got {self.nproc}")
+        if self.role == "student" and self.export.format == "sharded":
+            raise ConfigError("export.format: sharded is for teachers; a student is served from one file (file or auto)")

@@ -27,6 +27,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from distkd.config import ConfigError
 from distkd.dist import Env
+from distkd.models.sharded_export import is_table
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 # What runs on gloo/CPU. Row-wise (and the grid/table-row-wise variants) need GPUs.
@@ -121,7 +122,7 @@ def shard(model: torch.nn.Module, env: Env, sharding: ShardingConfig, optim: Opt
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
     # What the fused optimizer does not step: the dense layers and any data-parallel table.
     rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    tables = {n: p for n, p in rest.items() if ".embedding_bags." in n or ".embeddings." in n}
+    tables = {n: p for n, p in rest.items() if is_table(n)}
     dense = {n: p for n, p in rest.items() if n not in tables}
     optimizers = [dmp.fused_optimizer]
     if tables:

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from distkd import dist, storage
+from distkd import dist
 from distkd.config import to_dict
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
-from distkd.models.export import gather_state_dict, write_export
+from distkd.models.export import export_form, gather_state_dict, write_export, write_sharded_export
 from distkd.models import build_model, initialize
 from distkd.models import count as count_params
 from distkd.objectives.base import Objective, StepOutput
@@ -215,15 +214,25 @@ class Trainer:
             "test": test,
             "replica_drift": replica_drift(self.dmp),
         }
-        state_dict = gather_state_dict(self.dmp, env.rank, prefix="model.")
+        export = self.export({"test": test, "job": to_dict(job)})
         if env.is_main:
-            summary["export"] = write_export(self.out / "export", job.role, self.schema, self.model_cfg, state_dict,
-                                             extra={"test": test, "job": to_dict(job)})
+            summary["export"] = export
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             logger.info(f"\n{job.role} finished: {self.state.step} steps, {metrics_log.rate():,.0f} rows/s")
             logger.info(format_table({f"{job.role} (valid)": valid, f"{job.role} (test)": test}))
             logger.info(f"export: {self.out / 'export'} sha256 {summary['export']['sha256'][:16]}…")
         return summary
+
+    def export(self, extra: dict[str, Any]) -> dict[str, Any] | None:
+        """Collective: write <out>/export in the job's form; export.json's content on rank 0.
+        A sharded teacher is written by every rank through DCP, never gathered."""
+        job, env, out = self.job, self.env, self.out / "export"
+        state = self.dmp.state_dict()
+        if export_form(job.export, job.role, env.world_size, state, prefix="model.") == "sharded":
+            return write_sharded_export(out, job.role, self.schema, self.model_cfg, state, env.rank, env.world_size,
+                                        prefix="model.", extra=extra)
+        state_dict = gather_state_dict(self.dmp, env.rank, prefix="model.")
+        return write_export(out, job.role, self.schema, self.model_cfg, state_dict, extra) if env.is_main else None
 
 
 def replica_drift(dmp) -> float:
