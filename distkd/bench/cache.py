@@ -21,10 +21,10 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from distkd import log
 from distkd.bench import cpu_model
 
 
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads-per-worker", type=int, default=None)
     ap.add_argument("--passes", type=int, default=2, help="(a) is the best of this many passes (conservative on a noisy machine)")
     args = ap.parse_args(argv)
+    log.setup()  # the build's lines (progress, summary) to stderr, as the CLI's
     splits = [s for s in args.splits.split(",") if s]
 
     ensure_logs(args.logs, args.rows)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     job = CacheJob(teacher=str(args.teacher), logs=str(args.logs), out=str(args.out), splits=splits,
                    workers=plan.workers, threads_per_worker=plan.threads, batch_size=args.batch_size)
-    s = build(job, log=lambda m: print(m, file=sys.stderr, flush=True))
+    s = build(job)
     if s["rows"] != rows:
         raise SystemExit(f"row counts differ: (a) ran {rows:,} rows, the cache has {s['rows']:,}")
     b = s["rows_computed"] / s["seconds"]

@@ -172,7 +172,7 @@ def _build(teacher: Path, logs: Path, out: Path, plan) -> dict:
     job = CacheJob(teacher=str(teacher), logs=str(logs), out=str(out), splits=["train"], workers=plan.workers,
                    threads_per_worker=plan.threads, batch_size=8192)
     with PeakRSS(exclude=(os.getpid(),), match="CacheWorker") as rss:  # Ray titles actors ray::CacheWorker
-        s = build(job, log=lambda m: None)
+        s = build(job)
     return {"rows_per_s": s["rows_computed"] / s["seconds"], "seconds": s["seconds"], "rows": s["rows"],
             "peak_rss": rss.peak, "workers_start_s": s["workers_start_s"]}
 
