@@ -149,7 +149,7 @@ def test_the_disk_filling_while_a_cache_file_is_written(kd_world, tmp_path):
         assert not temp_files(out)
         with pytest.raises(CacheError) as e:
             verify_cache(out, small)
-        assert f"{len(m['shards'])} shards" not in str(e.value) and "not committed" in str(e.value)
+        assert f"{len(m.shards)} shards" not in str(e.value) and "not committed" in str(e.value)
 
 
 def test_the_disk_filling_while_a_checkpoint_is_written(small_logs, tmp_path):
