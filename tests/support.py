@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from distkd.config import load
@@ -43,3 +45,27 @@ def cli(*args: str, env_extra: dict | None = None, module: str = "distkd.cli", c
 def torchrun(*args: str, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run ARGS` (torchrun) with the test environment."""
     return cli(*args, module="torch.distributed.run", cwd=cwd, timeout=timeout)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextmanager
+def distkd_log():
+    """The lines distkd logs (INFO and up) in this process while the block runs: a handler on the
+    `distkd` logger itself, so it sees them whether or not distkd.log.setup() ran here."""
+    root, handler = logging.getLogger("distkd"), _Lines()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

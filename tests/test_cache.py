@@ -36,6 +36,7 @@ from distkd.data.loader import LogLoader, split_files
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import LogsError, load_schema
 from tests.faults.cache import kill_each_shard_class, kill_worker_class
+from tests.support import distkd_log
 from tests.test_submit_live import LOOPBACK, listening, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,9 +91,9 @@ def test_build_then_verify(built, small_logs, teachers):
     assert s["complete"] and s["rows"] == 40_000 and s["computed"] == 6 and s["skipped"] == 0
     assert s["bytes_per_row_per_task"] <= 2.5
     m = read_manifest(out)
-    assert m["teacher"]["sha256"] == teachers[0][1] and m["complete"]
+    assert m.teacher.sha256 == teachers[0][1] and m.complete
     # the pool's actors run with glibc's arenas capped (their memory stays flat over shards)
-    assert [w["malloc_arena_max"] for w in m["builds"][-1]["workers"]] == ["2"] * len(m["builds"][-1]["workers"])
+    assert [w["malloc_arena_max"] for w in m.builds[-1].workers] == ["2"] * len(m.builds[-1].workers)
     for split in ("train", "valid", "test"):
         for log in split_files(small_logs, split):
             side = out / split / Path(log).name
@@ -123,10 +124,10 @@ def test_cached_logits_are_the_teachers_forward(built, small_logs, teachers):
 
 def test_rerun_skips_everything(built, teachers, small_logs):
     out, _ = built
-    before = read_manifest(out)["shards"]
+    before = read_manifest(out).shards
     s = build(_job(teachers, small_logs, out))  # no Ray needed: nothing to compute
     assert s["computed"] == 0 and s["skipped"] == 6 and s["complete"]
-    assert read_manifest(out)["shards"] == before
+    assert read_manifest(out).shards == before
 
 
 # -- refusals -----------------------------------------------------------------------------
@@ -160,9 +161,8 @@ def test_modified_log_shard_is_detected_and_refused(built, teachers, small_logs,
     with pytest.raises(CacheError) as e:
         verify_cache(cache, logs)
     assert "part-00001" in str(e.value)
-    msgs = []
-    with pytest.raises(CacheError):
-        verify_cache(cache, logs, log=msgs.append)
+    with distkd_log() as msgs, pytest.raises(CacheError):
+        verify_cache(cache, logs)
     assert any("row group 1: example_id checksum" in m for m in msgs), msgs
     with pytest.raises(CacheError, match="part-00001.parquet changed since its logits were cached"):
         build(_job(teachers, logs, cache))
@@ -215,22 +215,21 @@ def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
 
 def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path):
     out, _ = built
-    logs: list[str] = []
-    s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), log=logs.append,
-              worker=kill_worker_class(tmp_path))
+    with distkd_log() as logs:
+        s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), worker=kill_worker_class(tmp_path))
     assert (tmp_path / "killed-0").exists(), "the fault never fired"
     assert s["complete"] and s["computed"] == 4 and s["rows"] == 32_000
     assert any("died on" in line and "retrying the shard" in line for line in logs), logs
     m = read_manifest(tmp_path / "cache")
-    attempts = {rel: e["timings"]["attempt"] for rel, e in m["shards"].items()}
+    attempts = {rel: e.timings.attempt for rel, e in m.shards.items()}
     assert sorted(attempts.values()) == [1, 1, 1, 2], attempts
     assert not list((tmp_path / "cache").glob("*/.*.tmp-*"))
     verify_cache(tmp_path / "cache", small_logs)
     # Every row exactly once: the same bytes as the clean build's files.
-    clean = read_manifest(out)["shards"]
-    for rel, e in m["shards"].items():
-        assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
-        assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
+    clean = read_manifest(out).shards
+    for rel, e in m.shards.items():
+        assert e.output.sha256 == clean[rel].output.sha256, rel
+        assert e.input.ids == clean[rel].input.ids, rel
 
 
 def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path):
@@ -238,19 +237,19 @@ def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, tea
     max_attempts, none twice on one shard. Each death costs its shard one retry; the build does
     not run out of restarts."""
     out, _ = built
-    logs: list[str] = []
-    s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"], workers=1, max_attempts=2),
-              log=logs.append, worker=kill_each_shard_class(tmp_path))
+    with distkd_log() as logs:
+        s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"], workers=1, max_attempts=2),
+                  worker=kill_each_shard_class(tmp_path))
     assert len(list(tmp_path.glob("killed-*"))) == 4, "the fault did not fire on every shard"
     assert s["complete"] and s["computed"] == 4 and s["rows"] == 32_000
     assert sum("died on" in line for line in logs) == 4, logs
     m = read_manifest(tmp_path / "cache")
-    assert sorted(e["timings"]["attempt"] for e in m["shards"].values()) == [2, 2, 2, 2]
+    assert sorted(e.timings.attempt for e in m.shards.values()) == [2, 2, 2, 2]
     assert not list((tmp_path / "cache").glob("*/.*.tmp-*"))
     verify_cache(tmp_path / "cache", small_logs)
-    clean = read_manifest(out)["shards"]
-    for rel, e in m["shards"].items():
-        assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
+    clean = read_manifest(out).shards
+    for rel, e in m.shards.items():
+        assert e.output.sha256 == clean[rel].output.sha256, rel
 
 
 @pytest.fixture(scope="module")
@@ -313,16 +312,16 @@ def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_l
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     m = read_manifest(out)
     # two workers on the 2-CPU head: whichever shard finished first is the one committed
-    assert len(m["shards"]) == 1 and not m["complete"], m["shards"]
-    (done, first), = m["shards"].items()
+    assert len(m.shards) == 1 and not m.complete, m.shards
+    (done, first), = m.shards.items()
     # 2: through RAY_ADDRESS; resumes, computes only the three shards not committed.
     r = _cli(args, {"RAY_ADDRESS": ray_head})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 already committed (skipped), 3 to compute" in r.stderr, r.stderr[-3000:]
     m = read_manifest(out)
     rest = sorted(f"train/part-0000{i}.parquet" for i in range(4) if f"train/part-0000{i}.parquet" != done)
-    assert m["complete"] and sorted(m["builds"][-1]["computed"]) == rest, m["builds"][-1]
-    assert m["shards"][done] == first
+    assert m.complete and sorted(m.builds[-1].computed) == rest, m.builds[-1]
+    assert m.shards[done] == first
     verify_cache(out, small_logs, teachers[0][0])
     rc = cli_main(["cache", "verify", "--cache", str(out), "--logs", str(small_logs), "--teacher", teachers[1][0]])
     assert rc == 2 and "holds logits of teacher" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def teacher_and_cache(small_logs, tmp_path_factory):
                   "train.epochs=1"), 1)
     export = root / "teacher" / "export"
     build(CacheJob(teacher=str(export), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
-                   hidden=True, workers=1, batch_size=4096), log=lambda m: None)
+                   hidden=True, workers=1, batch_size=4096))
     return export, root / "cache", read_meta(export)["sha256"]
 
 

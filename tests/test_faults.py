@@ -88,15 +88,15 @@ def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_pa
         while "shards planned" not in (tmp_path / "a.err").read_text():  # A holds the lock, its plan is written
             assert a.poll() is None and time.monotonic() < deadline, (tmp_path / "a.err").read_text()[-3000:]
             time.sleep(0.2)
-        seen, errors = [len(read_manifest(cache)["shards"])], []
+        seen, errors = [len(read_manifest(cache).shards)], []
 
         def reader() -> None:  # a distillation's loader, reading while A extends the cache
             try:
                 while a.poll() is None and time.monotonic() < deadline:
                     m = read_manifest(cache)  # never a torn manifest
-                    for rel, e in m["shards"].items():  # every file it names is there whole
-                        assert (cache / rel).stat().st_size == e["output"]["bytes"], rel
-                    seen.append(len(m["shards"]))
+                    for rel, e in m.shards.items():  # every file it names is there whole
+                        assert (cache / rel).stat().st_size == e.output.bytes, rel
+                    seen.append(len(m.shards))
                     torch.testing.assert_close(read_all(cache, view, schema), want, rtol=0, atol=0)
                     time.sleep(0.5)  # leave the build its CPU
             except BaseException as e:  # reported by the test's thread
@@ -120,12 +120,12 @@ def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_pa
         err.close()
     assert len(seen) >= 3 and seen[0] == 2 and seen == sorted(seen) and seen[-1] <= 4, seen
     m = read_manifest(cache)
-    assert m["complete"] and len(m["shards"]) == 4 and sorted(m["builds"][-1]["computed"]) == [
+    assert m.complete and len(m.shards) == 4 and sorted(m.builds[-1].computed) == [
         "train/part-00002.parquet", "train/part-00003.parquet"]
-    assert len(m["builds"]) == len(json.loads((kd_world["cache"] / "manifest.json").read_text())["builds"]) + 1
-    clean = read_manifest(kd_world["cache"])["shards"]
-    for rel in m["shards"]:  # the grown cache is byte for byte a build from scratch
-        assert m["shards"][rel]["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
+    assert len(m.builds) == len(json.loads((kd_world["cache"] / "manifest.json").read_text())["builds"]) + 1
+    clean = read_manifest(kd_world["cache"]).shards
+    for rel in m.shards:  # the grown cache is byte for byte a build from scratch
+        assert m.shards[rel].output.sha256 == clean[rel].output.sha256, rel
     torch.testing.assert_close(read_all(cache, view, schema), want, rtol=0, atol=0)
     verify_cache(cache, logs, t0)
 
@@ -141,15 +141,15 @@ def test_the_disk_filling_while_a_cache_file_is_written(kd_world, tmp_path):
         assert "cannot write the cache file: No space left on device; nothing of this shard is published" in r.stderr
         assert "Traceback" not in r.stderr.split("distkd: error:")[-1]
         m = read_manifest(out)
-        assert not m["complete"] and len(m["shards"]) < 4
-        clean = read_manifest(kd_world["cache"])["shards"]
-        for rel, e in m["shards"].items():
-            assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
-        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == sorted(m["shards"])
+        assert not m.complete and len(m.shards) < 4
+        clean = read_manifest(kd_world["cache"]).shards
+        for rel, e in m.shards.items():
+            assert e.output.sha256 == clean[rel].output.sha256, rel
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == sorted(m.shards)
         assert not temp_files(out)
         with pytest.raises(CacheError) as e:
             verify_cache(out, small)
-        assert f"{len(m['shards'])} shards" not in str(e.value) and "not committed" in str(e.value)
+        assert f"{len(m.shards)} shards" not in str(e.value) and "not committed" in str(e.value)
 
 
 def test_the_disk_filling_while_a_checkpoint_is_written(small_logs, tmp_path):

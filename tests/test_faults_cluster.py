@@ -36,15 +36,15 @@ def build_args(teacher, logs, out) -> list[str]:
 
 def assert_whole(cache: str, clean: dict, m: dict) -> None:
     """Every shard the manifest names is there at its size, with a clean build's bytes."""
-    for rel, e in m["shards"].items():
-        assert storage.size(storage.join(cache, rel)) == e["output"]["bytes"], rel
-        assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
-        assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
+    for rel, e in m.shards.items():
+        assert storage.size(storage.join(cache, rel)) == e.output.bytes, rel
+        assert e.output.sha256 == clean[rel].output.sha256, rel
+        assert e.input.ids == clean[rel].input.ids, rel
 
 
 def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_world, tmp_path):
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
-    clean = read_manifest(kd_world["cache"])["shards"]
+    clean = read_manifest(kd_world["cache"]).shards
     out = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DISTKD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
@@ -65,10 +65,10 @@ def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_wo
     assert f"distkd: error: lost the Ray cluster at {head}: its GCS has not answered" in stderr, stderr[-3000:]
     assert "rerun the build" in stderr and "Traceback" not in stderr, stderr[-3000:]
     m = read_manifest(out)  # a valid manifest: the last one written, every shard it names whole
-    assert not m["complete"] and 1 <= len(m["shards"]) < 4, m["shards"].keys()
+    assert not m.complete and 1 <= len(m.shards) < 4, m.shards.keys()
     assert_whole(str(out), clean, m)
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == sorted(m["shards"])
-    done = sorted(m["shards"])
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == sorted(m.shards)
+    done = sorted(m.shards)
 
     # 2: a new head; the rerun computes only the shards the manifest does not hold
     with ray_cluster(tmp_path, head_cpus=2, dashboard=False) as head2:
@@ -77,9 +77,9 @@ def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_wo
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{len(done)} already committed (skipped), {4 - len(done)} to compute" in r.stderr, r.stderr[-3000:]
     m = read_manifest(out)
-    assert m["complete"] and sorted(m["builds"][-1]["computed"]) == [s for s in SHARDS if s not in done]
+    assert m.complete and sorted(m.builds[-1].computed) == [s for s in SHARDS if s not in done]
     assert_whole(str(out), clean, m)
-    assert sorted(m["shards"]) == SHARDS
+    assert sorted(m.shards) == SHARDS
     assert verify_cache(out, small, t0)["rows"] == 32_000
 
 
@@ -191,7 +191,7 @@ def _keys(prefix: str) -> list[str]:
 
 def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world):  # noqa: F811
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
-    clean = read_manifest(kd_world["cache"])["shards"]
+    clean = read_manifest(kd_world["cache"]).shards
     prefix = "faulty-cache"
     cache = f"s3://{BUCKET}/{prefix}"
     with FaultyS3(s3) as proxy:
@@ -208,17 +208,17 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     assert f"S3 endpoint: {proxy.endpoint}" in err, err
     # nothing half: the final keys are the manifest and whole shards, no temporary key is left
     m = read_manifest(cache)
-    assert not m["complete"] and sorted(m["shards"]) == SHARDS[:2], m["shards"].keys()
+    assert not m.complete and sorted(m.shards) == SHARDS[:2], m.shards.keys()
     assert_whole(cache, clean, m)
     assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS[:2]]
-    assert m["shards"]["train/part-00000.parquet"]["timings"]["attempt"] == 1  # the 503 cost no shard retry
+    assert m.shards["train/part-00000.parquet"].timings.attempt == 1  # the 503 cost no shard retry
 
     # the store healthy again (no proxy): the rerun computes shards 2 and 3 and the cache verifies
     r = cli(*build_args(t0, small, cache), timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 already committed (skipped), 2 to compute" in r.stderr, r.stderr[-3000:]
     m = read_manifest(cache)
-    assert m["complete"] and m["builds"][-1]["computed"] == SHARDS[2:]
+    assert m.complete and m.builds[-1].computed == SHARDS[2:]
     assert_whole(cache, clean, m)
     assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
     assert verify_cache(cache, small, t0)["rows"] == 32_000  # what `distkd cache verify` runs

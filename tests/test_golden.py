@@ -94,7 +94,7 @@ def cache(small_logs, tmp_path_factory):
     model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
     write_export(root / "teacher", "teacher", schema, cfg, model.state_dict())
     build(CacheJob(teacher=str(root / "teacher"), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
-                   workers=1), log=lambda m: None)
+                   workers=1))
     return root / "cache"
 
 

@@ -12,7 +12,7 @@ import torch
 from distkd.cache import read_manifest
 from distkd.cache.build import CacheJob, TopKSpec, build
 from distkd.cache.reader import open_cache
-from distkd.cache.topk import topk_ids
+from distkd.cache.topk import TopKFormat, topk_ids
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import load_schema
 from distkd.data.synth_next_item import generate
@@ -36,14 +36,14 @@ def world(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     export = root / "teacher" / "export"
     build(CacheJob(teacher=str(export), logs=str(logs), out=str(root / "cache"), splits=["train"], workers=1,
-                   batch_size=2048, topk=TopKSpec(k=32, tail=8)), log=lambda m: None)
+                   batch_size=2048, topk=TopKSpec(k=32, tail=8)))
     return logs, export, root / "cache", read_meta(export)["sha256"]
 
 
 def test_the_cache_holds_the_teachers_own_top_k(world):
     logs, export, cache, sha = world
-    content = read_manifest(cache)["content"]
-    assert content["topk"] == {"num_items": 2000, "k": 32, "tail": 8, "proposal": "teacher", "tau": 1.0}
+    content = read_manifest(cache).content
+    assert content.topk == TopKFormat(num_items=2000, k=32, tail=8, proposal="teacher", tau=1.0)
     model, _ = load_export(export)
     view = open_cache(cache, logs, "train", teacher_sha256=sha, name="t")
     loader = LogLoader(split_files(logs, "train"), load_schema(logs), 2048, aligned=[view])

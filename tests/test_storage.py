@@ -207,7 +207,7 @@ def local_cache(ray_session, small_logs, teacher, tmp_path_factory):
 def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_logs, teacher, local_cache, capsys):
     cache = f"s3://{BUCKET}/cache"
     args = ["cache", "build", "--teacher", teacher[0], "--logs", s3_logs, "--out", cache, "--splits", "train"]
-    local = read_manifest(local_cache)["shards"]
+    local = read_manifest(local_cache).shards
     # 1: the real command line, on this Ray session; the driver SIGKILLs itself after its first commit.
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     r = subprocess.run([sys.executable, "-m", "tests.faults.cache", "--kill-driver-after", "1", "--", *args], cwd=ROOT,
@@ -215,11 +215,11 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "object storage has no build lock" in r.stderr
     m = read_manifest(cache)
-    assert not m["complete"] and len(m["shards"]) == 1, m["shards"]  # whichever worker finished first
-    done = set(m["shards"])
-    for rel, e in m["shards"].items():  # what the manifest claims is there, whole
-        assert storage.size(f"{cache}/{rel}") == e["output"]["bytes"]
-        assert e["output"]["sha256"] == local[rel]["output"]["sha256"]
+    assert not m.complete and len(m.shards) == 1, m.shards  # whichever worker finished first
+    done = set(m.shards)
+    for rel, e in m.shards.items():  # what the manifest claims is there, whole
+        assert storage.size(f"{cache}/{rel}") == e.output.bytes
+        assert e.output.sha256 == local[rel].output.sha256
     with pytest.raises(CacheError, match=r"3 of 4 shards of split 'train' are not cached"):
         open_cache(cache, s3_logs, "train")
 
@@ -228,13 +228,13 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     err = capsys.readouterr().err
     assert "1 already committed (skipped), 3 to compute" in err, err[-3000:]
     m = read_manifest(cache)
-    assert m["complete"] and m["logs"] == s3_logs
-    assert sorted(m["builds"][-1]["computed"]) == sorted(set(local) - done)
+    assert m.complete and m.logs == s3_logs
+    assert sorted(m.builds[-1].computed) == sorted(set(local) - done)
     assert _keys("cache") == ["cache/manifest.json"] + [f"cache/train/part-0000{i}.parquet" for i in range(4)]
     # The same bytes as the local build's files: the same logits, row groups and metadata.
-    for rel, e in m["shards"].items():
-        assert e["output"]["sha256"] == local[rel]["output"]["sha256"], rel
-        assert e["input"] == local[rel]["input"], rel
+    for rel, e in m.shards.items():
+        assert e.output.sha256 == local[rel].output.sha256, rel
+        assert e.input == local[rel].input, rel
 
     # 3: verify and read it from S3.
     assert verify_cache(cache, s3_logs, teacher[0])["rows"] == 32_000

@@ -28,7 +28,7 @@ from distkd.data.schema import load_schema
 from distkd.models.export import sha256_file
 from distkd.models.teacher import describe, kjt_to_dict, load_teacher
 from distkd.models.teacher_spec import TeacherError, TeacherSpec
-from tests.support import cli
+from tests.support import cli, distkd_log
 from tests.user_teacher import build as user_build
 
 FACTORY = "tests.user_teacher:build"
@@ -88,7 +88,7 @@ def factory_cache(ray_session, small_logs, user, tmp_path_factory):
     out = tmp_path_factory.mktemp("factory-cache") / "c"
     spec = _factory(weights, hidden_dim=16)
     s = build(CacheJob(teacher=spec, logs=str(small_logs), out=str(out), splits=["train", "test"], dtype="fp32",
-                       hidden=True, workers=1), log=lambda m: None)
+                       hidden=True, workers=1))
     return out, s, spec
 
 
@@ -97,7 +97,7 @@ def program_cache(ray_session, small_logs, user, tmp_path_factory):
     _, _, program = user
     out = tmp_path_factory.mktemp("program-cache") / "c"
     s = build(CacheJob(teacher=TeacherSpec(program=str(program), input="dict"), logs=str(small_logs), out=str(out),
-                       splits=["train"], workers=1), log=lambda m: None)
+                       splits=["train"], workers=1))
     return out, s
 
 
@@ -108,10 +108,10 @@ def test_factory_teacher_caches_its_own_forward(factory_cache, small_logs, user)
     module, weights, _ = user
     assert s["complete"] and s["rows"] == 36_000
     m = read_manifest(out)
-    t = m["teacher"]
+    t = m.teacher.record
     assert t["form"] == "factory" and t["spec"]["factory"] == FACTORY and t["weights_sha256"] == sha256_file(weights)
     assert set(t["source"]) == {"user_teacher/__init__.py"}
-    assert t["sha256"] == describe(spec)["sha256"] and m["content"]["hidden_dim"] == 16
+    assert t["sha256"] == describe(spec)["sha256"] and m.content.hidden_dim == 16
     schema = load_schema(small_logs)
     keys = [f.name for f in schema.sparse]
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_factory_teacher_caches_its_own_forward(factory_cache, small_logs, user)
 def test_program_teacher_caches_the_same_logits(program_cache, small_logs, user):
     out, s = program_cache
     module, _, program = user
-    t = read_manifest(out)["teacher"]
+    t = read_manifest(out).teacher.record
     assert s["complete"] and t["form"] == "program" and t["sha256"] == sha256_file(program)
     schema = load_schema(small_logs)
     keys = [f.name for f in schema.sparse]
@@ -173,13 +173,12 @@ def test_wrong_shaped_teacher_is_refused_on_its_first_batch(ray_session, small_l
     torch.save(bigger, tmp_path / "w3.pt")
     spec = _factory(tmp_path / "w3.pt", name="tests.user_teacher:wrong_shape", kwargs={})
     with pytest.raises(CacheError) as e:
-        build(CacheJob(teacher=spec, logs=str(small_logs), out=str(tmp_path / "c"), splits=["train"], workers=1),
-              log=lambda m: None)
+        build(CacheJob(teacher=spec, logs=str(small_logs), out=str(tmp_path / "c"), splits=["train"], workers=1))
     msg = str(e.value)
     assert "train/part-00000.parquet: row group 0: teacher tests.user_teacher:wrong_shape" in msg, msg
     assert ("returned a float32 tensor of shape [2048, 3]; expected floating logits of shape [2048, 2] "
             "(rows × tasks ['click', 'conversion'])") in msg, msg
-    assert read_manifest(tmp_path / "c")["shards"] == {}
+    assert read_manifest(tmp_path / "c").shards == {}
 
 
 def test_nan_in_a_later_row_group_stops_the_build(ray_session, small_logs, user, tmp_path):
@@ -187,14 +186,13 @@ def test_nan_in_a_later_row_group_stops_the_build(ray_session, small_logs, user,
     out = tmp_path / "c"
     spec = _factory(weights, name="tests.user_teacher:nan_after", kwargs={"calls": 2, "row": 5})
     with pytest.raises(CacheError) as e:
-        build(CacheJob(teacher=spec, logs=str(small_logs), out=str(out), splits=["train"], workers=1),
-              log=lambda m: None)
+        build(CacheJob(teacher=spec, logs=str(small_logs), out=str(out), splits=["train"], workers=1))
     msg = str(e.value)
     assert msg.startswith(f"{small_logs / 'train' / 'part-00000.parquet'}: row group 2, row 5 (row 4101 of the shard): "
                           "teacher tests.user_teacher:nan_after"), msg
     assert "returned nan in logits at batch row 5 (task 'click'); nothing of this shard is published" in msg, msg
     m = read_manifest(out)  # still a valid manifest: the shard is not in it, nor its file, nor a temporary
-    assert "train/part-00000.parquet" not in m["shards"] and not m["complete"]
+    assert "train/part-00000.parquet" not in m.shards and not m.complete
     assert not (out / "train" / "part-00000.parquet").exists() and not list(out.glob("*/.*"))
     with pytest.raises(CacheError, match="part-00000.parquet: not committed"):
         verify_cache(out, small_logs)
@@ -204,7 +202,7 @@ def test_a_factory_that_fails_on_the_workers_is_one_error(ray_session, small_log
     _, weights, _ = user
     with pytest.raises(CacheError) as e:
         build(CacheJob(teacher=_factory(weights, kwargs={"dim": 8, "depth": 3}), logs=str(small_logs),
-                       out=str(tmp_path / "c"), splits=["test"], workers=1, max_attempts=1), log=lambda m: None)
+                       out=str(tmp_path / "c"), splits=["test"], workers=1, max_attempts=1))
     assert "every cache worker died" in str(e.value), str(e.value)
     assert ("teacher factory tests.user_teacher:build: calling it with ['depth', 'dim', 'schema'] raised TypeError"
             in str(e.value)), str(e.value)
@@ -245,8 +243,8 @@ def test_flags_and_yaml_name_the_same_spec(small_logs, user, tmp_path):
 
 def test_recompute_passes_on_an_intact_cache(factory_cache, program_cache, small_logs, capsys):
     out, _, spec = factory_cache
-    logs: list[str] = []
-    v = verify_cache(out, small_logs, spec, recompute=0.5, seed=3, log=logs.append)["recompute"]
+    with distkd_log() as logs:
+        v = verify_cache(out, small_logs, spec, recompute=0.5, seed=3)["recompute"]
     total = 4 * 4 + 2  # row groups of train (4 shards × 4) and test (1 × 2)
     assert (v["seed"], v["row_groups"], v["of"], v["max_ulp"], v["max_abs"]) == (3, math.ceil(total / 2), total, 0, 0.0)
     assert any("recomputed 9 of 18 row groups (fraction 0.5, seed 3" in line for line in logs), logs

@@ -33,7 +33,7 @@ def cache(small_logs, tmp_path_factory):
     model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
     sha = write_export(root / "teacher", "teacher", schema, cfg, model.state_dict())["sha256"]
     build(CacheJob(teacher=str(root / "teacher"), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
-                   workers=1, batch_size=8192), log=lambda m: None)
+                   workers=1, batch_size=8192))
     return root / "cache", sha
 
 

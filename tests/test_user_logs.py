@@ -123,7 +123,7 @@ def cached(world):
     assert r.returncode == 0, r.stderr[-3000:]
     sha = json.loads((root / "teacher" / "export" / "export.json").read_text())["sha256"]
     cache_dir = root / "cache" / sha[:12]
-    assert sorted(read_manifest(cache_dir)["shards"]) == [f"dt={d}/part-00000.parquet" for d in DAYS[:5]]
+    assert sorted(read_manifest(cache_dir).shards) == [f"dt={d}/part-00000.parquet" for d in DAYS[:5]]
     return cache, cache_dir, sha
 
 
@@ -156,8 +156,8 @@ def test_a_users_logs_from_validate_to_distillation(world, cached):
     r = cli("cache", "build", "--config", str(cache), f"out={root / 'scratch'}")
     assert r.returncode == 0, r.stderr[-3000:]
     grown, scratch = read_manifest(cache_dir), read_manifest(root / "scratch" / sha[:12])
-    assert sorted(grown["shards"]) == sorted(scratch["shards"]) and len(grown["shards"]) == 6
-    for rel in grown["shards"]:
+    assert sorted(grown.shards) == sorted(scratch.shards) and len(grown.shards) == 6
+    for rel in grown.shards:
         assert (cache_dir / rel).read_bytes() == (root / "scratch" / sha[:12] / rel).read_bytes(), rel
     r = cli("cache", "verify", "--cache", str(cache_dir), "--logs", str(logs))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -173,7 +173,7 @@ def test_a_users_logs_from_validate_to_distillation(world, cached):
     r = cli("cache", "build", "--config", str(cache))
     assert r.returncode == 0 and "log shard dt=2026-11-01/part-00000.parquet is gone" in r.stderr, r.stderr[-2000:]
     m = read_manifest(cache_dir)
-    assert "dt=2026-11-01/part-00000.parquet" in m["dropped"] and len(m["shards"]) == 5
+    assert "dt=2026-11-01/part-00000.parquet" in m.dropped and len(m.shards) == 5
     assert not list(cache_dir.glob("dt=2026-11-01/*.parquet"))
 
 
@@ -192,10 +192,10 @@ def test_gc_keeps_the_newest_and_never_one_in_use(world, cached, tmp_path):
     view = open_cache(oldest, logs, "test", partitions={"test": _range("2026-11-05")})
     pin = view.pin()  # what a distillation's loader holds while it reads
     with BuildLock(middle):  # a build extending the middle one
-        result = gc(caches, keep=1, log=lambda m: None)
+        result = gc(caches, keep=1)
     assert result["removed"] == [] and sorted(result["in_use"]) == [str(oldest), str(middle)]
     pin.release()
-    result = gc(caches, keep=1, log=lambda m: None)
+    result = gc(caches, keep=1)
     assert sorted(result["removed"]) == [str(oldest), str(middle)] and result["kept"] == [str(caches / "cccccccccccc")]
     assert not oldest.exists() and (caches / "cccccccccccc" / "manifest.json").is_file()
 

@@ -79,20 +79,20 @@ def _last(err: str) -> str:
 
 def compare(out: Path, clean: dict, logs: Path) -> dict:
     """Rows kept (shard bytes and ids as the clean build's), shards retried, and verify's verdict."""
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest
     from distkd.cache.verify import verify_cache
 
     m = read_manifest(out)
-    kept = sum(e["output"]["rows"] for rel, e in m["shards"].items()
-               if e["output"]["sha256"] == clean[rel]["output"]["sha256"] and e["input"]["ids"] == clean[rel]["input"]["ids"])
+    kept = sum(e.output.rows for rel, e in m.shards.items()
+               if e.output.sha256 == clean[rel].output.sha256 and e.input.ids == clean[rel].input.ids)
     try:
         with log.silenced("distkd.cache"):  # the verdict is the figure, not its per-shard lines
             verify_cache(out, logs)
         verified = "passes"
     except Exception as e:  # the verdict is the figure: record it, keep the table going
         verified = f"FAILS: {str(e).splitlines()[0][:120]}"
-    return {"kept": kept, "retried": sum(e["timings"]["attempt"] > 1 for e in m["shards"].values()),
-            "complete": bool(m["complete"]), "verify": verified}
+    return {"kept": kept, "retried": sum(e.timings.attempt > 1 for e in m.shards.values()),
+            "complete": bool(m.complete), "verify": verified}
 
 
 def workers_killed(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total: int) -> Row:
@@ -109,17 +109,17 @@ def workers_killed(teacher: Path, logs: Path, work: Path, address: str, clean: d
 
 def driver_killed(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total: int) -> Row:
     from distkd.cache.build import MANIFEST_EVERY_S
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest
 
     n = max(1, len(clean) // 3)
     fault = f"cache driver SIGKILLed after {n} shard(s) finished, rerun"
     rc1, s1, _ = build(teacher, logs, work / "driver", address, ["--kill-driver-after", str(n)])
-    before = len(read_manifest(work / "driver")["shards"])
+    before = len(read_manifest(work / "driver").shards)
     rc2, s2, err2 = build(teacher, logs, work / "driver", address, [])
     if rc1 != -signal.SIGKILL or rc2:
         return fault, f"FAILED: first exit {rc1} (expected -9), rerun exit {rc2}: {_last(err2)}", "–", f"{s1 + s2:.0f}"
     c = compare(work / "driver", clean, logs)
-    recomputed = read_manifest(work / "driver")["builds"][-1]["computed"]
+    recomputed = read_manifest(work / "driver").builds[-1].computed
     return (fault, f"{before} shard(s) in the manifest at the kill (rewritten at most every {MANIFEST_EVERY_S:g} s; "
             f"finished shards it does not name are recomputed); the rerun computed {len(recomputed)}; "
             f"complete {c['complete']}, verify {c['verify']}", f"{total - c['kept']:,}", f"{s1 + s2:.0f}")
@@ -130,7 +130,7 @@ def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) 
     head SIGKILLed once the first shard commits: the driver must exit 2 naming the lost cluster
     within EXIT_BOUND_S, the manifest name only whole shards, and a rerun on a new head compute
     the rest."""
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest
     from tests.ray_cluster import kill_head_once_committed, ray_cluster
 
     out, err_path = work / "head", work / "head.err"
@@ -150,17 +150,17 @@ def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) 
             return fault, f"FAILED: {first} {last}", "–", f"{time.perf_counter() - t0:.0f}"
     stderr = err_path.read_text()
     m = read_manifest(out)
-    whole = all(e["output"]["sha256"] == clean[rel]["output"]["sha256"] for rel, e in m["shards"].items())
-    if rc != 2 or f"lost the Ray cluster at {head}" not in stderr or m["complete"] or not whole:
+    whole = all(e.output.sha256 == clean[rel].output.sha256 for rel, e in m.shards.items())
+    if rc != 2 or f"lost the Ray cluster at {head}" not in stderr or m.complete or not whole:
         return fault, f"FAILED: exit {rc} {took:.0f} s after the kill: {_last(stderr)}", "–", \
             f"{time.perf_counter() - t0:.0f}"
-    before = len(m["shards"])
+    before = len(m.shards)
     with ray_cluster(work / "ray-head2", head_cpus=2, dashboard=False) as head2:
         rc2, _, err2 = build(teacher, logs, out, head2, [])
     if rc2:
         return fault, f"FAILED: the rerun exited {rc2}: {_last(err2)}", "–", f"{time.perf_counter() - t0:.0f}"
     c = compare(out, clean, logs)
-    recomputed = read_manifest(out)["builds"][-1]["computed"]
+    recomputed = read_manifest(out).builds[-1].computed
     return (fault, f"exit 2 {took:.1f} s after the kill, naming the lost cluster; {before} shard(s) in the manifest, "
             f"each the clean build's; on a new head the rerun computed {len(recomputed)}; complete {c['complete']}, "
             f"verify {c['verify']}", f"{total - c['kept']:,}", f"{time.perf_counter() - t0:.0f}")
@@ -170,7 +170,7 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
     """Build A runs; B, on the same directory once A holds the lock, must be refused; a reader
     polls the manifest every 0.5 s meanwhile: each manifest whole, each file it names whole and
     the clean build's, the shard count never falling."""
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest
 
     out, a_err = work / "race", work / "race-a.err"
     seen: list[int] = []
@@ -181,12 +181,12 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
         while not stop.is_set():
             try:
                 m = read_manifest(out)
-                for rel, e in m["shards"].items():  # the bytes on disk, hashed: what a reader would load
+                for rel, e in m.shards.items():  # the bytes on disk, hashed: what a reader would load
                     data = (out / rel).read_bytes()
                     digest = hashlib.sha256(data).hexdigest()
-                    if len(data) != e["output"]["bytes"] or digest != clean[rel]["output"]["sha256"]:
+                    if len(data) != e.output.bytes or digest != clean[rel].output.sha256:
                         torn.append(rel)
-                seen.append(len(m["shards"]))
+                seen.append(len(m.shards))
             except Exception as e:  # the finding: recorded, the race goes on
                 torn.append(f"{type(e).__name__}: {str(e)[:120]}")
             stop.wait(0.5)
@@ -236,24 +236,24 @@ def nan_in_last_shard(teacher: Path, logs: Path, work: Path, address: str, clean
     """The build must stop naming shard, row group and row, publish nothing of that shard, and
     leave a valid manifest whose committed shards are the clean build's."""
     from distkd.cache.build import CacheJob
-    from distkd.cache.manifest import read_manifest, temp_files
+    from distkd.cache.contract import read_manifest, temp_files
 
     last = sorted(clean)[-1]
     out = work / "nan"
-    call = clean[last]["output"]["rows"] // CacheJob.batch_size // 2  # a batch halfway through the shard
+    call = clean[last].output.rows // CacheJob.batch_size // 2  # a batch halfway through the shard
     rc, secs, err = build(teacher, logs, out, address, ["--nan-at", f"{last}:{call}:5"])
     m = read_manifest(out)
-    wrong = sum(e["output"]["rows"] for rel, e in m["shards"].items()
-                if e["output"]["sha256"] != clean[rel]["output"]["sha256"])
+    wrong = sum(e.output.rows for rel, e in m.shards.items()
+                if e.output.sha256 != clean[rel].output.sha256)
     line = next((x for x in err.splitlines() if "returned nan in logits" in x), "")
     shard = os.path.abspath(logs / last)  # the workers name shards by absolute location
     named = line.startswith(f"distkd: error: {shard}: row group ") and "nothing of this shard is published" in line
     fault = f"the teacher returning NaN at one row of the last shard ({last})"
-    if rc != 2 or not named or last in m["shards"] or (out / last).exists() or m["complete"]:
+    if rc != 2 or not named or last in m.shards or (out / last).exists() or m.complete:
         return fault, f"FAILED: exit {rc}, {_last(err)}", "–", f"{secs:.0f}"
     where = line.split(": teacher ")[0].removeprefix(f"distkd: error: {shard}: ")
     left = len(temp_files(out))
-    return (fault, f"exit 2 naming the shard, {where}; nothing of it published, {len(m['shards'])} shards "
+    return (fault, f"exit 2 naming the shard, {where}; nothing of it published, {len(m.shards)} shards "
             f"committed, each the clean build's; manifest valid, not complete"
             + (f"; {left} temporary file(s) of interrupted shards, removed by the next build" if left else ""),
             f"{wrong:,}", f"{secs:.0f}")
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from distkd.bench.cache import ensure_teacher
     from distkd.bench.faults_scale_train import train_faults
     from distkd.bench.suite import TEACHER
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest
     from distkd.data.synth import generate
     from distkd.models.ranking import ModelConfig
     from tests.ray_cluster import ray_cluster
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         rc, secs, err = build(teacher, logs, work / "clean", address, [])
         if rc:
             raise SystemExit(f"the clean build exited {rc}:\n{err[-3000:]}")
-        clean = read_manifest(work / "clean")["shards"]
-        total = sum(e["output"]["rows"] for e in clean.values())
+        clean = read_manifest(work / "clean").shards
+        total = sum(e.output.rows for e in clean.values())
         rows.append(("clean build (reference)", f"{len(clean)} shards, {total:,} rows", "0", f"{secs:.0f}"))
         logger.info("one worker killed on every shard …")
         rows.append(workers_killed(teacher, logs, work, address, clean, total))

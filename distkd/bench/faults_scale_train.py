@@ -64,10 +64,10 @@ def _differing(a: Path, b: Path) -> int:
 
 def train_faults(work: Path, logs: Path, cache: Path, teacher: Path, batch: int) -> list[tuple[str, str, str, str]]:
     """The table rows (fault, what distkd did, rows lost, seconds) of the three runs."""
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest
     from distkd.models.export import read_meta
 
-    train_rows = sum(e["output"]["rows"] for e in read_manifest(cache)["shards"].values())
+    train_rows = sum(e.output.rows for e in read_manifest(cache).shards.values())
     every = train_rows // (NPROC * batch) // 5
     if every < 3:
         raise SystemExit(f"{train_rows:,} train rows make {every} steps between checkpoints at batch {batch} "

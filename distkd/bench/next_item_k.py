@@ -46,7 +46,7 @@ def cli(*args: str) -> None:
 
 
 def main(argv=None) -> int:
-    from distkd.cache.manifest import read_manifest
+    from distkd.cache.contract import read_manifest, to_json_value
     from distkd.demo import load_out, teacher_and_cache, train_stage
     from distkd.eval_stats import gap_recovered
     from distkd.evaluate import evaluate_models
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                                                 *losses], fp, f"student, distilled from {name}, seed {seed}")
             exports.append(f"{run}/export")
         rows.append({"name": name, "k": k, "tail": tail, "cache": str(cache), "exports": exports,
-                     "summary": read_manifest(cache)["totals"]})
+                     "summary": to_json_value(read_manifest(cache).totals)})
 
     models = {"teacher": [base.teacher], "student-hard": hard, **{r["name"]: r["exports"] for r in rows}}
     logger.info(f"\n== eval: test split, {len(models)} models")

@@ -1,6 +1,9 @@
 """The logit cache: the teacher run once over the logs, read by every student run.
 
-    manifest.py  the contract: layout, format version, fingerprints, checksums, manifest
+    contract.py  the contract: layout, format version, the manifest as typed records
+    content.py   what the files hold: per-task logits (CTR) or a next-item top-k, one codec each
+    manifest.py  the files: checksums, input fingerprints, locations, footers
+    reconcile.py a build's plan against an existing cache: skip, compute, drop, refuse
     worker.py    one shard: stream row groups, run the teacher, commit a file atomically
     pool.py      Ray: connect, size the actor pool, run shards with retries
     build.py     `distkd cache build`: the driver (lock, plan, resume, manifest, progress)
@@ -9,7 +12,7 @@
     reader.py    `open_cache`: the distillation stage's validated view, an `Aligned`
 """
 
-from distkd.cache.manifest import FORMAT, CacheError, read_manifest
+from distkd.cache.contract import FORMAT, CacheError, Manifest, read_manifest
 from distkd.cache.reader import open_cache
 
-__all__ = ["FORMAT", "CacheError", "open_cache", "read_manifest"]
+__all__ = ["FORMAT", "CacheError", "Manifest", "open_cache", "read_manifest"]

@@ -9,28 +9,25 @@ use, and the next gc tries again). Local caches only: object storage has no lock
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from distkd import storage
-from distkd.cache import manifest as mf
+from distkd.cache.contract import CacheError, read_manifest
 from distkd.cache.lock import BuildLock, ReaderLock
-from distkd.cache.manifest import CacheError
 from distkd.cache.reader import caches_under
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def last_built(cache_dir: str) -> str:
-    builds = (mf.read_manifest(cache_dir) or {}).get("builds") or [{}]
-    return builds[-1].get("started_at", "")
+    m = read_manifest(cache_dir)
+    return m.builds[-1].started_at if m is not None and m.builds else ""
 
 
-def gc(root: str | Path, keep: int, dry_run: bool = False, log: Callable[[str], None] = _log) -> dict[str, Any]:
+def gc(root: str | Path, keep: int, dry_run: bool = False) -> dict[str, Any]:
     root = str(root)
     if keep < 1:
         raise CacheError(f"cache gc: --keep must be >= 1, got {keep}")
@@ -51,13 +48,14 @@ def gc(root: str | Path, keep: int, dry_run: bool = False, log: Callable[[str], 
                     pin.release()
         except CacheError as e:
             in_use.append(cache)
-            log(f"cache gc: kept {cache}: {str(e).split(': ', 1)[-1].split(';')[0]}")
+            logger.info(f"cache gc: kept {cache}: {str(e).split(': ', 1)[-1].split(';')[0]}")
             continue
         removed.append(cache)
-        log(f"cache gc: {'would remove' if dry_run else 'removed'} {cache} (last built {built or '?'})")
+        logger.info(f"cache gc: {'would remove' if dry_run else 'removed'} {cache} (last built {built or '?'})")
     kept = [c for c in caches if c not in removed]
-    log(f"cache gc: {root}: {len(caches)} caches, kept {len(kept)} (newest {keep}"
-        f"{f', {len(in_use)} in use' if in_use else ''}), {'would remove' if dry_run else 'removed'} {len(removed)}")
+    logger.info(f"cache gc: {root}: {len(caches)} caches, kept {len(kept)} (newest {keep}"
+                f"{f', {len(in_use)} in use' if in_use else ''}), "
+                f"{'would remove' if dry_run else 'removed'} {len(removed)}")
     return {"root": root, "kept": kept, "removed": removed, "in_use": in_use}
 
 

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 
 from distkd import storage
-from distkd.cache.manifest import LOCK, CacheError
+from distkd.cache.contract import LOCK, CacheError
 
 
 class BuildLock:

@@ -32,7 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from distkd.cache.manifest import CacheError
+from distkd import log
+from distkd.cache.contract import CacheError, ShardEntry
 from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.data.schema import LogsError
 from distkd.storage import StorageError
@@ -40,6 +41,8 @@ from distkd.storage import StorageError
 READY_TIMEOUT_S = 900.0
 POLL_S = 2.0  # the longest the driver waits on Ray before it looks at the cluster again
 CLUSTER_LOST_S = 6.0  # the GCS refusing or not answering this long: the cluster is gone
+
+logger = logging.getLogger(__name__)
 
 
 class ClusterLost(CacheError):
@@ -49,7 +52,7 @@ class ClusterLost(CacheError):
 def connect(address: str | None) -> bool:
     """Connect to Ray: the running session, `address` / RAY_ADDRESS, or a new embedded one
     sized to this machine. Returns True when this call started the connection."""
-    import ray
+    import ray  # deferred here and below: Ray's import costs seconds, and plan_pool's callers need none
 
     if ray.is_initialized():
         return False
@@ -111,17 +114,18 @@ def actor_env() -> dict[str, str]:
     fragmented: one worker's peak RSS grew 1.31-1.33x from 1 to 16 shards by default, 1.07-1.08x
     with MALLOC_ARENA_MAX=2 at the same speed (2 runs each; mallopt once the actor runs does not
     help, its threads have their arenas by then). The env costs ~0.7 s of actor start. The
-    driver's own MALLOC_ARENA_MAX wins."""
-    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+    driver's own MALLOC_ARENA_MAX wins. DISTKD_LOG_LEVEL: the driver's level, for the actors'
+    `distkd.log.setup()`."""
+    level = os.environ.get(log.ENV) or logging.getLevelName(logging.getLogger(log.ROOT).getEffectiveLevel())
+    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"), log.ENV: level}
 
 
 class WorkerPool:
-    def __init__(self, plan: PoolPlan, teacher: Any, max_attempts: int, log: Callable[[str], None],
-                 worker: type = CacheWorker):
+    def __init__(self, plan: PoolPlan, teacher: Any, max_attempts: int, worker: type = CacheWorker):
         """`teacher`: what each worker's constructor loads (a TeacherRef, see distkd.models.teacher)."""
         import ray
 
-        self.plan, self.max_attempts, self.log = plan, max_attempts, log
+        self.plan, self.max_attempts = plan, max_attempts
         # Restarts unbounded per worker: each death is charged to the shard it was running (at
         # most max_attempts per shard), and a worker that never gets ready is bounded by
         # READY_TIMEOUT_S; a budget per worker would end a long build after a few unrelated kills.
@@ -153,7 +157,7 @@ class WorkerPool:
             why = e.strerror or str(e) or type(e).__name__
         if self.unreachable_since is None:
             self.unreachable_since = now
-            self.log(f"cache: the Ray cluster's GCS at {self.gcs} does not answer ({why}); "
+            logger.warning(f"cache: the Ray cluster's GCS at {self.gcs} does not answer ({why}); "
                      f"giving it {CLUSTER_LOST_S:.0f}s")
         if now - self.unreachable_since >= CLUSTER_LOST_S:
             raise ClusterLost(
@@ -162,7 +166,7 @@ class WorkerPool:
                 "committed in the manifest; start the cluster again and rerun the build to compute the rest")
         time.sleep(0.5)
 
-    def run(self, tasks: list[ShardTask], on_result: Callable[[ShardTask, dict[str, Any]], None]) -> None:
+    def run(self, tasks: list[ShardTask], on_result: Callable[[ShardTask, ShardEntry], None]) -> None:
         """Run every task once to success; call `on_result` (in the driver) as each finishes."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayError, RayTaskError
@@ -206,7 +210,7 @@ class WorkerPool:
                 except RayError as e:  # dead for good (constructor failed or restarts used up)
                     alive.discard(i)
                     last_error = _last_line(e)
-                    self.log(f"cache: worker {i} is gone: {last_error}")
+                    logger.warning(f"cache: worker {i} is gone: {last_error}")
                 continue
             i, task = running.pop(ref)
             try:
@@ -221,7 +225,8 @@ class WorkerPool:
                     raise CacheError(
                         f"{task.log_path}: a worker died on this shard {task.attempt} times; last: {_last_line(e)}"
                     ) from None
-                self.log(f"cache: worker {i} died on {task.log_path} (attempt {task.attempt}); retrying the shard")
+                logger.warning(f"cache: worker {i} died on {task.log_path} (attempt {task.attempt}); "
+                               "retrying the shard")
                 task.attempt += 1
                 pending.appendleft(task)
                 waking[self.actors[i].ready.remote()] = i  # back in the pool once Ray has restarted it

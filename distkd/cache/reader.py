@@ -21,40 +21,44 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from distkd import storage
 from distkd.cache import manifest as mf
-from distkd.cache.manifest import CacheError
+from distkd.cache.content import ContentCodec, check_schema, codec_for
+from distkd.cache.contract import MANIFEST, CacheError, Manifest, read_manifest
+from distkd.cache.lock import ReaderLock
+from distkd.cache.topk import TopKFormat
 from distkd.data.layout import split_files
 from distkd.data.loader import Aligned
 from distkd.data.schema import load_schema
 
 
-def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    m = mf.read_manifest(cache_dir)
+def load_manifest(cache_dir: str | Path) -> Manifest:
+    m = read_manifest(cache_dir)
     if m is None:
-        raise CacheError(f"{cache_dir}: no {mf.MANIFEST}; not a logit cache (build it with `distkd cache build`)")
+        raise CacheError(f"{cache_dir}: no {MANIFEST}; not a logit cache (build it with `distkd cache build`)")
     return m
 
 
-def check_identity(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str | Path,
+def check_identity(cache_dir: str | Path, manifest: Manifest, logs_dir: str | Path,
                    teacher_sha256: str | None = None) -> None:
     """The cache belongs to these logs' schema and (if given) to this teacher."""
-    if teacher_sha256 is not None and manifest["teacher"]["sha256"] != teacher_sha256:
+    if teacher_sha256 is not None and manifest.teacher.sha256 != teacher_sha256:
         raise CacheError(
-            f"{cache_dir}: holds logits of {mf.describe_teacher(manifest['teacher'])}, expected teacher "
+            f"{cache_dir}: holds logits of {manifest.teacher.describe()}, expected teacher "
             f"{teacher_sha256[:12]}…; build a cache for that teacher"
         )
     fp = load_schema(logs_dir).fingerprint()
-    if manifest["schema"]["fingerprint"] != fp:
-        raise CacheError(f"{cache_dir}: built for logs with schema {manifest['schema']['fingerprint']}, "
+    if manifest.schema.fingerprint != fp:
+        raise CacheError(f"{cache_dir}: built for logs with schema {manifest.schema.fingerprint}, "
                          f"{logs_dir} has schema {fp}")
 
 
-def check_split(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str | Path, split: str,
+def check_split(cache_dir: str | Path, manifest: Manifest, logs_dir: str | Path, split: str,
                 partitions=None, complete: bool = True, fingerprints: bool = True) -> list[tuple[str, str]]:
     """[(log shard path, relative path)] of the committed shards of a split (its folder, or its
     range of `partitions`): with `complete`, every shard of the split must be cached (the
@@ -62,7 +66,7 @@ def check_split(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str |
     fingerprint its logits were computed from."""
     files = split_files(str(logs_dir), split, partitions)
     rels = [mf.rel_path(logs_dir, f) for f in files]
-    missing = [r for r in rels if r not in manifest["shards"]]
+    missing = [r for r in rels if r not in manifest.shards]
     if missing and complete:
         rng = (partitions or {}).get(split)
         raise CacheError(
@@ -71,43 +75,39 @@ def check_split(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str |
             f"{' …' if len(missing) > 4 else ''}; extend the cache with `distkd cache build` over these logs "
             "(it computes only the shards it lacks)"
         )
-    pairs = [(f, r) for f, r in zip(files, rels) if r in manifest["shards"]]
+    pairs = [(f, r) for f, r in zip(files, rels) if r in manifest.shards]
     if fingerprints:
         for f, rel in pairs:
             check_input(cache_dir, manifest, logs_dir, f, rel)
     return pairs
 
 
-def check_input(cache_dir: str | Path, manifest: dict[str, Any], logs_dir: str | Path, log_path: str, rel: str) -> None:
+def check_input(cache_dir: str | Path, manifest: Manifest, logs_dir: str | Path, log_path: str, rel: str) -> None:
     """The log shard still has the (cheap) fingerprint its cached logits were computed from."""
-    if diff := mf.fingerprint_diff(manifest["shards"][rel]["input"], mf.input_fingerprint(logs_dir, log_path)):
+    if diff := manifest.shards[rel].input.diff(mf.input_fingerprint(logs_dir, log_path)):
         raise CacheError(f"{cache_dir}: log shard {log_path} changed since its logits were cached ({'; '.join(diff)})")
 
 
-def check_file(cache_dir: str | Path, manifest: dict[str, Any], rel: str) -> list[str]:
+def check_file(cache_dir: str | Path, manifest: Manifest, rel: str) -> list[str]:
     """Footer checks of one committed cache file; returns its per-row-group id checksums."""
-    entry = manifest["shards"][rel]
+    entry = manifest.shards[rel]
     path = mf.cache_file(cache_dir, rel)
     size = storage.size(path)
     if size is None:
-        raise CacheError(f"{path}: missing (committed in {mf.MANIFEST})")
-    if size != entry["output"]["bytes"]:
-        raise CacheError(f"{path}: {size} bytes, {mf.MANIFEST} committed {entry['output']['bytes']}")
+        raise CacheError(f"{path}: missing (committed in {MANIFEST})")
+    if size != entry.output.bytes:
+        raise CacheError(f"{path}: {size} bytes, {MANIFEST} committed {entry.output.bytes}")
     meta, counts, schema = mf.read_file_meta(path)
-    if counts != entry["input"]["row_groups"]:
-        raise CacheError(f"{path}: row groups of {counts[:6]}… rows, its log shard has {entry['input']['row_groups'][:6]}…")
-    if meta.get("teacher_sha256") != manifest["teacher"]["sha256"]:
+    if counts != entry.input.row_groups:
+        raise CacheError(f"{path}: row groups of {counts[:6]}… rows, its log shard has "
+                         f"{entry.input.row_groups[:6]}…")
+    if meta.get("teacher_sha256") != manifest.teacher.sha256:
         raise CacheError(f"{path}: written by teacher {str(meta.get('teacher_sha256'))[:12]}…, the manifest's is "
-                         f"{manifest['teacher']['sha256'][:12]}…")
-    want = mf.content_schema(manifest["content"])
-    for field in want:
-        i = schema.get_field_index(field.name)
-        if i < 0 or schema.field(i).type != field.type:
-            got = schema.field(i).type if i >= 0 else "missing"
-            raise CacheError(f"{path}: column '{field.name}' is {got}, expected {field.type}")
+                         f"{manifest.teacher.sha256[:12]}…")
+    check_schema(codec_for(manifest.content).schema, schema, path)
     sums = list(meta.get("row_groups", []))
-    if len(sums) != len(counts) or mf.combine_checksums(sums) != entry["input"].get("ids"):
-        raise CacheError(f"{path}: its example_id checksums do not match those committed in {mf.MANIFEST}")
+    if len(sums) != len(counts) or mf.combine_checksums(sums) != entry.input.ids:
+        raise CacheError(f"{path}: its example_id checksums do not match those committed in {MANIFEST}")
     return sums
 
 
@@ -124,25 +124,19 @@ class CacheColumns(Aligned):
     expected: dict[str, list[str]]  # absolute log shard path -> example_id checksum per row group
     id_column: str
     teacher_sha256: str
+    codec: ContentCodec  # decodes the columns (distkd.cache.content)
     hidden_dim: Optional[int] = None
     check_columns: Sequence[str] = ()
-    topk: Optional[dict[str, Any]] = None  # a next-item cache: its TopKFormat fields
+    topk: Optional[TopKFormat] = None  # a next-item cache: what it keeps of each row's softmax
 
-    def decode(self, table: pa.Table, source: str) -> dict:
-        """A top-k cache's columns unpacked ({name}.topk_ids int64 [B, k], .topk_logits, .lse,
-        and with a tail .tail_ids, .tail_logits, .tail_logq); per-task logits otherwise."""
-        if not self.topk:
-            return super().decode(table, source)
-        from distkd.cache.topk import TopKFormat, unpack
-
-        top = unpack(table, TopKFormat(**self.topk))
-        names = {"ids": "topk_ids", "logits": "topk_logits"}
-        return {f"{self.name}.{names.get(k, k)}": v.numpy() for k, v in top._asdict().items() if v is not None}
+    def decode(self, table: pa.Table, source: str) -> dict[str, np.ndarray]:
+        """Per-task logits `{name}.logits` (and `.hidden`) float32, or a top-k cache's columns
+        unpacked (`{name}.topk_ids` int64 [B, k], `.topk_logits`, `.lse`, with a tail `.tail_ids`,
+        `.tail_logits`, `.tail_logq`)."""
+        return self.codec.decode(table, self.name, self.columns, source)
 
     def pin(self):
         """Hold the cache against `distkd cache gc` while this process reads it."""
-        from distkd.cache.lock import ReaderLock
-
         return ReaderLock(self.cache_dir).acquire()
 
     def side_path(self, log_path: str) -> str:
@@ -165,9 +159,9 @@ def resolve_cache(cache_dir: str | Path, teacher_sha256: str | None = None) -> s
     """The cache folder `cache_dir` names: itself, or under a root of caches by teacher
     (`cache build ... by_teacher: true`) the one of `teacher_sha256` (or the only one)."""
     cache_dir = str(cache_dir)
-    if mf.read_manifest(cache_dir) is not None:
+    if read_manifest(cache_dir) is not None:
         return cache_dir
-    if teacher_sha256 is not None and mf.read_manifest(storage.join(cache_dir, teacher_sha256[:12])) is not None:
+    if teacher_sha256 is not None and read_manifest(storage.join(cache_dir, teacher_sha256[:12])) is not None:
         return storage.join(cache_dir, teacher_sha256[:12])
     subs = caches_under(cache_dir)
     if len(subs) == 1 and teacher_sha256 is None:
@@ -176,13 +170,13 @@ def resolve_cache(cache_dir: str | Path, teacher_sha256: str | None = None) -> s
         raise CacheError(f"{cache_dir}: a root of {len(subs)} caches ({', '.join(storage.basename(s) for s in subs)})"
                          + (f", none of teacher {teacher_sha256[:12]}…" if teacher_sha256 else
                             "; name the teacher (sha256:) or the cache folder"))
-    raise CacheError(f"{cache_dir}: no {mf.MANIFEST}; not a logit cache (build it with `distkd cache build`)")
+    raise CacheError(f"{cache_dir}: no {MANIFEST}; not a logit cache (build it with `distkd cache build`)")
 
 
 def caches_under(root: str | Path) -> list[str]:
     """The cache folders one level under `root` (a root of caches by teacher), by name."""
     return sorted(storage.join(root, posixpath.dirname(storage.relative(root, f)))
-                  for f in storage.list_files(root, mf.MANIFEST, recursive=True)
+                  for f in storage.list_files(root, MANIFEST, recursive=True)
                   if storage.relative(root, f).count("/") == 1)
 
 
@@ -194,19 +188,16 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
     cache_dir = resolve_cache(cache_dir, teacher_sha256)
     manifest = load_manifest(cache_dir)
     check_identity(cache_dir, manifest, logs_dir, teacher_sha256)
-    topk = manifest["content"].get("topk")
-    columns = list(mf.content_schema(manifest["content"]).names) if topk else ["logits"]
-    if hidden:
-        if not manifest["content"]["hidden"]:
-            raise CacheError(f"{cache_dir}: was built without the teacher's hidden layer; rebuild with --hidden")
-        columns.append("hidden")
+    if hidden and not manifest.content.hidden:
+        raise CacheError(f"{cache_dir}: was built without the teacher's hidden layer; rebuild with --hidden")
+    codec = codec_for(manifest.content)
     side: dict[str, str] = {}
     expected: dict[str, list[str]] = {}
     for log_path, rel in check_split(cache_dir, manifest, logs_dir, split, partitions):
         key = storage.absolute(log_path)
         expected[key] = check_file(cache_dir, manifest, rel)
         side[key] = mf.cache_file(cache_dir, rel)
-    hidden_dim = int(manifest["content"]["hidden_dim"]) if hidden else None
-    return CacheColumns(name=name, cache_dir=str(cache_dir), split=split, columns=columns, side=side,
-                        expected=expected, id_column=manifest["schema"]["spec"]["id"],
-                        teacher_sha256=manifest["teacher"]["sha256"], hidden_dim=hidden_dim, topk=topk)
+    return CacheColumns(name=name, cache_dir=str(cache_dir), split=split, columns=codec.read_columns(hidden),
+                        side=side, expected=expected, id_column=manifest.schema.id_column,
+                        teacher_sha256=manifest.teacher.sha256, codec=codec,
+                        hidden_dim=int(manifest.content.hidden_dim) if hidden else None, topk=manifest.content.topk)

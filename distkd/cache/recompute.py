@@ -13,26 +13,27 @@ an ulp (`--tolerance 1`); another build of the teacher moves many by far more.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from distkd import storage
 from distkd.cache import manifest as mf
-from distkd.cache.manifest import CacheError
-from distkd.cache.topk import TopK, select, unpack
-from distkd.data.batch import to_batch
-from distkd.data.checks import check_row_group
-from distkd.data.rows import decode
+from distkd.cache.content import ContentCodec, codec_for, score
+from distkd.cache.contract import CacheError, Manifest
+from distkd.cache.worker import row_group_batches
+from distkd.config import from_dict
 from distkd.data.schema import Schema
 from distkd.models.teacher import Teacher, load_teacher
 from distkd.models.teacher_spec import TeacherError, TeacherSpec, as_spec
 
 DEFAULT_BATCH = 8192  # CacheJob's default, for files written before the footer recorded it
+
+logger = logging.getLogger(__name__)
 
 
 def ordered(a: np.ndarray) -> np.ndarray:
@@ -47,22 +48,19 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(ordered(a) - ordered(b))
 
 
-def manifest_teacher(manifest: dict[str, Any]) -> TeacherSpec:
+def manifest_teacher(manifest: Manifest) -> TeacherSpec:
     """The teacher the manifest says built the cache (caches from before the spec was recorded
     name an export directory)."""
-    t = manifest["teacher"]
-    if t.get("spec"):
-        from distkd.config import from_dict
-
-        return from_dict(TeacherSpec, t["spec"], "manifest.json:teacher.spec")
-    if t.get("export"):
-        return TeacherSpec(export=t["export"])
+    if manifest.teacher.spec:
+        return from_dict(TeacherSpec, manifest.teacher.spec, "manifest.json:teacher.spec")
+    if manifest.teacher.export:
+        return TeacherSpec(export=manifest.teacher.export)
     raise CacheError("manifest.json: records no teacher to recompute with; give --teacher")
 
 
-def sample(manifest: dict[str, Any], rels: list[str], fraction: float, seed: int) -> list[tuple[str, int]]:
+def sample(manifest: Manifest, rels: list[str], fraction: float, seed: int) -> list[tuple[str, int]]:
     """A seeded sample (at least one) of the (shard, row group) pairs of `rels`, in file order."""
-    units = [(rel, g) for rel in rels for g in range(len(manifest["shards"][rel]["input"]["row_groups"]))]
+    units = [(rel, g) for rel in rels for g in range(len(manifest.shards[rel].input.row_groups))]
     if not units:
         return []
     k = min(len(units), max(1, math.ceil(fraction * len(units))))
@@ -70,125 +68,97 @@ def sample(manifest: dict[str, Any], rels: list[str], fraction: float, seed: int
     return [units[i] for i in sorted(pick)]
 
 
-def _column(table: pa.Table, name: str, dtype) -> np.ndarray:
-    col = table.column(name).combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(col), -1)
-
-
 @torch.inference_mode()
-def _row_group(teacher: Teacher, schema: Schema, log_path: str, cache_path: str, g: int, row0: int,
-               batch_size: int, dtype, hidden: bool, fmt=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{column: (cached, recomputed in the cache's dtype)} of one row group. A top-k cache: its
-    items and their fp16 logits, selected again as the build did (the tail drawn from the same
-    seed, the row group's id checksum)."""
+def _row_group(teacher: Teacher, schema: Schema, codec: ContentCodec, log_path: str, cache_path: str, g: int,
+               row0: int, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{column: (cached, recomputed)} of one row group, as the codec compares them: scored again
+    exactly as the build did (same batches, a top-k cache's tail from the same seed)."""
     with storage.open_parquet(log_path) as pf:
         table = pf.read_row_group(g, columns=schema.training_columns())
-    check_row_group(table, schema, log_path, g, row0)
-    rows = decode(table, schema, log_path)
-    keys = [f.name for f in schema.sparse]
-    logits, hid, tops = [], [], []
-    gen = torch.Generator().manual_seed(int(mf.ids_checksum(rows.ids), 16) % 2**63) if fmt is not None else None
-    for a in range(0, len(rows), batch_size):
-        batch = to_batch(rows.slice(a, min(a + batch_size, len(rows))), keys)
-        try:
-            o = teacher(batch.sparse, batch.dense, hidden=hidden)
-        except TeacherError as e:
-            at = f", row {a + e.row}" if e.row is not None else ""
-            raise CacheError(f"{log_path}: row group {g}{at}: {e}") from None
-        if fmt is not None:
-            tops.append(select(o.logits.float(), fmt, gen))
-            continue
-        logits.append(o.logits.float().numpy().astype(dtype))
-        if hidden:
-            hid.append(o.hidden.float().numpy().astype(np.float16))
-    if fmt is not None:
-        with storage.open_parquet(cache_path) as pf:
-            cached = unpack(pf.read_row_group(g), fmt)
-        now = TopK(*(None if p[0] is None else torch.cat(p) for p in zip(*tops)))
-        out = {"topk_ids": (cached.ids.numpy(), now.ids.numpy()),
-               "topk_logits": (cached.logits.numpy().astype(np.float16), now.logits.numpy().astype(np.float16))}
-        if fmt.tail:
-            out["tail_ids"] = (cached.tail_ids.numpy(), now.tail_ids.numpy())
-        return out
+    _, checksum, batches = row_group_batches(table, schema, log_path, g, row0, batch_size)
+    try:
+        now = codec.comparable(score(teacher, codec, batches, checksum, torch.device("cpu")))
+    except TeacherError as e:
+        raise CacheError(f"{log_path}: row group {g}{f', row {e.row}' if e.row is not None else ''}: {e}") from None
     with storage.open_parquet(cache_path) as pf:
-        cached = pf.read_row_group(g, columns=["logits", "hidden"] if hidden else ["logits"])
-    out = {"logits": (_column(cached, "logits", dtype), np.concatenate(logits))}
-    if hidden:
-        out["hidden"] = (_column(cached, "hidden", np.float16), np.concatenate(hid))
-    return out
+        cached = codec.comparable(pf.read_row_group(g))
+    return {name: (cached[name], now[name]) for name in now}
 
 
-def recompute(cache_dir: str, logs_dir: str, manifest: dict[str, Any], schema: Schema, rels: list[str],
+def recompute(cache_dir: str, logs_dir: str, manifest: Manifest, schema: Schema, rels: list[str],
               fraction: float, seed: Optional[int], tolerance: int, teacher: "str | TeacherSpec | None",
-              problems: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+              problems: list[str]) -> dict[str, Any]:
     """Recompute a sample of the row groups of shards `rels`; append problems; return the report."""
     if not 0 < fraction <= 1:
         raise CacheError(f"--recompute: the fraction of row groups must be in (0, 1], got {fraction}")
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     spec = as_spec(teacher) if teacher is not None else manifest_teacher(manifest)
-    content = manifest["content"]
-    dtype = np.float16 if content["dtype"] == "fp16" else np.float32
-    fmt = mf.topk_format(content)
-    report: dict[str, Any] = {"fraction": fraction, "seed": seed, "tolerance_ulp": tolerance, "dtype": content["dtype"],
-                              "row_groups": 0, "of": sum(len(manifest["shards"][r]["input"]["row_groups"]) for r in rels),
+    dtype = manifest.content.dtype
+    codec = codec_for(manifest.content)
+    report: dict[str, Any] = {"fraction": fraction, "seed": seed, "tolerance_ulp": tolerance, "dtype": dtype,
+                              "row_groups": 0, "of": sum(len(manifest.shards[r].input.row_groups) for r in rels),
                               "max_ulp": 0, "max_abs": 0.0, "worst": None, "sampled": []}
     try:
-        loaded = load_teacher(spec, schema, "cpu", expect_sha256=manifest["teacher"]["sha256"])
+        loaded = load_teacher(spec, schema, "cpu", expect_sha256=manifest.teacher.sha256)
     except TeacherError as e:
         problems.append(f"{cache_dir}: cannot recompute: {e}")
         return report
-    hidden = bool(content["hidden"])
-    if hidden:
-        loaded.hidden_dim = int(content["hidden_dim"])
+    if codec.hidden:
+        loaded.hidden_dim = int(manifest.content.hidden_dim)
     before = torch.get_num_threads()
     try:
         for rel, g in sample(manifest, rels, fraction, seed):
-            entry = manifest["shards"][rel]
-            torch.set_num_threads(int(entry.get("timings", {}).get("worker", {}).get("threads") or 1))
+            entry = manifest.shards[rel]
+            torch.set_num_threads(int(entry.timings.worker.get("threads") or 1))
             cache_path = mf.cache_file(cache_dir, rel)
             meta, _, _ = mf.read_file_meta(cache_path)
-            counts = entry["input"]["row_groups"]
+            counts = entry.input.row_groups
             try:
-                cols = _row_group(loaded, schema, storage.join(logs_dir, rel), cache_path, g, sum(counts[:g]),
-                                  int(meta.get("batch_size") or DEFAULT_BATCH), dtype, hidden, fmt)
+                cols = _row_group(loaded, schema, codec, storage.join(logs_dir, rel), cache_path, g, sum(counts[:g]),
+                                  int(meta.get("batch_size") or DEFAULT_BATCH))
             except CacheError as e:
                 problems.append(str(e))
                 continue
             report["row_groups"] += 1
             report["sampled"].append(f"{rel}#{g}")
             for name, (cached, now) in cols.items():
-                if cached.shape != now.shape:
-                    problems.append(f"{cache_path}: row group {g}: '{name}' has shape {list(cached.shape)}, the "
-                                    f"teacher now gives {list(now.shape)}")
-                    continue
-                if name.endswith("_ids"):  # a top-k cache's items: the same ones, or a finding
-                    if (bad := np.argwhere(cached != now)).size:
-                        r, c = bad[0]
-                        problems.append(f"{cache_path}: row group {g}, row {int(r)}: cached {name}[{int(c)}] is item "
-                                        f"{int(cached[r, c])}, the teacher now ranks item {int(now[r, c])} there; "
-                                        "written by another build of the teacher, other library versions or hardware")
-                    continue
-                ulp = ulp_distance(cached, now)
-                diff = np.abs(cached.astype(np.float32) - now.astype(np.float32))
-                report["max_abs"] = max(report["max_abs"], float(diff.max(initial=0.0)))
-                if ulp.size and (report["worst"] is None or int(ulp.max()) > report["max_ulp"]):
-                    r, c = np.unravel_index(int(ulp.argmax()), ulp.shape)
-                    report["max_ulp"] = int(ulp.max())
-                    report["worst"] = {"file": cache_path, "row_group": g, "row": int(r), "column": name,
-                                       "index": content["tasks"][c] if name == "logits" else int(c),
-                                       "cached": float(cached[r, c]), "recomputed": float(now[r, c])}
+                _compare(report, problems, codec, cache_path, g, name, cached, now)
     finally:
         torch.set_num_threads(before)
     w = report["worst"]
     if w is not None and report["max_ulp"] > tolerance:
-        what = (f"task '{w['index']}'" if w["column"] == "logits" else f"hidden unit {w['index']}"
-                if w["column"] == "hidden" else f"top-k position {w['index']}")
         problems.append(
-            f"{w['file']}: row group {w['row_group']}, row {w['row']} ({what}): cached {w['column']} {w['cached']!r}, "
-            f"the teacher now gives {w['recomputed']!r}: {report['max_ulp']} ulp of {content['dtype']} apart "
+            f"{w['file']}: row group {w['row_group']}, row {w['row']} ({w['what']}): cached {w['column']} "
+            f"{w['cached']!r}, the teacher now gives {w['recomputed']!r}: {report['max_ulp']} ulp of {dtype} apart "
             f"(tolerance {tolerance}); written by another build of the teacher, other library versions or "
             "other hardware")
-    log(f"cache verify: recomputed {report['row_groups']} of {report['of']} row groups (fraction {fraction}, "
-        f"seed {seed}: --seed {seed} repeats the sample); largest difference {report['max_ulp']} ulp of "
-        f"{content['dtype']} (|Δ| {report['max_abs']:.3g}), tolerance {tolerance} ulp")
+    logger.info(f"cache verify: recomputed {report['row_groups']} of {report['of']} row groups (fraction {fraction}, "
+                f"seed {seed}: --seed {seed} repeats the sample); largest difference {report['max_ulp']} ulp of "
+                f"{dtype} (|Δ| {report['max_abs']:.3g}), tolerance {tolerance} ulp")
     return report
+
+
+def _compare(report: dict[str, Any], problems: list[str], codec: ContentCodec, cache_path: str, g: int, name: str,
+             cached: np.ndarray, now: np.ndarray) -> None:
+    """One column of a row group: item ids must be the same; values are measured in ulps (the
+    largest difference is kept in the report)."""
+    if cached.shape != now.shape:
+        problems.append(f"{cache_path}: row group {g}: '{name}' has shape {list(cached.shape)}, the "
+                        f"teacher now gives {list(now.shape)}")
+        return
+    if name.endswith("_ids"):  # a top-k cache's items: the same ones, or a finding
+        if (bad := np.argwhere(cached != now)).size:
+            r, c = bad[0]
+            problems.append(f"{cache_path}: row group {g}, row {int(r)}: cached {name}[{int(c)}] is item "
+                            f"{int(cached[r, c])}, the teacher now ranks item {int(now[r, c])} there; "
+                            "written by another build of the teacher, other library versions or hardware")
+        return
+    ulp = ulp_distance(cached, now)
+    diff = np.abs(cached.astype(np.float32) - now.astype(np.float32))
+    report["max_abs"] = max(report["max_abs"], float(diff.max(initial=0.0)))
+    if ulp.size and (report["worst"] is None or int(ulp.max()) > report["max_ulp"]):
+        r, c = np.unravel_index(int(ulp.argmax()), ulp.shape)
+        report["max_ulp"] = int(ulp.max())
+        report["worst"] = {"file": cache_path, "row_group": g, "row": int(r), "column": name,
+                           "what": codec.position(name, int(c)), "cached": float(cached[r, c]),
+                           "recomputed": float(now[r, c])}

@@ -11,16 +11,17 @@ from typing import Any
 
 from distkd import storage
 from distkd.cache import manifest as mf
+from distkd.cache.contract import InputFingerprint, Manifest
 from distkd.cache.reader import load_manifest, resolve_cache
 from distkd.data.layout import PartitionRange, all_shards, is_partitioned, partition_values, split_files
 from distkd.data.schema import SPLITS
 
 
-def _state(cache_dir: str, manifest: dict, logs: str, path: str, rel: str) -> str:
-    entry = manifest["shards"].get(rel)
+def _state(manifest: Manifest, now: InputFingerprint, rel: str) -> str:
+    entry = manifest.shards.get(rel)
     if entry is None:
         return "missing"
-    return "stale" if mf.fingerprint_diff(entry["input"], mf.input_fingerprint(logs, path)) else "cached"
+    return "stale" if entry.input.diff(now) else "cached"
 
 
 def status(cache_dir: str, logs: str, teacher_sha256: str | None = None, key: str | None = None) -> dict[str, Any]:
@@ -41,25 +42,26 @@ def status(cache_dir: str, logs: str, teacher_sha256: str | None = None, key: st
                 groups[split] = split_files(logs, split)
             except ValueError:
                 continue
-    out: dict[str, Any] = {"cache": cache_dir, "teacher": manifest["teacher"]["sha256"], "groups": {}}
+    out: dict[str, Any] = {"cache": cache_dir, "teacher": manifest.teacher.sha256, "groups": {}}
     seen = set()
     for name, files in groups.items():
         g = {"cached": 0, "missing": 0, "stale": 0, "rows": 0, "rows_cached": 0, "first_missing": None}
         for f in files:
             rel = mf.rel_path(logs, f)
             seen.add(rel)
-            state = _state(cache_dir, manifest, logs, f, rel)
+            now = mf.input_fingerprint(logs, f)
+            state = _state(manifest, now, rel)
             g[state] += 1
-            rows = mf.input_fingerprint(logs, f)["rows"]
+            rows = now.rows
             g["rows"] += rows
             if state == "cached":
                 g["rows_cached"] += rows
             elif state == "missing" and g["first_missing"] is None:
                 g["first_missing"] = rel
         out["groups"][name] = g
-    out["gone"] = sorted(rel for rel in manifest["shards"] if rel not in seen
+    out["gone"] = sorted(rel for rel in manifest.shards if rel not in seen
                          and storage.size(storage.join(logs, rel)) is None)
-    out["dropped"] = sorted(manifest.get("dropped", {}))
+    out["dropped"] = sorted(manifest.dropped)
     return out
 
 
@@ -78,6 +80,7 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
+    # the command's output (stdout, for pipes), not a log line
     print(format_status(status(args.cache, args.logs, args.teacher_sha256, args.key)))
     return 0
 

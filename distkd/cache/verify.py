@@ -13,27 +13,27 @@ group); any problem exits non-zero.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 
 from distkd import storage
 from distkd.cache import manifest as mf
+from distkd.cache.content import codec_for
+from distkd.cache.contract import CacheError
 from distkd.cache.lock import BuildLock
-from distkd.cache.manifest import CacheError
 from distkd.cache.reader import check_file, check_identity, check_input, load_manifest
+from distkd.cache.recompute import recompute as rerun
 from distkd.config import ConfigError
 from distkd.models.export import sha256_file
 from distkd.data.schema import LogsError, load_schema
 from distkd.models.teacher import describe
 from distkd.models.teacher_spec import TeacherSpec, as_spec
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def check_ids(cache_dir: str | Path, log_path: str, rel: str, sums: list[str], id_col: str) -> None:
@@ -54,7 +54,7 @@ def check_ids(cache_dir: str | Path, log_path: str, rel: str, sums: list[str], i
 
 
 def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Path | TeacherSpec | None" = None,
-                 log: Callable[[str], None] = _log, recompute: Optional[float] = None, seed: Optional[int] = None,
+                 recompute: Optional[float] = None, seed: Optional[int] = None,
                  tolerance: int = 0) -> dict[str, Any]:
     """Verify everything; return a summary, or raise CacheError after listing every problem.
     `recompute`: the fraction of row groups to score again (with `teacher`, else the manifest's)."""
@@ -72,14 +72,14 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
             problems.append(str(e))
         if spec is not None:
             digest = describe(spec)["sha256"]
-            if digest != manifest["teacher"]["sha256"]:
-                problems.append(f"{cache_dir}: holds logits of {mf.describe_teacher(manifest['teacher'])}, "
+            if digest != manifest.teacher.sha256:
+                problems.append(f"{cache_dir}: holds logits of {manifest.teacher.describe()}, "
                                 f"the teacher {spec.name} has sha256 {digest[:12]}…")
-        id_col = manifest["schema"]["spec"]["id"]
-        for rel in mf.missing_shards(manifest):
+        id_col = manifest.schema.id_column
+        for rel in manifest.missing_shards():
             problems.append(f"{mf.cache_file(cache_dir, rel)}: not committed (the cache is incomplete; "
                             "`distkd cache build` resumes it)")
-        for rel, entry in sorted(manifest["shards"].items()):  # every committed shard, planned now or not
+        for rel, entry in sorted(manifest.shards.items()):  # every committed shard, planned now or not
             log_path = storage.join(logs_dir, rel)
             before = len(problems)
             if storage.size(log_path) is None:
@@ -93,9 +93,9 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
             try:
                 sums = check_file(cache_dir, manifest, rel)
                 digest = sha256_file(mf.cache_file(cache_dir, rel))
-                if digest != entry["output"]["sha256"]:
+                if digest != entry.output.sha256:
                     raise CacheError(f"{mf.cache_file(cache_dir, rel)}: sha256 {digest[:12]}… is not the committed "
-                                     f"{entry['output']['sha256'][:12]}…")
+                                     f"{entry.output.sha256[:12]}…")
                 check_ids(cache_dir, log_path, rel, sums, id_col)
             except LogsError as e:
                 problems.append(str(e))
@@ -103,34 +103,32 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
                 continue
             shards += 1
             intact.append(rel)
-            rows += entry["output"]["rows"]
-            size += entry["output"]["bytes"]
-        known = {storage.absolute(mf.cache_file(cache_dir, rel)) for rel in [*mf.planned(manifest), *manifest["shards"]]}
+            rows += entry.output.rows
+            size += entry.output.bytes
+        known = {storage.absolute(mf.cache_file(cache_dir, rel)) for rel in [*manifest.planned(), *manifest.shards]}
         for p in storage.list_files(cache_dir, ".parquet", recursive=True):
             if not storage.is_temp(storage.basename(p)) and storage.absolute(p) not in known:
                 problems.append(f"{p}: a Parquet file the manifest does not list")
         report = None
         if recompute is not None and not problems:  # a teacher mismatch or a broken file says enough
-            from distkd.cache.recompute import recompute as rerun
-
             report = rerun(cache_dir, str(logs_dir), manifest, load_schema(logs_dir), intact, recompute, seed,
-                           tolerance, spec, problems, log)
+                           tolerance, spec, problems)
         temps = mf.temp_files(cache_dir)
     if temps:
-        log(f"cache verify: note: {len(temps)} temporary file(s) of an interrupted build (the next build removes them)")
+        logger.info(f"cache verify: note: {len(temps)} temporary file(s) of an interrupted build "
+                    "(the next build removes them)")
     if problems:
         for p in problems if len(problems) > 1 else ():
-            log(f"cache verify: {p}")
+            logger.error(f"cache verify: {p}")
         raise CacheError(f"{cache_dir}: {len(problems)} problem(s); first: {problems[0]}")
-    topk = manifest["content"].get("topk")  # bytes per cached value: a task's logit, or a top-k/tail item
-    tasks = topk["k"] + topk["tail"] if topk else len(manifest["content"]["tasks"])
+    per_row = codec_for(manifest.content).values_per_row  # cached values: a task's logit, or a top-k/tail item
     summary = {"cache": str(cache_dir), "rows": rows, "shards": shards, "bytes": size,
-               "bytes_per_row_per_task": size / rows / tasks if rows else 0.0,
-               "teacher": manifest["teacher"]["sha256"], "seconds": time.perf_counter() - start,
+               "bytes_per_row_per_task": size / rows / per_row if rows else 0.0,
+               "teacher": manifest.teacher.sha256, "seconds": time.perf_counter() - start,
                "recompute": report}
-    log(f"cache {cache_dir}: OK — {shards} shards, {rows:,} rows aligned with {logs_dir}, every file's sha256 and "
-        f"every row group's example_id checksum match; teacher {manifest['teacher']['sha256'][:12]}…; "
-        f"{summary['bytes_per_row_per_task']:.2f} bytes per cached value ({summary['seconds']:.1f}s)")
+    logger.info(f"cache {cache_dir}: OK — {shards} shards, {rows:,} rows aligned with {logs_dir}, every file's "
+                f"sha256 and every row group's example_id checksum match; teacher {manifest.teacher.sha256[:12]}…; "
+                f"{summary['bytes_per_row_per_task']:.2f} bytes per cached value ({summary['seconds']:.1f}s)")
     return summary
 
 

@@ -4,6 +4,7 @@
 checks and decodes the next row groups (at most `prefetch` ahead, so memory is bounded
 by a few row groups whatever the shard size) while the main thread runs the teacher
 and appends one output row group per input row group to a temporary file (or object),
+its columns encoded by the cache's content codec (distkd.cache.content),
 hashing the bytes as they are written. `storage.write_atomic` commits it whole (local:
 fsync and rename; object storage: a complete temporary object moved to the final key);
 the caller (the driver) records it in the manifest.
@@ -24,22 +25,21 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distkd import storage
-from distkd.cache.manifest import (
-    FILE_META_KEY, FORMAT, CacheError, combine_checksums, fingerprint_diff, ids_checksum, input_fingerprint,
-    output_schema,
+from distkd import log, storage
+from distkd.cache.content import ContentCodec, codec_for, score
+from distkd.cache.contract import (
+    FILE_META_KEY, FORMAT, CacheError, Content, InputFingerprint, Output, ShardEntry, Timings, to_json_value,
 )
-from distkd.cache.topk import TopKFormat, pack, select
+from distkd.cache.manifest import combine_checksums, ids_checksum, input_fingerprint
+from distkd.data.batch import Batch, to_batch
 from distkd.data.checks import check_row_group
-from distkd.data.batch import to_batch
 from distkd.data.rows import decode
 from distkd.data.schema import Schema
 from distkd.models.teacher import Teacher, TeacherRef
@@ -51,14 +51,12 @@ class ShardTask:
     logs_dir: str
     log_path: str  # absolute path or URI (as the driver sees it: shared or object storage)
     out_path: str
-    expected: dict[str, Any]  # the cheap input fingerprint the driver planned with
+    expected: InputFingerprint  # the cheap input fingerprint the driver planned with
     teacher_sha256: str
-    dtype: str = "fp16"
-    hidden: bool = False
+    content: Content  # the manifest's: what the file holds (distkd.cache.content)
     batch_size: int = 8192
     prefetch: int = 2
     attempt: int = 1
-    topk: dict[str, Any] | None = None  # a next-item teacher: the TopKFormat fields (distkd.cache.topk)
 
 
 class _HashingSink:
@@ -80,6 +78,17 @@ class _HashingSink:
 
     def flush(self) -> None:
         pass
+
+
+def row_group_batches(table: pa.Table, schema: Schema, path: str, g: int, row0: int,
+                      batch_size: int) -> tuple[int, str, list[Batch]]:
+    """(rows, example_id checksum, batches) of log row group `g` (its first row: `row0` of the
+    shard), checked and decoded as the build reads it."""
+    check_row_group(table, schema, path, g, row0)
+    rows = decode(table, schema, path)
+    n, keys = table.num_rows, [f.name for f in schema.sparse]
+    return n, ids_checksum(rows.ids), [to_batch(rows.slice(a, min(a + batch_size, n)), keys)
+                                       for a in range(0, n, batch_size)]
 
 
 class _Reader:
@@ -105,21 +114,14 @@ class _Reader:
         return False
 
     def _run(self) -> None:
-        keys = [f.name for f in self.schema.sparse]
         cols = self.schema.training_columns()
         try:
             with storage.open_parquet(self.path) as pf:
                 row0 = 0
                 for g in range(pf.num_row_groups):
                     t0 = time.perf_counter()
-                    table = pf.read_row_group(g, columns=cols)
-                    check_row_group(table, self.schema, self.path, g, row0)
-                    n = table.num_rows
-                    rows = decode(table, self.schema, self.path)
-                    checksum = ids_checksum(rows.ids)
-                    batches = [to_batch(rows.slice(a, min(a + self.batch_size, n)), keys)
-                               for a in range(0, n, self.batch_size)]
-                    del table, rows
+                    n, checksum, batches = row_group_batches(pf.read_row_group(g, columns=cols), self.schema,
+                                                             self.path, g, row0, self.batch_size)
                     row0 += n
                     self.busy += time.perf_counter() - t0
                     if not self._put((g, n, checksum, batches)):
@@ -142,114 +144,102 @@ class _Reader:
         self.thread.join()
 
 
-@torch.inference_mode()
-def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: torch.device,
-                  worker: dict[str, Any] | None = None,
-                  on_row_group: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Write the cache file of one log shard; return its entry for the manifest.
-    `on_row_group(g)` runs once row group g is in the (uncommitted) temporary file."""
-    start = time.perf_counter()
+@dataclass
+class _Tally:
+    """What writing one shard measured and produced (seconds by stage, checksums, the file)."""
+
+    forward_s: float = 0.0
+    write_s: float = 0.0
+    wait_s: float = 0.0
+    closed_at: float = 0.0  # perf_counter when the file was complete, before its commit
+    checksums: list[str] = field(default_factory=list)  # example_id checksum per row group
+    bytes: int = 0
+    sha256: str = ""
+
+
+def check_unchanged(task: ShardTask) -> InputFingerprint:
+    """The shard's fingerprint now; CacheError if it changed since the driver planned."""
     now = input_fingerprint(task.logs_dir, task.log_path)
-    if diff := fingerprint_diff(task.expected, now):
+    if diff := task.expected.diff(now):
         raise CacheError(f"{task.log_path}: the log shard changed after the build was planned ({'; '.join(diff)})")
-    n_tasks = len(schema.binary)
-    hidden_dim = teacher.hidden_dim if task.hidden else None
-    np_dtype = np.float16 if task.dtype == "fp16" else np.float32
-    fmt = TopKFormat(**task.topk) if task.topk else None
-    file_schema = fmt.arrow_schema() if fmt else output_schema(n_tasks, task.dtype, hidden_dim)
-    options = fmt.parquet_options() if fmt else dict(compression="zstd", use_dictionary=False, write_statistics=False)
-    # batch_size: `cache verify --recompute` batches rows as the build did (bit-exact recomputation)
-    meta = {"format": FORMAT, "teacher_sha256": task.teacher_sha256, "tasks": schema.task_names,
-            "dtype": task.dtype, "input": now, "batch_size": task.batch_size, "topk": task.topk}
-    checksums: list[str] = []
-    forward_s = write_s = wait_s = written = 0.0
-    sink: _HashingSink | None = None
-    reader = _Reader(task.log_path, schema, task.batch_size, task.prefetch)
+    return now
 
-    def write(fh: Any) -> None:
-        nonlocal forward_s, write_s, wait_s, written, sink
-        sink = _HashingSink(fh)
-        with pq.ParquetWriter(sink, file_schema, **options) as writer:
+
+def _score(teacher: Teacher, codec: ContentCodec, task: ShardTask, device: torch.device, g: int, row0: int,
+           checksum: str, batches: list[Batch]) -> pa.Table:
+    try:
+        return score(teacher, codec, batches, checksum, device)
+    except TeacherError as e:
+        at = f", row {e.row} (row {row0 + e.row} of the shard)" if e.row is not None else ""
+        raise CacheError(f"{task.log_path}: row group {g}{at}: {e}; nothing of this shard is published") from None
+
+
+def _write(fh: Any, teacher: Teacher, codec: ContentCodec, task: ShardTask, device: torch.device, reader: _Reader,
+           meta: dict[str, Any], tally: _Tally, on_row_group: Callable[[int], None] | None) -> None:
+    """The cache file into `fh`: one output row group per input row group, then the footer."""
+    sink = _HashingSink(fh)
+    with pq.ParquetWriter(sink, codec.schema, **codec.parquet_options()) as writer:
+        t0, row0 = time.perf_counter(), 0
+        for g, n, checksum, batches in reader:
+            t1 = time.perf_counter()
+            tally.wait_s += t1 - t0
+            table = _score(teacher, codec, task, device, g, row0, checksum, batches)
+            row0 += n
+            del batches
+            t2 = time.perf_counter()
+            tally.forward_s += t2 - t1
+            writer.write_table(table, row_group_size=max(n, 1))
+            tally.checksums.append(checksum)
+            if on_row_group is not None:
+                on_row_group(g)
             t0 = time.perf_counter()
-            row0 = 0
-            for g, n, checksum, batches in reader:
-                t1 = time.perf_counter()
-                wait_s += t1 - t0
-                logits = np.empty((n, n_tasks), np_dtype) if fmt is None else None
-                hidden = np.empty((n, hidden_dim), np.float16) if hidden_dim else None
-                tops = []  # next item: each batch's top-k, packed
-                # tail draws seeded by the shard and row group: a rebuild writes the same bytes
-                gen = torch.Generator().manual_seed(int(checksum, 16) % 2**63) if fmt is not None else None
-                a = 0
-                for batch in batches:
-                    try:
-                        o = teacher(batch.sparse.to(device, non_blocking=True),
-                                    batch.dense.to(device, non_blocking=True), hidden=hidden is not None)
-                    except TeacherError as e:
-                        at = f", row {a + e.row} (row {row0 + a + e.row} of the shard)" if e.row is not None else ""
-                        raise CacheError(f"{task.log_path}: row group {g}{at}: {e}; nothing of this shard "
-                                         "is published") from None
-                    b = a + len(batch)
-                    if fmt is not None:
-                        tops.append(pack(select(o.logits.float().cpu(), fmt, gen), fmt))
-                        a = b
-                        continue
-                    logits[a:b] = o.logits.float().cpu().numpy()
-                    if not np.isfinite(logits[a:b]).all():  # finite in the teacher's dtype, not in fp16
-                        r = int(np.argwhere(~np.isfinite(logits[a:b]))[0][0])
-                        raise CacheError(f"{task.log_path}: row group {g}, row {a + r}: teacher {teacher.name}'s "
-                                         f"logits {o.logits[r].tolist()} exceed the {task.dtype} range; cache with "
-                                         "dtype fp32; nothing of this shard is published")
-                    if hidden is not None:
-                        hidden[a:b] = o.hidden.float().cpu().numpy()
-                    a = b
-                row0 += n
-                del batches
-                t2 = time.perf_counter()
-                forward_s += t2 - t1
-                if fmt is not None:
-                    table = pa.concat_tables(tops) if tops else fmt.arrow_schema().empty_table()
-                else:
-                    cols = {"logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), n_tasks)}
-                    if hidden is not None:
-                        cols["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), hidden_dim)
-                    table = pa.table(cols, schema=writer.schema)
-                writer.write_table(table, row_group_size=max(n, 1))
-                checksums.append(checksum)
-                if on_row_group is not None:
-                    on_row_group(g)
-                t0 = time.perf_counter()
-                write_s += t0 - t2
-            writer.add_key_value_metadata({FILE_META_KEY: json.dumps({**meta, "row_groups": checksums})})
-        if len(checksums) != len(now["row_groups"]):  # raised before the commit: nothing is published
-            raise CacheError(f"{task.log_path}: read {len(checksums)} row groups, the footer lists {len(now['row_groups'])}")
-        written = time.perf_counter()
+            tally.write_s += t0 - t2
+        writer.add_key_value_metadata({FILE_META_KEY: json.dumps({**meta, "row_groups": tally.checksums})})
+    expected = meta["input"]["row_groups"]
+    if len(tally.checksums) != len(expected):  # raised before the commit: nothing is published
+        raise CacheError(f"{task.log_path}: read {len(tally.checksums)} row groups, the footer lists {len(expected)}")
+    tally.bytes, tally.sha256, tally.closed_at = sink.bytes, sink.sha256.hexdigest(), time.perf_counter()
 
+
+def _commit(task: ShardTask, write: Callable[[Any], None], tally: _Tally) -> None:
+    """Write and commit the file whole (storage.write_atomic); the commit's time counts as writing."""
     try:
         storage.write_atomic(task.out_path, write, tag=f"{socket.gethostname()}-{os.getpid()}-{task.attempt}")
-        write_s += time.perf_counter() - written  # the commit: fsync + rename, or the object's upload + move
+        tally.write_s += time.perf_counter() - tally.closed_at  # fsync + rename, or the object's upload + move
     except storage.StorageError:
         raise
     except OSError as e:  # a full disk, a lost mount: the user's to fix, one line (write_atomic left nothing)
         raise storage.StorageError(f"{task.out_path}: cannot write the cache file: {e.strerror or e}; nothing of "
                                    "this shard is published") from None
+
+
+@torch.inference_mode()
+def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: torch.device,
+                  worker: dict[str, Any] | None = None,
+                  on_row_group: Callable[[int], None] | None = None) -> ShardEntry:
+    """Write the cache file of one log shard; return its entry for the manifest.
+    `on_row_group(g)` runs once row group g is in the (uncommitted) temporary file."""
+    start = time.perf_counter()
+    now = check_unchanged(task)
+    codec = codec_for(task.content)
+    # batch_size: `cache verify --recompute` batches rows as the build did (bit-exact recomputation)
+    meta = {"format": FORMAT, "teacher_sha256": task.teacher_sha256, "tasks": schema.task_names,
+            "dtype": task.content.dtype, "input": to_json_value(now), "batch_size": task.batch_size,
+            "topk": to_json_value(task.content.topk)}
+    tally = _Tally()
+    reader = _Reader(task.log_path, schema, task.batch_size, task.prefetch)
+    try:
+        _commit(task, lambda fh: _write(fh, teacher, codec, task, device, reader, meta, tally, on_row_group), tally)
     finally:
         reader.close()
-    return {
-        "input": {**now, "ids": combine_checksums(checksums)},
-        "output": {"file": storage.basename(task.out_path), "rows": now["rows"], "bytes": sink.bytes,
-                   "sha256": sink.sha256.hexdigest()},
-        "timings": {
-            "seconds": round(time.perf_counter() - start, 3),
-            "read_decode_s": round(reader.busy, 3),
-            "forward_s": round(forward_s, 3),
-            "write_s": round(write_s, 3),
-            "wait_input_s": round(wait_s, 3),
-            "attempt": task.attempt,
-            "worker": worker or {},
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    }
+    return ShardEntry(
+        input=task.expected.with_ids(combine_checksums(tally.checksums)),
+        output=Output(storage.basename(task.out_path), now.rows, tally.bytes, tally.sha256),
+        timings=Timings(seconds=round(time.perf_counter() - start, 3), read_decode_s=round(reader.busy, 3),
+                        forward_s=round(tally.forward_s, 3), write_s=round(tally.write_s, 3),
+                        wait_input_s=round(tally.wait_s, 3), attempt=task.attempt, worker=worker or {},
+                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+    )
 
 
 class CacheWorker:
@@ -261,6 +251,7 @@ class CacheWorker:
         from distkd.models.teacher import load_teacher
 
         quiet()
+        log.setup()  # its level from DISTKD_LOG_LEVEL (pool.actor_env): its lines reach the driver's stderr
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
@@ -279,7 +270,7 @@ class CacheWorker:
     def ready(self) -> dict[str, Any]:
         return self.info
 
-    def build(self, task: ShardTask) -> dict[str, Any]:
+    def build(self, task: ShardTask) -> ShardEntry:
         if task.teacher_sha256 != self.meta["sha256"]:
             raise CacheError(
                 f"worker {self.info['host']}:{self.info['pid']} loaded teacher {self.meta['sha256'][:12]}…, "

@@ -99,7 +99,7 @@ class NextItemKD:
 
 def build(cfg: NextItemKDConfig, ctx: ObjectiveContext) -> NextItemKD:
     """Open (and so check) the teacher's top-k cache against the logs and this objective, once."""
-    from distkd.cache.manifest import CacheError
+    from distkd.cache.contract import CacheError
     from distkd.cache.reader import open_cache
 
     if len(ctx.schema.classes) != 1 or ctx.schema.binary:
@@ -110,13 +110,13 @@ def build(cfg: NextItemKDConfig, ctx: ObjectiveContext) -> NextItemKD:
     topk, n = view.topk, ctx.schema.classes[0].num_classes
     if topk is None:
         raise CacheError(f"{view.cache_dir}: holds per-task logits of a CTR teacher, not a next-item top-k cache")
-    if topk["num_items"] != n:
-        raise CacheError(f"{view.cache_dir}: a top-k cache over {topk['num_items']:,} items; the logs' task has "
+    if topk.num_items != n:
+        raise CacheError(f"{view.cache_dir}: a top-k cache over {topk.num_items:,} items; the logs' task has "
                          f"num_classes {n:,}: it belongs to another catalog")
-    if cfg.k is not None and topk["k"] != cfg.k:
-        raise CacheError(f"{view.cache_dir}: holds the teacher's top-{topk['k']}; objective.k asks top-{cfg.k}: "
+    if cfg.k is not None and topk.k != cfg.k:
+        raise CacheError(f"{view.cache_dir}: holds the teacher's top-{topk.k}; objective.k asks top-{cfg.k}: "
                          "build a cache with topk.k = objective.k")
-    if cfg.losses.tail_kl and not topk["tail"]:
+    if cfg.losses.tail_kl and not topk.tail:
         raise CacheError(f"{view.cache_dir}: losses.tail_kl needs sampled tail items; the cache was built with "
                          "topk.tail: 0")
-    return NextItemKD(cfg, [view], float(topk["tau"]))
+    return NextItemKD(cfg, [view], float(topk.tau))
