@@ -94,7 +94,7 @@ def _load_on_ranks(export: Path, gathered: Path, types: str, logs: Path, schema)
     the unsharded model's, and against the gathered file export loaded under the same plan."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
-    from distkd.train.sharding import ShardingConfig, describe_plan, plan_for
+    from distkd.models.sharding_plan import ShardingConfig, describe_plan, plan_for
 
     env = dist.init()
 

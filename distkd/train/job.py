@@ -21,7 +21,8 @@ from distkd.models import ModelConfig, ModelSpec
 from distkd.models.export import ExportConfig
 from distkd.objectives import ObjectiveConfig
 from distkd.objectives.hard import HardConfig
-from distkd.train.sharding import OptimConfig, ShardingConfig
+from distkd.models.sharding_plan import ShardingConfig
+from distkd.train.sharding import OptimConfig
 
 
 @dataclass

@@ -35,7 +35,8 @@ from distkd.objectives.base import Objective, StepOutput
 from distkd.train.checkpoint import Checkpointer, latest, optimizer_tensors
 from distkd.train.job import TrainJob
 from distkd.train.metrics_logger import MetricsLogger
-from distkd.train.sharding import LRSchedule, describe_plan, shard
+from distkd.models.sharding_plan import describe_plan
+from distkd.train.sharding import LRSchedule, shard
 from distkd.train.validation import Validator, evaluate
 
 logger = logging.getLogger(__name__)
