@@ -8,6 +8,7 @@ none, ids, and aligned side columns such as cached teacher logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,7 +16,21 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from distkd.data.rows import Rows
 
-__all__ = ["Batch", "to_batch"]
+__all__ = ["Batch", "Transfer", "to_batch", "transfer_for"]
+
+
+class Transfer(NamedTuple):
+    """How batches reach a device: pinned by the loader, copied with non_blocking."""
+
+    pin_memory: bool
+    non_blocking: bool
+
+
+def transfer_for(device: torch.device | str) -> Transfer:
+    """CUDA: pin batches in the loader's thread and copy them with non_blocking=True (the copy
+    overlaps compute). Anything else (CPU): neither, and batches stay as they are."""
+    cuda = torch.device(device).type == "cuda"
+    return Transfer(pin_memory=cuda, non_blocking=cuda)
 
 
 @dataclass
@@ -42,6 +57,21 @@ class Batch:
             mv(self.classes),
         )
 
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked host memory, so that `to(cuda, non_blocking=True)` overlaps."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return Batch(
+            self.sparse.pin_memory(),
+            pin(self.dense),
+            pin(self.labels),
+            pin(self.example_id),
+            pin(self.request_id),
+            {k: pin(v) for k, v in self.extras.items()},
+            pin(self.classes),
+        )
+
     def __len__(self) -> int:
         return self.example_id.shape[0]
 
@@ -53,14 +83,10 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 def to_batch(rows: Rows, keys: list[str]) -> Batch:
     n = len(rows)
-    lengths = np.ones(len(keys) * n, np.int32)  # key-major: all rows of key 0, then key 1, ...
-    for k, (_, offsets) in enumerate(rows.sparse):
-        if offsets is not None:
-            np.subtract(offsets[1:], offsets[:-1], out=lengths[k * n : (k + 1) * n], casting="unsafe")
-    per_key = [len(v) for v, _ in rows.sparse]
+    values, lengths, per_key = rows.block.kjt_arrays()  # key-major: all rows of key 0, then key 1, ...
     kjt = KeyedJaggedTensor(
         keys=keys,
-        values=torch.from_numpy(np.concatenate([v for v, _ in rows.sparse])),
+        values=torch.from_numpy(values),
         lengths=torch.from_numpy(lengths),
         stride=n,
         length_per_key=per_key,

@@ -6,86 +6,41 @@ rows shuffled within windows of row groups, and a resume that continues the epoc
 exactly once even at another world size. The state a checkpoint keeps is tiny:
 `{"epoch": e, "generations": [[world, steps], ...]}`.
 
-Memory is bounded: row groups are read one window at a time with only the training
-columns, a background thread decodes at most `prefetch` batches ahead, and resuming at
-step k decodes nothing before the window holding the rank's row k*batch_size.
+Memory is bounded: row groups are read a window at a time with only the training
+columns (`workers` threads decode up to `workers + 1` windows ahead: distkd.data.decode_pool),
+a background thread assembles at most `prefetch` batches ahead, and resuming at step k
+decodes nothing before the window holding the rank's row k*batch_size. With `pin_memory`
+(a CUDA device: see `distkd.data.batch.transfer_for`) that thread pins each batch, so the
+trainer's `to(device, non_blocking=True)` overlaps the copy with compute.
 """
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
+from distkd.data.aligned import Aligned, SideFiles
 from distkd.data.batch import Batch, to_batch
-from distkd.data.checks import check_row_group
+from distkd.data.checked import decode_checked
+from distkd.data.decode_pool import ordered
 from distkd.data.layout import split_files
 from distkd.data.plan import EpochPlan, batch_sizes
-from distkd.data.rows import Rows, decode, decode_extras
+from distkd.data.rows import Rows, decode
 from distkd.data.schema import LogsError, Schema, check_arrow_schema
 
 __all__ = ["Aligned", "Batch", "LogLoader", "SideFiles", "split_files"]
 
 
-class Aligned:
-    """A side file per log shard with the same rows and row groups (e.g. cached teacher logits).
-
-    Subclasses say where a shard's side file is and how to check that a side row group holds
-    the log's rows; instances travel to ranks (pickled), so they hold plain data."""
-
-    name: str
-    columns: list[str]  # float columns (or fixed_size_list of floats) -> extras[f"{name}.{col}"]
-    check_columns: Sequence[str] = ()  # more side columns to read, only for `check` (e.g. example_id)
-
-    def side_path(self, log_path: str) -> str:
-        raise NotImplementedError
-
-    def pin(self):
-        """Called once by each loader that reads these files; what it returns is held for the
-        loader's life (a cache holds a reader lock against garbage collection)."""
-        return None
-
-    def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
-        """Raise on misalignment of row group `g` (default: row counts only, checked by the loader)."""
-
-    def read_columns(self) -> list[str]:
-        return list(dict.fromkeys([*self.columns, *self.check_columns]))
-
-    def decode(self, table: pa.Table, source: str) -> dict[str, np.ndarray]:
-        """The batch extras of a side row group (slice): `{name}.{column}` as float32."""
-        return decode_extras(table, self.name, self.columns, source)
-
-
-@dataclass
-class SideFiles(Aligned):
-    """An `Aligned` from functions (module-level ones, to be picklable)."""
-
-    name: str
-    path_for: Callable[[str], str]  # log shard path -> side file path
-    columns: list[str]
-    check_fn: Callable[[pa.Table, pa.Table, str, int], None] | None = None
-    check_columns: Sequence[str] = ()
-
-    def side_path(self, log_path: str) -> str:
-        return self.path_for(log_path)
-
-    def check(self, log_table: pa.Table, side_table: pa.Table, log_path: str, g: int) -> None:
-        if self.check_fn is not None:
-            self.check_fn(log_table, side_table, log_path, g)
-
-
-def _open(path: str) -> pq.ParquetFile:
+def _open(path: str, footer: pq.FileMetaData | None = None) -> pq.ParquetFile:
     try:
-        return storage.open_parquet(path)
+        return storage.open_parquet(path, metadata=footer)
     except (OSError, pa.ArrowException) as e:
         raise LogsError(f"{path}: cannot read Parquet footer: {e}") from None
 
@@ -131,6 +86,8 @@ class LogLoader:
         drop_last: bool = False,
         check: bool = True,
         keep_requests: bool = False,
+        workers: int = 1,
+        pin_memory: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,13 +95,15 @@ class LogLoader:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if shuffle_window_row_groups < 1:
             raise ValueError(f"shuffle_window_row_groups must be >= 1, got {shuffle_window_row_groups}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.files = [str(f) for f in files]
         self.schema = schema
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.window = shuffle_window_row_groups if shuffle else 1
-        self.prefetch = prefetch
+        self.prefetch, self.workers, self.pin_memory = prefetch, workers, pin_memory
         self.aligned = list(aligned)
         self._pins = [al.pin() for al in self.aligned]
         self.drop_last, self.check = drop_last, check
@@ -156,12 +115,14 @@ class LogLoader:
 
         # Footers only: row counts per row group, types checked once per file.
         counts = []
+        self._footers: dict[str, pq.FileMetaData] = {}  # parsed once, reused by every read
         for path in self.files:
             pf = _open(path)
             try:
                 if check:
                     check_arrow_schema(schema, pf.schema_arrow, path)
                 counts.append(_row_counts(pf))
+                self._footers[path] = pf.metadata
             finally:
                 pf.close()
             for al in self.aligned:
@@ -259,10 +220,11 @@ class LogLoader:
     def _read(self, handles: OrderedDict, unit: int, a: int, b: int) -> Rows:
         f, g, _ = (int(x) for x in self._units[unit])
         path = self.files[f]
-        table = self._read_group(handles, path, g, self.columns)
-        if self.check:
-            check_row_group(table, self.schema, path, g, int(self._row0[f][g]))
-        rows = decode(table.slice(a, b - a), self.schema, path)
+        table = self._read_group(handles, path, g, self.columns, self._footers.get(path))
+        if self.check:  # the whole row group is checked, so decoded whole, then sliced
+            rows = decode_checked(table, self.schema, path, g, int(self._row0[f][g])).slice(a, b)
+        else:
+            rows = decode(table.slice(a, b - a), self.schema, path)
         for al in self.aligned:
             side = al.side_path(path)
             st = self._read_group(handles, side, g, al.read_columns())
@@ -275,8 +237,9 @@ class LogLoader:
         return rows
 
     @staticmethod
-    def _read_group(handles: OrderedDict, path: str, g: int, columns: list[str]) -> pa.Table:
-        pf = handles.pop(path, None) or _open(path)
+    def _read_group(handles: OrderedDict, path: str, g: int, columns: list[str],
+                    footer: pq.FileMetaData | None = None) -> pa.Table:
+        pf = handles.pop(path, None) or _open(path, footer)
         handles[path] = pf  # most recently used last; keep a few files open
         while len(handles) > 8:
             handles.popitem(last=False)[1].close()
@@ -295,35 +258,42 @@ class LogLoader:
                              else rng.permutation(len(rows)))
         return rows
 
+    def _jobs(self, first_row: int) -> list[tuple[int, int, int, int]]:
+        """The plan's pieces from this layout's row `first_row` on: (rank, window, lo, hi)."""
+        jobs, cursor = [], 0
+        for r, w, lo, hi in self._plan.pieces:
+            n = hi - lo
+            if cursor + n > first_row:  # resume: whole pieces before it are never decoded
+                jobs.append((r, w, lo + max(0, first_row - cursor), hi))
+            cursor += n
+        return jobs
+
+    def _piece(self, handles: OrderedDict, job: tuple[int, int, int, int]) -> Rows:
+        r, w, lo, hi = job
+        return self._window(handles, r, w).slice(lo, hi)
+
     def _batches(self, start: int) -> Iterator[Batch]:
         """Decode and yield this rank's batches from step `start` (of this layout) on."""
         sizes = self._plan.sizes
         if start >= len(sizes):
             return
-        first_row = int(np.sum(sizes[:start]))
-        handles: OrderedDict = OrderedDict()
+        pieces = ordered(self._piece, self._jobs(int(np.sum(sizes[:start]))), self.workers)
         pending: list[Rows] = []
-        have, step, cursor = 0, start, 0
+        have, step = 0, start
         try:
-            for r, w, lo, hi in self._plan.pieces:
-                n = hi - lo
-                if cursor + n <= first_row:  # resume: skip whole pieces without decoding them
-                    cursor += n
-                    continue
-                skip = max(0, first_row - cursor)
-                cursor += n
-                pending.append(self._window(handles, r, w).slice(lo + skip, hi))
-                have += n - skip
+            for rows in pieces:
+                pending.append(rows)
+                have += len(rows)
                 while step < len(sizes) and have >= sizes[step]:
-                    yield to_batch(self._take_front(pending, sizes[step]), self.keys)
+                    batch = to_batch(self._take_front(pending, sizes[step]), self.keys)
+                    yield batch.pin_memory() if self.pin_memory else batch
                     have -= sizes[step]
                     step += 1
                 if step == len(sizes):
                     return
             raise RuntimeError(f"rank {self.rank} ran out of rows at step {step} of {len(sizes)}")
         finally:
-            for pf in handles.values():
-                pf.close()
+            pieces.close()
 
     @staticmethod
     def _take_front(pending: list[Rows], size: int) -> Rows:

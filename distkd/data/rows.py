@@ -20,18 +20,15 @@ import pyarrow.compute as pc
 import torch
 
 from distkd.data.hashing import hash_ids, hash_strings
+from distkd.data.jagged import Jagged, Sparse, joffsets
 from distkd.data.schema import STANDARDIZED, LogsError, MissingStats, Schema, SparseFeature
-
-# A sparse feature: (values int64, offsets int64 [n+1] starting at 0), or offsets None
-# when every row holds exactly one id (single-valued, no nulls: the fast path).
-Jagged = tuple[np.ndarray, "np.ndarray | None"]
 
 
 @dataclass
 class Rows:
     ids: np.ndarray  # int64 [n]
     request: np.ndarray | None  # int64 [n]
-    sparse: list[Jagged]  # one per schema.sparse, in order
+    block: Sparse  # the sparse features (schema.sparse, in order): see distkd.data.jagged
     dense: np.ndarray  # float32 [n, n_dense]
     labels: np.ndarray  # float32 [n, binary tasks], NaN for none
     extras: dict[str, np.ndarray]  # float32 [n] or [n, k] (int64 for cached item ids)
@@ -40,13 +37,18 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def sparse(self) -> list[Jagged]:
+        """One (values, offsets) per schema.sparse feature, offsets None for one id a row."""
+        return self.block.features()
+
     def slice(self, a: int, b: int) -> "Rows":
         if a == 0 and b == len(self):
             return self
         return Rows(
             self.ids[a:b],
             None if self.request is None else self.request[a:b],
-            [_jslice(j, a, b) for j in self.sparse],
+            self.block.slice(a, b),
             self.dense[a:b],
             self.labels[a:b],
             {k: v[a:b] for k, v in self.extras.items()},
@@ -57,7 +59,7 @@ class Rows:
         return Rows(
             self.ids[idx],
             None if self.request is None else self.request[idx],
-            [_jtake(j, idx) for j in self.sparse],
+            self.block.take(idx),
             self.dense[idx],
             self.labels[idx],
             {k: v[idx] for k, v in self.extras.items()},
@@ -72,49 +74,12 @@ class Rows:
         return Rows(
             np.concatenate([p.ids for p in parts]),
             None if p0.request is None else np.concatenate([p.request for p in parts]),
-            [_jconcat([p.sparse[i] for p in parts]) for i in range(len(p0.sparse))],
+            Sparse.concat([p.block for p in parts]),
             np.concatenate([p.dense for p in parts]),
             np.concatenate([p.labels for p in parts]),
             {k: np.concatenate([p.extras[k] for p in parts]) for k in p0.extras},
             None if p0.classes is None else np.concatenate([p.classes for p in parts]),
         )
-
-
-def lengths_of(j: Jagged, n: int) -> np.ndarray:
-    values, offsets = j
-    return np.ones(n, np.int32) if offsets is None else np.diff(offsets).astype(np.int32)
-
-
-def _jslice(j: Jagged, a: int, b: int) -> Jagged:
-    values, offsets = j
-    if offsets is None:
-        return values[a:b], None
-    off = offsets[a : b + 1]
-    return values[off[0] : off[-1]], off - off[0]
-
-
-def _joffsets(lengths: np.ndarray) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
-
-
-def _jtake(j: Jagged, idx: np.ndarray) -> Jagged:
-    values, offsets = j
-    if offsets is None:
-        return values[idx], None
-    lengths = np.diff(offsets)[idx]
-    new = _joffsets(lengths)
-    # Position k of the output row i reads offsets[idx[i]] + (k - new[i]).
-    gather = np.repeat(offsets[:-1][idx] - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
-    return values[gather], new
-
-
-def _jconcat(parts: list[Jagged]) -> Jagged:
-    if all(off is None for _, off in parts):
-        return np.concatenate([v for v, _ in parts]), None
-    lengths = np.concatenate([lengths_of(p, len(p[0]) if p[1] is None else len(p[1]) - 1) for p in parts])
-    return np.concatenate([v for v, _ in parts]), _joffsets(lengths)
 
 
 def _array(table: pa.Table, name: str) -> pa.Array:
@@ -161,7 +126,7 @@ def _sparse(arr: pa.Array, source: str, f: SparseFeature) -> Jagged:
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         if arr.null_count:
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
-            values, offsets = arr.flatten(), _joffsets(lengths)
+            values, offsets = arr.flatten(), joffsets(lengths)
         else:
             off = arr.offsets.to_numpy()
             values = arr.values.slice(int(off[0]), int(off[-1] - off[0]))
@@ -171,7 +136,7 @@ def _sparse(arr: pa.Array, source: str, f: SparseFeature) -> Jagged:
         return _ids(values, f), offsets
     if arr.null_count:  # only reachable with check=False: a null becomes an empty bag
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        return _ids(arr.drop_null(), f), _joffsets(valid.astype(np.int64))
+        return _ids(arr.drop_null(), f), joffsets(valid.astype(np.int64))
     return _ids(arr, f), None
 
 
@@ -226,7 +191,7 @@ def _quantile(x: np.ndarray, quantiles: list[float]) -> np.ndarray:
     return np.interp(x, u, p).astype(np.float32)
 
 
-def _transform(dense: np.ndarray, schema: Schema, source: str) -> None:
+def transform(dense: np.ndarray, schema: Schema, source: str) -> None:
     """Apply every dense feature's transform in place."""
     missing = schema.missing_stats()
     if missing:
@@ -248,14 +213,16 @@ def _transform(dense: np.ndarray, schema: Schema, source: str) -> None:
             dense[:, j] = _quantile(dense[:, j], f.params.quantiles)  # type: ignore[union-attr, arg-type]
 
 
-def decode(table: pa.Table, schema: Schema, source: str) -> Rows:
-    """Decode the training columns of `table` (a sliced row group) into numpy buffers."""
+def decode(table: pa.Table, schema: Schema, source: str, *, transformed: bool = True) -> Rows:
+    """Decode the training columns of `table` (a sliced row group) into numpy buffers; with
+    `transformed=False` the dense values are left as read (see `transform`)."""
     n = table.num_rows
-    sparse = [_sparse(_array(table, f.name), source, f) for f in schema.sparse]
+    sparse = Sparse.of([_sparse(_array(table, f.name), source, f) for f in schema.sparse], n)
     dense = np.empty((n, len(schema.dense)), np.float32)
     for j, f in enumerate(schema.dense):
         dense[:, j] = _floats(_array(table, f.name))
-    _transform(dense, schema, source)
+    if transformed:
+        transform(dense, schema, source)
     labels = np.empty((n, len(schema.binary)), np.float32)
     for j, t in enumerate(schema.binary):
         labels[:, j] = _floats(_array(table, t.label))

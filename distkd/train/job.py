@@ -3,6 +3,7 @@
     logs, out, role, nproc          what to train on, where to write, how many local ranks
     model / optim / sharding         the model, its optimizers, the embedding plan
     train                            the loop: batches, epochs, validation, checkpoints
+    loader                           decoding workers and prefetch (batches do not depend on them)
     objective                        what the model learns from (`kind: hard | ctr_kd`)
     export                           the export's form: one file, or a teacher's tables sharded (DCP)
     launch                           launcher (local | ray), restarts, timeouts, Ray Train resources
@@ -54,6 +55,16 @@ class LoopConfig:
 
 
 @dataclass
+class LoaderConfig:
+    workers: int = 1  # threads decoding row-group windows ahead; batches are the same at any number
+    prefetch: int = 2  # batches assembled ahead by the loader's thread (0: inline)
+
+    def validate(self) -> None:
+        if self.workers < 1 or self.prefetch < 0:
+            raise ConfigError(f"loader: workers must be >= 1 and prefetch >= 0, got {self.workers}, {self.prefetch}")
+
+
+@dataclass
 class LaunchConfig:
     max_restarts: int = 0  # the local launcher (--nproc) restarts a failed rank group this often
     timeout_s: float = DEFAULT_TIMEOUT_S  # a rendezvous or collective that cannot complete fails after this
@@ -87,6 +98,7 @@ class TrainJob:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     objective: ObjectiveConfig = field(default_factory=HardConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

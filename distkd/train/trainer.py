@@ -25,6 +25,7 @@ import torch
 
 from distkd import dist
 from distkd.config import to_dict
+from distkd.data.batch import transfer_for
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
@@ -65,6 +66,7 @@ class Trainer:
         self.resume = resume
         self.out = Path(job.out)
         torch.manual_seed(job.train.seed)
+        self.transfer = transfer_for(env.device)  # CUDA: pinned batches, non_blocking copies
         self.model_cfg = objective.model_config(job.model)
         model = build_model(schema, self.model_cfg, device=env.device)
         initialize(model, schema, split_files(job.logs, "train", job.partitions))
@@ -84,7 +86,8 @@ class Trainer:
         return LogLoader(split_files(self.job.logs, split, self.job.partitions), self.schema, batch_size, rank=self.env.rank,
                          world_size=self.env.world_size, shuffle=train and self.job.train.shuffle,
                          seed=self.job.train.seed, shuffle_window_row_groups=self.job.train.shuffle_window_row_groups,
-                         aligned=list(aligned), keep_requests=keep_requests)
+                         aligned=list(aligned), keep_requests=keep_requests, workers=self.job.loader.workers,
+                         prefetch=self.job.loader.prefetch, pin_memory=self.transfer.pin_memory)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -101,7 +104,7 @@ class Trainer:
 
     def train_step(self, batch) -> StepOutput:
         """Forward (model and loss, inside DDP), backward, one optimizer step."""
-        out: StepOutput = self.dmp(batch.to(self.env.device))
+        out: StepOutput = self.dmp(batch.to(self.env.device, non_blocking=self.transfer.non_blocking))
         self.optimizer.zero_grad()
         self.schedule.set(self.state.step)  # the fused tables take theirs at step(), for the next backward
         out.loss.backward()

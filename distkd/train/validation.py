@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from distkd.data.batch import transfer_for
 from distkd.data.loader import LogLoader
 from distkd.data.schema import Schema
 from distkd.metrics import SchemaMetrics, headline
@@ -21,8 +22,9 @@ def evaluate(model: torch.nn.Module, loader: LogLoader, schema: Schema, device: 
     was_training = model.training
     model.eval()
     metrics = SchemaMetrics(schema)
+    non_blocking = transfer_for(device).non_blocking
     for batch in loader:
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=non_blocking)
         metrics.update(model(batch.sparse, batch.dense).logits, batch)
     model.train(was_training)
     return metrics.compute()
