@@ -41,8 +41,8 @@ from distkd import storage
 from distkd.cache.build import Progress, _Committer, _record, _totals, format_summary
 from distkd.cache.content import DTYPES, codec_for
 from distkd.cache.contract import (
-    FILE_META_KEY, FORMAT, IMPORTED, BuildRun, CacheError, Content, Manifest, Output, SchemaRef, ShardEntry, Teacher, Timings,
-    read_manifest, to_json_value,
+    FILE_META_KEY, FORMAT, IMPORTED, BuildRun, CacheError, Content, Manifest, Output, SchemaRef, ShardEntry, Teacher,
+    Timings, read_manifest, to_json_value,
 )
 from distkd.cache.join import Joined, Ordered, Shard, join, plan
 from distkd.cache.lock import BuildLock
@@ -190,7 +190,8 @@ def _join(job: ImportJob, out: str, manifest: Manifest, valid: list[str], todo: 
                 f"{len(valid)} committed; {rows:,} predictions in {len(files)} file(s); join in {pl.partitions} "
                 f"partition(s), ranges of {pl.range_rows:,} rows (memory budget {job.memory_budget_mb:,.1f} MiB, "
                 f"spill in {folder})")
-    return join(files, shards, manifest.schema.id_column, list(manifest.content.tasks), dtype, rows, pl, folder, out)
+    return join(files, shards, manifest.schema.id_column, list(manifest.content.tasks), dtype, rows, pl, folder, out,
+                job.splits)
 
 
 def _publish(job: ImportJob, out: str, manifest: Manifest, gone: list[str], run: BuildRun, todo: list,

@@ -196,7 +196,7 @@ class Ordered:
 
 
 def join(files: list[str], shards: list[Shard], id_col: str, tasks: list[str], dtype, prediction_rows: int,
-         pl: Plan, folder: Path, where: str) -> Joined:
+         pl: Plan, folder: Path, where: str, splits: list[str]) -> Joined:
     """Passes 1 and 2; CacheError naming the first of each kind of problem, before anything of
     the import is written (`where`: the cache, for messages)."""
     dt = pa.from_numpy_dtype(dtype)
@@ -247,7 +247,7 @@ def join(files: list[str], shards: list[Shard], id_col: str, tasks: list[str], d
     for p in range(pl.partitions):
         pt, lt = pred.take(p), logs.take(p)
         largest = max(largest, pt.num_rows + lt.num_rows)
-        _join_partition(pt, lt, files, n_todo, locate, problems, dest, pl.range_rows)
+        _join_partition(pt, lt, files, n_todo, locate, problems, dest, pl.range_rows, splits)
         meter.add(pt.num_rows + lt.num_rows)
     dest.close()
     if problems.found:
@@ -262,7 +262,7 @@ def join(files: list[str], shards: list[Shard], id_col: str, tasks: list[str], d
 
 
 def _join_partition(pt: pa.Table, lt: pa.Table, files: list[str], n_todo: int, locate, problems: _Problems,
-                    dest: Spill, range_rows: int) -> None:
+                    dest: Spill, range_rows: int, splits: list[str]) -> None:
     """Pass 2 on one hash partition: problems counted, matched rows to import sent to `dest`."""
     pid, fidx, prow = (pt.column(c).to_numpy() for c in ("id", "file", "row"))
     lid, lpos = lt.column("id").to_numpy(), lt.column("pos").to_numpy()
@@ -290,8 +290,8 @@ def _join_partition(pt: pa.Table, lt: pa.Table, files: list[str], n_todo: int, l
     if (u := np.flatnonzero(~matched)).size:
         k = u[np.lexsort((prow[u], fidx[u]))[0]]
         problems.add("predicted ids not in the logs", u.size, (int(fidx[k]), int(prow[k])),
-                     f"{files[fidx[k]]} row {int(prow[k])}: example_id {int(pid[k])} is not in the logs "
-                     "(the shards of the splits imported)")
+                     f"{files[fidx[k]]} row {int(prow[k])}: example_id {int(pid[k])} is not in the logs (splits "
+                     f"{','.join(splits)}: name every split the predictions cover with --splits)")
     w = np.flatnonzero(found & (lpos < n_todo))
     if w.size and not problems.found:  # once refused, only counting goes on
         pos = lpos[w]
