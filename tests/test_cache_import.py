@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from distkd import storage
 from distkd.cache import read_manifest
 from distkd.cache.importer import ImportJob, import_predictions
 from distkd.cache.join import partition_of, plan
@@ -25,6 +27,7 @@ from distkd.cache.verify import verify_cache
 from distkd.cli import main as cli_main
 from distkd.data.layout import split_files
 from tests.support import cli, distkd_log
+from tests.test_storage import BUCKET, s3  # noqa: F401 (the fixture: moto's S3 server on 127.0.0.1)
 
 FP = "feedc0de" * 8  # the fingerprint the predictions' owners give
 TASKS = ["click", "conversion"]  # small_logs' tasks
@@ -34,9 +37,12 @@ def log_ids(logs: Path, split: str = "train") -> list[np.ndarray]:
     return [pq.read_table(f, columns=["example_id"]).column(0).to_numpy() for f in split_files(str(logs), split)]
 
 
-def cached_logits(cache: Path, logs: Path, split: str = "train") -> list[np.ndarray]:
-    return [pq.read_table(cache / split / Path(f).name).column("logits").combine_chunks().flatten()
-            .to_numpy().reshape(-1, len(TASKS)) for f in split_files(str(logs), split)]
+def cached_logits(cache: Path | str, logs: Path, split: str = "train") -> list[np.ndarray]:
+    out = []
+    for f in split_files(str(logs), split):
+        with storage.open_parquet(storage.join(cache, split, Path(f).name)) as pf:
+            out.append(pf.read().column("logits").combine_chunks().flatten().to_numpy().reshape(-1, len(TASKS)))
+    return out
 
 
 def write_layouts(folder: Path, ids: np.ndarray, z: np.ndarray, seed: int = 0) -> tuple[Path, Path, Path]:
@@ -102,6 +108,23 @@ def test_predictions_exported_from_a_built_cache_import_to_the_same_logits(kd_wo
     with distkd_log() as lines:
         assert cli_main(["cache", "verify", "--cache", str(out), "--logs", str(logs), "--recompute", "0.1"]) == 2
     assert any("imported from teacher 'ranker-v7'" in line and "no teacher to run again" in line for line in lines)
+
+
+@pytest.mark.integration
+def test_predictions_and_the_cache_in_object_storage(s3, small_logs, synthetic, tmp_path):
+    ids, z = synthetic
+    write_layouts(tmp_path / "preds", np.concatenate(ids), np.concatenate(z))
+    fs, root = pafs.FileSystem.from_uri(f"s3://{BUCKET}/import/preds")
+    for f in (tmp_path / "preds").rglob("*.parquet"):
+        with fs.open_output_stream(f"{root}/{f.relative_to(tmp_path / 'preds').as_posix()}") as o:
+            o.write(f.read_bytes())
+    out = f"s3://{BUCKET}/import/cache"
+    assert cli_main(["cache", "import", "--predictions", f"s3://{BUCKET}/import/preds/*.parquet", "--predictions",
+                     f"s3://{BUCKET}/import/preds/sub", "--logs", str(small_logs), "--out", out,
+                     "--teacher-name", "ranker-v7", "--fingerprint", FP, "--splits", "train"]) == 0
+    assert all(np.array_equal(g, w) for g, w in zip(cached_logits(out, small_logs), z))
+    assert verify_cache(out, small_logs)["shards"] == len(ids)
+    assert not [f for f in storage.list_files(out, recursive=True) if storage.is_temp(storage.basename(f))]
 
 
 # -- refusals ------------------------------------------------------------------------------

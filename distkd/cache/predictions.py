@@ -41,7 +41,15 @@ def _glob(spec: str) -> list[str]:
     parts = u.path.split("/")
     i = next(i for i, p in enumerate(parts) if _WILD.search(p))
     root = urlunsplit((u.scheme, u.netloc, "/".join(parts[:i]) or "/", u.query, ""))
-    return [f for f in storage.list_files(root, recursive=True) if fnmatch.fnmatchcase(urlsplit(f).path, u.path)]
+    return [f for f in storage.list_files(root, recursive=True) if _matches(urlsplit(f).path, u.path)]
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """As a local glob: `*` within a folder, `**` across folders."""
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    a, b = path.split("/"), pattern.split("/")
+    return len(a) == len(b) and all(fnmatch.fnmatchcase(x, y) for x, y in zip(a, b))
 
 
 def find_files(specs: list[str]) -> list[str]:
