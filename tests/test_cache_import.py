@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distkd import storage
-from distkd.cache import read_manifest
+from distkd.cache import CacheError, read_manifest
 from distkd.cache.importer import ImportJob, import_predictions
 from distkd.cache.join import partition_of, plan
 from distkd.cache.verify import verify_cache
@@ -238,6 +238,8 @@ def test_ids_spread_evenly_over_partitions_and_the_budget_sizes_them():
     for ids in (np.arange(100_000), np.arange(100_000) * 1024, np.arange(-50_000, 50_000)):
         counts = np.bincount(partition_of(ids, 16), minlength=16)
         assert counts.min() > 0.9 * len(ids) / 16 and counts.max() < 1.1 * len(ids) / 16
-    p = plan(10**9, 10**9, 4, 2**30)
-    assert p.partitions == 4 * (10**9 * 24 + 10**9 * 16) // 2**30 + 1
-    assert plan(10**9, 10**9, 4, 2**30, partitions=3).partitions == 3 and p.range_rows == 2**30 // (4 * 20)
+    p = plan(10**9, 10**9, 10**9, 4, 2**30)
+    assert p.partitions == 4 * (10**9 * 24 + 10**9 * 16) // 2**30 + 1 and p.range_rows == 2**30 // (4 * 20)
+    assert plan(10**9, 10**9, 10**9, 4, 2**30, partitions=3).partitions == 3
+    with pytest.raises(CacheError, match="partitions for a memory budget of 1.0 MiB, at most .* give a larger"):
+        plan(10**9, 10**9, 10**9, 4, 2**20)

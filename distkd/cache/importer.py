@@ -184,7 +184,8 @@ def _join(job: ImportJob, out: str, manifest: Manifest, valid: list[str], todo: 
               *(Shard(rel, storage.join(job.logs, rel), fps[rel].row_groups, False) for rel in valid)]
     codec = codec_for(manifest.content)
     dtype = codec.dtype_np
-    pl = plan(rows, sum(fp.rows for fp in fps.values()), len(manifest.content.tasks) * dtype().itemsize,
+    pl = plan(rows, sum(fp.rows for fp in fps.values()), sum(fp.rows for fp in todo),
+              len(manifest.content.tasks) * dtype().itemsize,
               int(job.memory_budget_mb * 2**20), job.partitions)
     logger.info(f"cache import: {out}: {len(todo)} shard(s) to import ({sum(fp.rows for fp in todo):,} rows), "
                 f"{len(valid)} committed; {rows:,} predictions in {len(files)} file(s); join in {pl.partitions} "

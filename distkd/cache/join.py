@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,15 +60,17 @@ class Plan:
     batch_rows: int  # rows of a predictions batch read at once
 
 
-def plan(prediction_rows: int, log_rows: int, logits_bytes: int, budget: int,
+def plan(prediction_rows: int, log_rows: int, todo_rows: int, logits_bytes: int, budget: int,
          partitions: Optional[int] = None) -> Plan:
-    """P and R for a memory `budget` (bytes); `logits_bytes`: bytes of one row's logits."""
+    """P and R for a memory `budget` (bytes); `logits_bytes`: bytes of one row's logits. Each
+    pass holds one spill file open per partition: at most the open-file limit allows."""
     spilled = prediction_rows * (20 + logits_bytes) + log_rows * 16  # id, logits, file, row | id, position
     p = partitions or max(1, math.ceil(WORK * spilled / budget))
-    if p > MAX_PARTITIONS:
-        raise CacheError(f"{p} partitions for a memory budget of {budget / 2**20:,.1f} MiB: at most "
-                         f"{MAX_PARTITIONS}; give a larger --memory-budget")
     r = max(1, budget // (WORK * (16 + logits_bytes)))
+    most = min(MAX_PARTITIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
+    if max(p, math.ceil(todo_rows / r)) > most:
+        raise CacheError(f"{max(p, math.ceil(todo_rows / r))} partitions for a memory budget of "
+                         f"{budget / 2**20:,.1f} MiB, at most {most} (open files); give a larger --memory-budget")
     return Plan(p, r, int(min(65_536, max(1024, r))))
 
 
