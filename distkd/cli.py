@@ -159,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest difference accepted, in ulps of the cache's dtype (default 0: bit-identical, "
                         "as the same build on the same hardware gives; another BLAS or CPU may need 1)")
 
+    p = _cmd(cache, "import", "distkd.cache.importer:run",
+             "a teacher's predictions computed elsewhere (Parquet: example_id + logits) joined to the logs by id, "
+             "as a logit cache")
+    p.add_argument("--predictions", required=True, action="append", metavar="PATH_OR_GLOB_OR_URI",
+                   help="Parquet files of example_id plus a 'logits' list column or one float column per task: "
+                        "a file, a directory, a glob or a URI (repeat the flag for more)")
+    p.add_argument("--logs", required=True, help="logs directory (with schema.yaml)")
+    p.add_argument("--out", required=True, help="cache directory (created, or grown by the shards it lacks)")
+    p.add_argument("--teacher-name", dest="teacher_name", required=True, help="the teacher that computed them")
+    p.add_argument("--fingerprint", required=True, metavar="HEX",
+                   help="the teacher's version, 16 to 128 hex digits: the cache's key (another is another cache)")
+    p.add_argument("--splits", default=None, help="comma-separated splits (default train,valid,test)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"], help="logit precision on disk (default fp16)")
+    p.add_argument("--memory-budget", dest="memory_budget", type=float, default=1024.0, metavar="MIB",
+                   help="the join's working memory; sizes its partitions (default 1024)")
+    p.add_argument("--partitions", type=int, default=None, help="hash partitions of the join (default: from the budget)")
+    p.add_argument("--spill-dir", dest="spill_dir", default=None,
+                   help="where the join spills (default: inside --out; a local temp folder when --out is a URI)")
+
     p = _cmd(cache, "status", "distkd.cache.status:run",
              "per split or partition: shards cached, missing (to build) or stale (their logs changed)")
     p.add_argument("--cache", required=True, help="cache directory (or a root of caches by teacher)")

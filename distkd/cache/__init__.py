@@ -10,6 +10,9 @@
     verify.py    `distkd cache verify`: completeness, sha256, alignment with the logs
     recompute.py `cache verify --recompute`: the teacher run again on a sample, compared in ulps
     reader.py    `open_cache`: the distillation stage's validated view, an `Aligned`
+    importer.py  `distkd cache import`: predictions computed elsewhere, as a cache (the driver)
+    predictions.py  the predictions files it reads: layouts, checks
+    join.py      its partitioned hash join by example_id, in bounded memory
 """
 
 from distkd.cache.contract import FORMAT, CacheError, Manifest, read_manifest

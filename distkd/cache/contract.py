@@ -35,6 +35,7 @@ KIND = "distkd-logit-cache"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 FILE_META_KEY = "distkd.cache"
+IMPORTED = "imported"  # teacher.form of a cache of predictions computed elsewhere (`distkd cache import`)
 
 
 class CacheError(LogsError):
@@ -173,7 +174,8 @@ class ShardEntry:
 
 @dataclass
 class BuildRun:
-    """One run of `distkd cache build`, filled in as it goes (what it reached when it failed)."""
+    """One run of `distkd cache build` (or `cache import`), filled in as it goes (what it reached
+    when it failed)."""
 
     started_at: str
     computed: list[str]
@@ -183,6 +185,7 @@ class BuildRun:
     workers_start_s: Optional[float] = optional()
     workers: Optional[list[dict[str, Any]]] = optional()
     seconds: Optional[float] = optional()
+    predictions: Optional[list[str]] = optional()  # `distkd cache import`: the predictions it read
 
 
 # What distkd.models.teacher.describe records (it owns the layout; the cache reads sha256,

@@ -23,7 +23,7 @@ import pyarrow as pa
 from distkd import storage
 from distkd.cache import manifest as mf
 from distkd.cache.content import codec_for
-from distkd.cache.contract import CacheError
+from distkd.cache.contract import IMPORTED, CacheError
 from distkd.cache.lock import BuildLock
 from distkd.cache.reader import check_file, check_identity, check_input, load_manifest
 from distkd.cache.recompute import recompute as rerun
@@ -61,6 +61,10 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
     start = time.perf_counter()
     cache_dir = str(cache_dir)
     manifest = load_manifest(cache_dir)
+    if recompute is not None and manifest.teacher.record.get("form") == IMPORTED:
+        raise CacheError(f"{cache_dir}: holds predictions imported from teacher '{manifest.teacher.record.get('name')}' "
+                         f"({manifest.teacher.sha256[:12]}…), computed elsewhere: there is no teacher to run again; "
+                         "--recompute checks caches written by `distkd cache build` (verify it without)")
     problems: list[str] = []
     rows = size = shards = 0
     intact: list[str] = []  # shards that pass every other check: the ones recomputation samples
