@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled-fraction", type=float, default=0.1, help="share of train rows logged without labels")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes writing shards")
     p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+    p.add_argument("--days", type=int, default=None,
+                   help="write daily partitions dt=YYYY-MM-DD (--rows over all days, --shards per day) "
+                        "instead of train/valid/test folders")
+    p.add_argument("--start", default="2026-11-01", help="--days: the first day (YYYY-MM-DD)")
+    p.add_argument("--drift", type=float, default=0.0, metavar="RADIANS",
+                   help="--days: the truth's drift a day; day t's label-model weights have correlation "
+                        "cos(drift * t) with day 0's (default 0: one truth)")
 
     p = _cmd(data, "movielens", "distkd.data.movielens:run", "convert a MovieLens CSV release to sharded Parquet")
     p.add_argument("path", help="directory with ratings.csv and movies.csv")
