@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None, metavar="KEY=START..END",
                    help="partitioned logs: the train window (inclusive), e.g. dt=2026-11-02..2026-11-29")
 
+    p = _cmd(data, "drift", "distkd.data.drift:run",
+             "compare a day of partitioned logs with the days before it (PSI, unseen and out-of-range ids, "
+             "label rates, rows); exit 3 naming the first failing feature and figure")
+    p.add_argument("logs", help="logs directory (with schema.yaml) in date partitions")
+    p.add_argument("--partition", required=True, metavar="KEY=DAY", help="the day to check, e.g. dt=2026-11-08")
+    p.add_argument("--config", default=None,
+                   help="thresholds: a job YAML with a drift: section, or a drift YAML (default: DriftConfig's)")
+    p.add_argument("--window", type=int, default=None, help="days before DAY to compare with (default: the job's, 7)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
+
     p = _cmd(data, "inspect", "distkd.data.inspect:run", "stream the loader over a split and print a summary")
     p.add_argument("logs", help="logs directory (with schema.yaml)")
     p.add_argument("--split", default="train")
