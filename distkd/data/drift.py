@@ -69,9 +69,9 @@ ROWSET_MAX = 1 << 24  # table rows a bit set holds one bit each; larger tables f
 class FeatureLimits:
     """One feature's thresholds in place of the defaults (a long-tail id feature's unseen_max)."""
 
-    psi_max: Optional[float] = None
-    unseen_max: Optional[float] = None
-    out_of_range_max: Optional[float] = None
+    psi_max: Optional[float] = None  # null: DriftConfig's
+    unseen_max: Optional[float] = None  # null: DriftConfig's
+    out_of_range_max: Optional[float] = None  # null: DriftConfig's
 
 
 @dataclass

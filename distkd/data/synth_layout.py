@@ -1,5 +1,5 @@
-"""Where synthetic logs go (distkd.data.synth): split folders 80/10/10 or daily partitions
-`dt=YYYY-MM-DD`, how many rows each shard gets, and the table `distkd data synth` prints."""
+"""Where synthetic logs go (distkd.data.synth, synth_next_item): split folders 80/10/10 or daily
+partitions `dt=YYYY-MM-DD`, how many rows each shard gets, and the table `distkd data synth` prints."""
 
 from __future__ import annotations
 
