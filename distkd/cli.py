@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled-fraction", type=float, default=0.1, help="share of train rows logged without labels")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes writing shards")
     p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+    p.add_argument("--days", type=int, default=None,
+                   help="write daily partitions dt=YYYY-MM-DD (--rows over all days, --shards per day) "
+                        "instead of train/valid/test folders")
+    p.add_argument("--start", default="2026-11-01", help="--days: the first day (YYYY-MM-DD)")
+    p.add_argument("--drift", type=float, default=0.0, metavar="RADIANS",
+                   help="--days: the truth's drift a day; day t's label-model weights have correlation "
+                        "cos(drift * t) with day 0's (default 0: one truth)")
 
     p = _cmd(data, "movielens", "distkd.data.movielens:run", "convert a MovieLens CSV release to sharded Parquet")
     p.add_argument("path", help="directory with ratings.csv and movies.csv")
@@ -120,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("logs", help="logs directory (with schema.yaml)")
     p.add_argument("--partition", default=None, metavar="KEY=START..END",
                    help="partitioned logs: the train window (inclusive), e.g. dt=2026-11-02..2026-11-29")
+
+    p = _cmd(data, "drift", "distkd.data.drift:run",
+             "compare a day of partitioned logs with the days before it (PSI, unseen and out-of-range ids, "
+             "label rates, rows); exit 3 naming the first failing feature and figure")
+    p.add_argument("logs", help="logs directory (with schema.yaml) in date partitions")
+    p.add_argument("--partition", required=True, metavar="KEY=DAY", help="the day to check, e.g. dt=2026-11-08")
+    p.add_argument("--config", default=None,
+                   help="thresholds: a job YAML with a drift: section, or a drift YAML (default: DriftConfig's)")
+    p.add_argument("--window", type=int, default=None, help="days before DAY to compare with (default: the job's, 7)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
 
     p = _cmd(data, "inspect", "distkd.data.inspect:run", "stream the loader over a split and print a summary")
     p.add_argument("logs", help="logs directory (with schema.yaml)")

@@ -26,6 +26,7 @@ import yaml
 
 from distkd.cache.build import CacheJob
 from distkd.config import _by_kind, to_dict
+from distkd.data.drift import DriftConfig
 from distkd.data.schema import Schema
 from distkd.demo import DataJob
 from distkd.evaluate import EvalJob
@@ -40,6 +41,8 @@ JOBS = [
     ("cache", "`jobs/*/cache.yaml`", "`distkd cache build --config`, `distkd submit cache`", CacheJob),
     ("eval", "`jobs/*/eval.yaml`", "`distkd eval --config`, `distkd submit eval`", EvalJob),
     ("sweep", "`jobs/*/sweep*.yaml`", "`distkd sweep --config`", SweepConfig),
+    ("drift", "the `drift:` section of a daily job, or a file of its own", "`distkd data drift --config`",
+     DriftConfig),
     ("schema", "`LOGS/schema.yaml`", "every stage that reads logs (`distkd.data.schema.load_schema`)", Schema),
 ]
 

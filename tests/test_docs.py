@@ -28,6 +28,7 @@ from distkd.cache.build import CacheJob
 from distkd.cli import build_parser
 from distkd.config import load
 from distkd.config_reference import render
+from distkd.data.drift import DriftConfig
 from distkd.data.schema import load_schema
 from distkd.demo import DataJob
 from distkd.evaluate import EvalJob
@@ -168,7 +169,7 @@ def test_every_shown_command_parses(where, argv):
 # What each `# job:` kind is loaded as: the dataclass and the overrides its stage adds.
 KINDS = {"data": (DataJob, []), "teacher": (TrainJob, ["role=teacher"]), "student": (TrainJob, ["role=student"]),
          "distill": (TrainJob, ["role=student"]), "cache": (CacheJob, []), "eval": (EvalJob, []),
-         "sweep": (SweepConfig, [])}
+         "sweep": (SweepConfig, []), "drift": (DriftConfig, [])}
 
 
 def load_block(where: str, text: str, tmp: Path) -> int:

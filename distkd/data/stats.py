@@ -33,6 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Iterator
+
+import pyarrow as pa
 
 from distkd import storage
 from distkd.data.schema import check_arrow_schema, load_schema
@@ -74,23 +77,35 @@ def compute_stats(logs: str, split: str = "train", progress: bool = True, partit
     schema = load_schema(logs, stats=False)
     columns = [schema.id] + schema.feature_names
     paths = split_files(logs, split, partitions)
+    shards = read_footers(logs, schema, paths, columns)
+    acc = Accumulator(schema)
+    for table in row_groups(paths, columns, Progress(sum(s["rows"] for s in shards), progress)):
+        acc.update(table)
+    rng = (partitions or {}).get(split)
+    return {"split": split, "partition": to_dict(rng) if rng is not None else None, "shards": shards,
+            "sketches": SKETCHES, **acc.result()}
+
+
+def read_footers(logs: str, schema, paths: list[str], columns: list[str]) -> list[dict]:
+    """Footers first: each shard's types checked before any work (LogsError naming the file and
+    column), its shard_entry returned (rows known for the ETA)."""
     shards = []
-    for path in paths:  # footers first: types checked before any work, rows known for the ETA
+    for path in paths:
         with storage.open_parquet(path) as pf:
             check_arrow_schema(schema, pf.schema_arrow, path, columns=columns)
             shards.append(shard_entry(logs, path, pf))
-    acc = Accumulator(schema)
-    bar = Progress(sum(s["rows"] for s in shards), progress)
+    return shards
+
+
+def row_groups(paths: list[str], columns: list[str], bar: Progress) -> Iterator[pa.Table]:
+    """`columns` of every row group of `paths`, in order, one at a time (progress on `bar`)."""
     for path in paths:
         with storage.open_parquet(path) as pf:
             for g in range(pf.num_row_groups):
                 table = pf.read_row_group(g, columns=columns)
-                acc.update(table)
+                yield table
                 bar.update(table.num_rows)
     bar.update(0, final=True)
-    rng = (partitions or {}).get(split)
-    return {"split": split, "partition": to_dict(rng) if rng is not None else None, "shards": shards,
-            "sketches": SKETCHES, **acc.result()}
 
 
 def shard_entry(logs: str, path: str, pf) -> dict:

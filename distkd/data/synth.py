@@ -19,10 +19,16 @@ ignore. The true click / conversion probabilities go in evaluation-only columns 
 Generation is vectorized and streams one row group at a time; every row group is
 seeded by (seed, split, shard, row group), so output is deterministic by seed and
 independent of how many processes write it.
+
+With `days` the logs are daily partitions `dt=YYYY-MM-DD` instead of split folders, and with
+`drift` the truth moves by day: day t's weights are a rotation by drift * t radians from one
+draw of the weights towards a second one (`Truth.drifted`), so the ids and dense features keep
+their distributions while the label model they feed drifts at a known rate.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -39,6 +45,7 @@ import pyarrow.parquet as pq
 from distkd import storage
 from distkd.config import ConfigError
 from distkd.data.schema import SCHEMA_FILE, DenseFeature, Schema, SparseFeature, Task
+from distkd.data.synth_layout import SPLIT_SHARE, check_days, plan_days, plan_shards, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +102,6 @@ PRESETS = {
 }
 
 TASKS = (("click", "clicked", "p_click"), ("conversion", "converted", "p_conversion"))
-SPLIT_SHARE = {"train": 0.8, "valid": 0.1, "test": 0.1}
 
 
 def make_schema(preset: str, max_cardinality: int | None = None) -> Schema:
@@ -134,13 +140,8 @@ class Truth:
         # rarely seen tail is mostly noise and a model that sees enough rows can reach the oracle.
         fade = [(np.minimum(1.0, p.head / (np.arange(c) + 1.0)) ** p.fade_power).astype(np.float32)[np.argsort(r)]
                 for c, r in zip(self.cards, self.rank_to_id)]
-        self.first = [rng.normal(0, p.first_std / (1 + math.log10(c) / 3), size=c).astype(np.float32) * fd
-                      for c, fd in zip(self.cards, fade)]
-        in_pair = sorted({f for pair in p.pairs for f in pair})
-        spectrum = p.latent_decay ** np.arange(LATENT_DIM)
-        spectrum *= (LATENT_DIM / (spectrum**4).sum()) ** 0.25  # keeps the variance of <u_f, u_g>
-        self.latent = {f: (rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)) * spectrum).astype(np.float32) * fade[f][:, None]
-                       for f in in_pair}
+        self.seed, self.fade, self.other = seed, fade, None
+        self.first, self.latent = self._effects(rng)
         # Each pair interacts through the plain dot product of its latents (a factorization
         # machine), with a random sign: what a dot-interaction model of width >= K represents exactly.
         self.pair_sign = rng.choice([-1.0, 1.0], size=len(p.pairs)).astype(np.float32)
@@ -149,6 +150,37 @@ class Truth:
         self.task_mix = rng.normal(0, 1, size=(len(p.pairs),)).astype(np.float32)
         self.bias = (-1.6, -3.2)
         self.n = n
+
+    def _effects(self, rng: np.random.Generator) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        """First-order effects of every feature's ids and the pair features' latents, drawn from `rng`."""
+        p = self.preset
+        first = [rng.normal(0, p.first_std / (1 + math.log10(c) / 3), size=c).astype(np.float32) * fd
+                 for c, fd in zip(self.cards, self.fade)]
+        in_pair = sorted({f for pair in p.pairs for f in pair})
+        spectrum = p.latent_decay ** np.arange(LATENT_DIM)
+        spectrum *= (LATENT_DIM / (spectrum**4).sum()) ** 0.25  # keeps the variance of <u_f, u_g>
+        latent = {f: (rng.normal(0, 1, size=(self.cards[f], LATENT_DIM)) * spectrum).astype(np.float32)
+                  * self.fade[f][:, None] for f in in_pair}
+        return first, latent
+
+    def drifted(self, angle: float) -> "Truth":
+        """The truth `angle` radians along its drift: each weight (first-order effects, pair
+        latents, dense weights) is cos(angle) w0 + sin(angle) w1, w0 this truth's and w1 a second
+        draw of the same distribution (seeded by the same seed), so every weight keeps its
+        distribution and the correlation of the weights with day 0's is cos(angle)."""
+        if angle == 0:
+            return self
+        if self.other is None:
+            rng = np.random.default_rng([self.seed, 8])
+            first, latent = self._effects(rng)
+            self.other = first, latent, rng.normal(0, 0.2, size=self.dense_w.shape).astype(np.float32)
+        first, latent, dense_w = self.other
+        c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+        out = copy.copy(self)
+        out.first = [c * a + s * b for a, b in zip(self.first, first)]
+        out.latent = {f: c * v + s * latent[f] for f, v in self.latent.items()}
+        out.dense_w = c * self.dense_w + s * dense_w
+        return out
 
     def sample(self, rows: int, rng: np.random.Generator, id0: int) -> pa.Table:
         p = self.preset
@@ -246,6 +278,7 @@ class _ShardJob:
     row_group_rows: int
     max_cardinality: int | None
     unlabeled_fraction: float
+    angle: float = 0.0  # the truth's drift on this shard's day (radians; see Truth.drifted)
 
 
 _TRUTH_CACHE: dict = {}
@@ -260,7 +293,7 @@ def _truth(preset: str, seed: int, max_cardinality: int | None) -> Truth:
 
 
 def _write_shard(job: _ShardJob) -> tuple[str, int]:
-    truth = _truth(job.preset, job.seed, job.max_cardinality)
+    truth = _truth(job.preset, job.seed, job.max_cardinality).drifted(job.angle)
     schema = make_schema(job.preset, job.max_cardinality).arrow_schema()
     final = storage.join(job.out, job.split, f"part-{job.shard:05d}.parquet")
 
@@ -271,7 +304,7 @@ def _write_shard(job: _ShardJob) -> tuple[str, int]:
                 n = min(job.row_group_rows, job.rows - done)
                 rng = np.random.default_rng([job.seed, job.split_idx, job.shard, rg])
                 table = truth.sample(n, rng, job.id0 + done)
-                if job.split == "train":
+                if job.split not in ("valid", "test"):  # train, or a day of partitioned logs
                     table = _mask_labels(table, rng, job.unlabeled_fraction)
                 writer.write_table(table.cast(schema), row_group_size=n)
                 done += n
@@ -279,18 +312,6 @@ def _write_shard(job: _ShardJob) -> tuple[str, int]:
 
     storage.write_atomic(final, write)
     return final, job.rows
-
-
-def plan_shards(rows: int, shards: int) -> dict[str, list[int]]:
-    """Rows per shard for each split: 80/10/10, valid and test get a quarter of the shards."""
-    plan = {}
-    left = rows
-    for i, (split, share) in enumerate(SPLIT_SHARE.items()):
-        n = left if i == len(SPLIT_SHARE) - 1 else int(rows * share)
-        left -= n
-        k = shards if split == "train" else max(1, shards // 4)
-        plan[split] = [n // k + (j < n % k) for j in range(k)]
-    return plan
 
 
 def generate(
@@ -305,9 +326,17 @@ def generate(
     workers: int = 1,
     force: bool = False,
     progress: bool = False,
+    days: int | None = None,
+    start: str = "2026-11-01",
+    drift: float = 0.0,
 ) -> Schema:
     """Write `rows` rows of synthetic logs into `out` (schema.yaml + train/valid/test shards),
-    a local path or a storage URI (s3://bucket/logs, see distkd.storage)."""
+    a local path or a storage URI (s3://bucket/logs, see distkd.storage).
+
+    With `days`: daily partitions `dt=START`, `dt=START+1`, ... instead of split folders, each
+    of `shards` shards (a job's `partitions:` picks the splits), every day's rows labelled like
+    train rows; the truth drifts by `drift` radians a day (Truth.drifted: day t's weights have
+    correlation cos(drift * t) with day 0's; 0 keeps one truth for every day)."""
     out = os.fspath(out)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {sorted(PRESETS)})")
@@ -317,6 +346,10 @@ def generate(
             raise ConfigError(f"{name}: must be >= {2 if name == '--max-cardinality' else 1}, got {value}")
     if not 0 <= unlabeled_fraction <= 1:
         raise ConfigError(f"--unlabeled-fraction: must be in [0, 1], got {unlabeled_fraction}")
+    if days is not None:
+        check_days(rows, shards, days, start, drift)
+    elif drift:
+        raise ConfigError("--drift: the truth drifts by day; give --days N for daily partitions")
     if rows < 10 * (shards + 2):
         raise ConfigError(f"--rows {rows} is too few for {shards} shards (at least {10 * (shards + 2)})")
     old = storage.list_files(out, recursive=True)
@@ -333,11 +366,14 @@ def generate(
     storage.ensure_writable_dir(out, "logs directory")
     schema = make_schema(preset, max_cardinality)
     jobs, id0 = [], 0
-    for split_idx, (split, sizes) in enumerate(plan_shards(rows, shards).items()):
-        storage.makedirs(storage.join(out, split))
+    plan = plan_shards(rows, shards) if days is None else plan_days(rows, shards, days, start)
+    for idx, (group, sizes) in enumerate(plan.items()):
+        storage.makedirs(storage.join(out, group))
+        # Row groups are seeded by (seed, stream, shard, row group): streams 0-2 are the splits, 3+ the days.
+        stream, angle = (idx, 0.0) if days is None else (len(SPLIT_SHARE) + idx, drift * idx)
         for shard, n in enumerate(sizes):
-            jobs.append(_ShardJob(str(out), split, split_idx, shard, n, id0, preset, seed,
-                                  row_group_rows, max_cardinality, unlabeled_fraction))
+            jobs.append(_ShardJob(str(out), group, stream, shard, n, id0, preset, seed,
+                                  row_group_rows, max_cardinality, unlabeled_fraction, angle))
             id0 += n
     start, done = time.perf_counter(), 0
 
@@ -368,34 +404,11 @@ def run(args) -> int:
             args.out, args.rows, args.shards, args.seed, args.row_group_rows, args.preset,
             max_cardinality=args.max_cardinality, unlabeled_fraction=args.unlabeled_fraction,
             workers=args.workers, force=args.force, progress=True,
+            days=args.days, start=args.start, drift=args.drift,
         )
     except FileExistsError as e:  # an existing logs directory is a usage error: one line, exit 2
         raise ConfigError(str(e)) from None
     took = time.perf_counter() - start
-    print(summarize(args.out, schema))
+    print(summarize(args.out, schema, days=args.days is not None))
     logger.info(f"wrote {args.rows:,} rows in {took:.1f}s ({args.rows / took:,.0f} rows/s)")
     return 0
-
-
-def summarize(out: str | Path, schema: Schema) -> str:
-    """A per-split table of rows, shards, size on disk, label rates and oracle AUC."""
-    import torch
-    from torchmetrics.functional.classification import binary_auroc
-
-    lines = [f"logs {out}: {len(schema.sparse)} sparse, {len(schema.dense)} dense, tasks {schema.task_names}"]
-    lines.append(f"{'split':<6} {'shards':>6} {'rows':>12} {'MiB':>8}  " + "  ".join(
-        f"{t.name + ' rate':>16} {t.name + ' oracle AUC':>22}" for t in schema.tasks))
-    for split in SPLIT_SHARE:
-        files = storage.list_files(storage.join(out, split), ".parquet")
-        columns = schema.label_columns + schema.eval_columns
-        table = pa.concat_tables(storage.open_parquet(f).read(columns=columns) for f in files)
-        cells = []
-        for t, oracle in zip(schema.tasks, schema.eval_columns):
-            y = table.column(t.label).to_numpy(zero_copy_only=False).astype(np.float64)
-            p = table.column(oracle).to_numpy()
-            keep = ~np.isnan(y)
-            auc = binary_auroc(torch.from_numpy(p[keep]), torch.from_numpy(y[keep]).long()).item()
-            cells.append(f"{np.mean(y[keep]):>16.4f} {auc:>22.4f}")
-        mib = sum(storage.size(f) for f in files) / 2**20
-        lines.append(f"{split:<6} {len(files):>6} {table.num_rows:>12,} {mib:>8.1f}  " + "  ".join(cells))
-    return "\n".join(lines)

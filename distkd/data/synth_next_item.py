@@ -45,12 +45,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
+from distkd.data.synth_layout import SPLIT_SHARE, plan_shards
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_FILE = "schema.yaml"
 GENERATOR_FILE = "generator.yaml"
-SPLIT_SHARE = {"train": 0.8, "valid": 0.1, "test": 0.1}
 HISTORY, SURFACE, LABEL = "history", "surface", "next_item"
 EVAL_COLUMNS = ("oracle_rank", "oracle_logp")
 _CHUNK = 256  # rows per softmax chunk: [256, N] float32 stays cache-sized
@@ -238,17 +238,6 @@ def schema_dict(preset: Preset | str = "default") -> dict:
         "eval_columns": list(EVAL_COLUMNS),
         "version": 1,
     }
-
-
-def plan_shards(rows: int, shards: int) -> dict[str, list[int]]:
-    """Rows per shard for each split: 80/10/10; valid and test get a quarter of the shards."""
-    plan, left = {}, rows
-    for i, (split, share) in enumerate(SPLIT_SHARE.items()):
-        n = left if i == len(SPLIT_SHARE) - 1 else int(rows * share)
-        left -= n
-        k = shards if split == "train" else max(1, shards // 4)
-        plan[split] = [n // k + (j < n % k) for j in range(k)]
-    return plan
 
 
 @dataclass(frozen=True)
