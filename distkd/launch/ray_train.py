@@ -64,6 +64,8 @@ def _abs(path: str | None) -> str | None:
 def absolute(job: TrainJob) -> TrainJob:
     """The job with its local paths absolute: Ray workers do not run in the driver's folder."""
     job = dataclasses.replace(job, logs=_abs(job.logs), out=_abs(job.out))
+    if job.init.path:
+        job = dataclasses.replace(job, init=dataclasses.replace(job.init, path=_abs(job.init.path)))
     teachers = getattr(job.objective, "teachers", None)
     if teachers:
         fixed = [dataclasses.replace(t, **{k: _abs(getattr(t, k)) for k in ("cache", "export", "weights", "program") if hasattr(t, k)})

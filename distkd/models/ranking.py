@@ -127,6 +127,25 @@ class RankingModel(nn.Module):
     def hidden_dim(self) -> int:
         return self.cfg.deep_arch[-1]
 
+    def interaction_columns(self) -> list[str]:
+        """A name for each column of the interaction's output (what the cross layers and the
+        first deep layer read): `<dense>[d]` and `A*B` (dot), `A[d]` (cat). A warm start whose
+        features changed maps these layers' weights by these names."""
+        dim, has_dense = self.cfg.embedding_dim, self.dense_arch is not None
+        vectors = (["<dense>"] if has_dense else []) + self.features
+        if self.cfg.interaction == "cat":
+            return [f"{v}[{d}]" for v in vectors for d in range(dim)]
+        ij = torch.triu_indices(len(vectors), len(vectors), offset=1).t().tolist()
+        pairs = ["*".join(sorted((vectors[i], vectors[j]))) for i, j in ij]  # symmetric: named whatever the order
+        return [f"<dense>[{d}]" for d in range(dim if has_dense else 0)] + pairs
+
+    def interaction_readers(self) -> dict[str, int]:
+        """The parameters with one index per interaction column, and along which dimension."""
+        readers = {"deep._mlp.0._linear.weight": 1}
+        for layer in range(self.cfg.cross_layers if self.cross is not None else 0):
+            readers.update({f"cross.V_kernels.{layer}": 1, f"cross.W_kernels.{layer}": 0, f"cross.bias.{layer}": 0})
+        return readers
+
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
         # A sharded EBC orders its output by shard, not by feature: look features up by name.
         pooled = self.ebc(sparse).to_dict()

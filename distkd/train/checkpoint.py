@@ -8,7 +8,7 @@ What a checkpoint holds:
   row-wise Adagrad accumulators (sharded), those of data-parallel tables (under the same
   name, `<table>/row_sum`, so a table may change plan between runs) and Adam's moments;
 * JSON, never pickles: COMMITTED (step, world size, the run's identity, the trainer's and the
-  loader's state) and rank-R.json (each rank's RNG states).
+  loader's state, the schema a warm start compares with) and rank-R.json (each rank's RNG states).
 
 DCP stores every tensor as chunks with their global offsets, so a checkpoint written by N
 ranks loads on M: each rank reads the chunks overlapping the shards its own plan gives it

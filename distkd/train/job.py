@@ -8,6 +8,7 @@
     export                           the export's form: one file, or a teacher's tables sharded (DCP)
     launch                           launcher (local | ray), restarts, timeouts, Ray Train resources
     partitions                       partitioned logs: the partition range of each split
+    init                             warm start: a new run whose weights start from an export or checkpoint
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from distkd.models.export import ExportConfig
 from distkd.objectives import ObjectiveConfig
 from distkd.objectives.hard import HardConfig
 from distkd.models.sharding_plan import ShardingConfig
+from distkd.train.init import InitConfig
 from distkd.train.sharding import OptimConfig
 
 
@@ -106,6 +108,8 @@ class TrainJob:
     # Partitioned logs: which partitions make train/valid/test (split folders otherwise); see
     # distkd.data.layout.
     partitions: dict[str, PartitionRange] = field(default_factory=dict)
+    # Warm start (docs/training.md): step 0 of a new run, its weights from an export or a checkpoint.
+    init: InitConfig = field(default_factory=InitConfig)
 
     def validate(self) -> None:
         if self.nproc < 1:

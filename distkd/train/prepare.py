@@ -8,6 +8,7 @@ data: launchers hand it to their ranks (pickled) instead of preparing again ther
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -15,7 +16,10 @@ from distkd import dist, log, objectives, storage
 from distkd.config import ConfigError
 from distkd.data.schema import Schema, load_schema
 from distkd.objectives.base import Objective, ObjectiveContext
+from distkd.train.init import plan_init
 from distkd.train.job import TrainJob
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +40,13 @@ def prepare(job: TrainJob, where: str = "config") -> Prepared:
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    if job.init.path:  # what the ranks will load, checked (and the adaptations logged) once, here
+        try:
+            plan = plan_init(job.init, schema, objective.model_config(job.model))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        for note in plan.notes:
+            logger.info(f"init: {note}")
     storage.ensure_writable_dir(job.out, "run's output directory (out)")  # after every check that can refuse the job
     return Prepared(job, schema, objective, where)
 

@@ -1,6 +1,7 @@
 """One distributed trainer for the teacher and the student, whatever they learn from.
 
-`Trainer.train` reads top to bottom: resume if there is something to resume, then per
+`Trainer.train` reads top to bottom: resume if there is something to resume (else warm
+start from `init:` if the job names one), then per
 epoch stream the rank's share of the logs through `train_step`, validate, checkpoint;
 finally evaluate on the test split and export. What the model learns from is the
 objective (distkd.objectives), built before the trainer and handed to it: the trainer
@@ -34,6 +35,7 @@ from distkd.models import build_model, initialize
 from distkd.models import count as count_params
 from distkd.objectives.base import Objective, StepOutput
 from distkd.train.checkpoint import Checkpointer, latest, optimizer_tensors
+from distkd.train.init import load_init, plan_init
 from distkd.train.job import TrainJob
 from distkd.train.metrics_logger import MetricsLogger
 from distkd.models.sharding_plan import describe_plan
@@ -117,7 +119,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Collective: the whole run; returns the summary (on every rank)."""
         job, loop, env = self.job, self.job.train, self.env
-        self.resume_if_any()
+        self.start()
         total = self.total_steps()
         self.schedule.total = max(total, 1)
         logger.info(f"{job.role}: {count_params(self.schema, self.model_cfg)['total']:,} parameters on "
@@ -168,20 +170,36 @@ class Trainer:
         if self.metrics_log is not None:
             self.metrics_log.flush()  # the loss log holds every step the checkpoint holds
         state = {"trainer": to_dict(self.state), "loader": self.train_loader.state_dict(),
-                 "validator": self.validator.state_dict()}
+                 "validator": self.validator.state_dict(), "schema": to_dict(self.schema)}  # what a warm start compares
         path = self.checkpointer.save(self.state.step, self._tensors(), state)
         self._hook("on_checkpoint", path)
         return path
 
-    def resume_if_any(self) -> None:
+    def start(self) -> None:
+        """Collective: where the run's weights start. Its own last checkpoint when resuming
+        (a restarted warm-started run continues from there, never from `init:` again), else
+        `init:`'s export or checkpoint at step 0, else the fresh initialisation."""
+        if not self.resume_if_any() and self.job.init.path:
+            self.warm_start()
+
+    def warm_start(self) -> None:
+        """Collective: load `init:`'s weights (and optimizer state) into this fresh run."""
+        plan = plan_init(self.job.init, self.schema, self.model_cfg)
+        load_init(plan, self.dmp, self.optimizer)
+        adapted = f", schema adapted ({len(plan.notes)} change(s))" if plan.notes else ""
+        logger.info(f"init: weights from {plan.source.describe()}"
+                    f"{', with optimizer state' if plan.optimizer else ''}{adapted}; starting at step 0")
+
+    def resume_if_any(self) -> bool:
         """Continue from the last committed checkpoint when asked to (--resume) or when the
-        launcher restarted this worker group (torchrun, the local launcher, Ray Train)."""
+        launcher restarted this worker group (torchrun, the local launcher, Ray Train).
+        True if it did."""
         if not (self.resume or self.env.restart):
-            return
+            return False
         path = latest(self.out / "checkpoints")
         if path is None:
             logger.info("resume: no committed checkpoint yet; starting from step 0")
-            return
+            return False
         # TorchRec's keyed optimizers load only into initialized state: create it (no step
         # is taken, the weights stay as they are), then fill every tensor in place.
         self.optimizer.init_state()
@@ -194,6 +212,7 @@ class Trainer:
         self.state = TrainState(**meta["trainer"])
         moved = "" if meta["world_size"] == self.env.world_size else f", resharded {meta['world_size']} -> {self.env.world_size} ranks"
         logger.info(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}{moved}")
+        return True
 
 
     # -- the end --------------------------------------------------------------------------------
