@@ -68,7 +68,7 @@ class Trainer:
         self.model_cfg = objective.model_config(job.model)
         model = build_model(schema, self.model_cfg, device=env.device)
         initialize(model, schema, split_files(job.logs, "train", job.partitions))
-        self.dmp, self.optimizer = shard(objective.train_module(model, env.device), env, job.sharding, job.optim)
+        self.dmp, self.optimizer = shard(objective.train_module(model, env), env, job.sharding, job.optim)
         loop = job.train
         self.train_loader = self._loader("train", loop.batch_size, objective.aligned, objective.keep_requests)
         self.validator = Validator(self._loader("valid", loop.eval_batch_size), schema, env.device,
