@@ -52,9 +52,11 @@ class TrainState:
 
 
 def run_identity(job: TrainJob, schema: Schema, model_cfg) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it (world size excluded)."""
+    """What a checkpoint must share with the run that resumes it (world size excluded, and how an
+    online teacher is laid out over the ranks: the same teacher, replicated or sharded)."""
+    objective = {k: v for k, v in to_dict(job.objective).items() if k != "online"}
     return {"role": job.role, "schema": schema.fingerprint(), "model": to_dict(model_cfg),
-            "objective": to_dict(job.objective), "seed": job.train.seed, "batch_size": job.train.batch_size,
+            "objective": objective, "seed": job.train.seed, "batch_size": job.train.batch_size,
             "train": to_dict(job.partitions.get("train"))}
 
 
