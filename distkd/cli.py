@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serving", default=None, action=argparse.BooleanOptionalAction,
                    help="add serving figures: file size and p50/p99 latency (batch 1, 64, 1024; one thread) of the "
                         "teacher, the student and the int8 student, and the AUC int8 costs")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="compute the teacher's metrics with its tables sharded over this many local ranks "
+                        "(default 1: one process); the students are evaluated on one process")
     _overrides(p)
 
     p = _cmd(top, "export", "distkd.serve.export:run",

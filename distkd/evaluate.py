@@ -1,7 +1,8 @@
 """`distkd eval`: the teacher, the distilled student and the hard-label student on a held-out split.
 
 Every export is loaded once and the split streamed once through the real loader, in one
-process. Per export: per-task metrics (TaskMetrics), a subsample of its probabilities for
+process; with `nproc: K` (`--nproc K`) the teacher is loaded sharded over K local ranks (its
+tables never whole in one process), each scoring its share of the rows. Per export: per-task metrics (TaskMetrics), a subsample of its probabilities for
 calibration curves, its parameter count and its CPU inference rate (forward passes only,
 decode excluded, one torch thread). The seeds of one setup are reduced to mean, std and n.
 
@@ -19,28 +20,35 @@ int8 tables cost.
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
-from distkd import storage
+from distkd import dist, log, storage
 from distkd.config import ConfigError, load, to_dict
 from distkd.models.export import load_export, read_meta, resolve_export
+from distkd.models.sharding_plan import ShardingConfig, describe_plan, shard_for_inference
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.loader import LogLoader
+from distkd.data.plan import range_of
+from distkd.launch.local import launch
 from distkd.metrics import SchemaMetrics, TaskMetrics
 from distkd.report import format_comparison, write_report
 from distkd.data.schema import LogsError, Schema, load_schema
 from distkd.eval_stats import (CURVE_BINS, GAP_METRICS, HARD, KD, MIN_GAP, ORACLE, TEACHER,  # noqa: F401 (re-exported)
                                _by_seed, calibration_curve, gap_recovered, gap_report, paired_differences, seed_pairs,
                                spread, t_interval)
+
+logger = logging.getLogger(__name__)
 
 CURVE_ROWS = 1_000_000  # at most this many rows per export kept for calibration curves
 RESULT_FORMAT = 1
@@ -57,6 +65,7 @@ class EvalJob:
     batch_size: int = 16384
     partitions: dict[str, PartitionRange] = field(default_factory=dict)  # partitioned logs (distkd.data.layout)
     serving: bool = False  # add file sizes, latency and the int8 AUC cost (distkd.serve.figures)
+    nproc: int = 1  # local ranks the teacher's tables are sharded over for its metrics (students: one process)
 
     def check(self) -> None:
         missing = [n for n in ("logs", "teacher", "kd", "hard", "out") if not getattr(self, n)]
@@ -64,6 +73,8 @@ class EvalJob:
             raise ConfigError(f"eval: missing {', '.join(missing)} (give --{' --'.join(missing)} or a --config)")
         if self.batch_size < 1:
             raise ConfigError(f"eval: batch_size must be >= 1, got {self.batch_size}")
+        if self.nproc < 1:
+            raise ConfigError(f"eval: nproc must be >= 1, got {self.nproc}")
         for d in self.kd + self.hard:
             if "=" in d and not Path(d).exists():
                 raise ConfigError(f"eval: '{d}' looks like a key=value override caught by --kd/--hard; "
@@ -90,44 +101,100 @@ def _every(row0: int, n: int, stride: int) -> np.ndarray:
     return np.arange((-row0) % stride, n, stride)
 
 
-@torch.inference_mode()
-def evaluate_export(export_dir: Path, loader: LogLoader, stride: int = 1) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics, CPU rate and parameter count of one export over the loader's split.
+class Scored(NamedTuple):
+    metrics: SchemaMetrics  # not yet computed (collective under a process group)
+    probs: np.ndarray  # [N', T] float32: every `stride`-th row's probabilities (binary tasks)
+    labels: np.ndarray  # [N', T], the same rows' labels
+    seconds: float  # in forward passes
+    rows: int
 
-    Returns (entry, probabilities [N', T] float32, labels [N', T]) for every `stride`-th row.
-    """
-    model, meta = load_export(export_dir)
+
+def score(model: torch.nn.Module, loader: LogLoader, stride: int = 1, row0: int = 0) -> Scored:
+    """Stream the loader's rows through `model`, keeping the rows whose global number is a
+    multiple of `stride` for calibration curves (`row0`: the global number of the loader's first
+    row). The first batch runs twice (a warm-up, untimed: first-call setup is not inference);
+    with a sharded model, every rank calls it as often (its loader has as many batches)."""
     metrics = SchemaMetrics(loader.schema)
     binary = bool(loader.schema.binary)  # calibration curves: probabilities of binary tasks only
     probs, labels = [], []
-    seconds, row0 = 0.0, 0
+    seconds, n = 0.0, 0
     for batch in loader:
-        if row0 == 0:
-            model(batch.sparse, batch.dense)  # warm-up, untimed: first-call setup is not inference
+        if n == 0:
+            model(batch.sparse, batch.dense)
         t0 = time.perf_counter()
         logits = model(batch.sparse, batch.dense).logits
         seconds += time.perf_counter() - t0
         metrics.update(logits, batch)
         if binary:
-            keep = torch.from_numpy(_every(row0, len(batch), stride))
+            keep = torch.from_numpy(_every(row0 + n, len(batch), stride))
             probs.append(torch.sigmoid(logits[keep].float()).numpy())
             labels.append(batch.labels[keep].numpy())
-        row0 += len(batch)
-    seed = (meta.get("job") or {}).get("train", {}).get("seed")
-    entry = {
+        n += len(batch)
+    if not binary:
+        return Scored(metrics, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), seconds, n)
+    return Scored(metrics, np.concatenate(probs), np.concatenate(labels), seconds, n)
+
+
+def export_entry(export_dir: Path, meta: dict[str, Any], rows: int, seconds: float, metrics: dict) -> dict[str, Any]:
+    """A report's record of one export: what it is, its rate and its metrics."""
+    return {
         "dir": str(export_dir),
         "sha256": meta["sha256"],
         "role": meta.get("role"),
-        "seed": seed,
+        "seed": (meta.get("job") or {}).get("train", {}).get("seed"),
         "parameters": int(meta["parameters"]),
-        "rows": row0,
+        "rows": rows,
         "forward_s": seconds,
-        "rows_per_s": row0 / seconds if seconds > 0 else float("nan"),
-        "metrics": metrics.compute(),
+        "rows_per_s": rows / seconds if seconds > 0 else float("nan"),
+        "metrics": metrics,
     }
-    if not binary:
-        return entry, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
-    return entry, np.concatenate(probs), np.concatenate(labels)
+
+
+@torch.inference_mode()
+def evaluate_export(export_dir: Path, loader: LogLoader, stride: int = 1) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics, CPU rate and parameter count of one export over the loader's split, on this process.
+
+    Returns (entry, probabilities [N', T] float32, labels [N', T]) for every `stride`-th row.
+    """
+    model, meta = load_export(export_dir)
+    s = score(model, loader, stride)
+    return export_entry(export_dir, meta, s.rows, s.seconds, s.metrics.compute()), s.probs, s.labels
+
+
+def evaluate_sharded(export_dir: Path, files: list[str], schema: Schema, batch_size: int, stride: int, nproc: int,
+                     threads: int = 1) -> tuple[dict, np.ndarray, np.ndarray]:
+    """`evaluate_export` with the export's tables sharded over `nproc` local ranks (the
+    elastic launcher): each rank loads only its shards and scores its contiguous share of the
+    split, the forward model-parallel; the metrics are reduced over the ranks, and the sampled
+    probabilities gathered in global row order: the one-process result up to float rounding."""
+    return launch(_sharded_rank, nproc, export_dir, files, schema, batch_size, stride, threads)[0]
+
+
+def _sharded_rank(export_dir: Path, files: list[str], schema: Schema, batch_size: int, stride: int, threads: int):
+    """One rank of `evaluate_sharded`; rank 0 returns the result, the others None."""
+    log.setup()  # a spawned rank starts with logging unconfigured
+    env = dist.init()
+    torch.set_num_threads(threads)
+    try:
+        loader = LogLoader(files, schema, batch_size, rank=env.rank, world_size=env.world_size, prefetch=0)
+        model, meta = load_export(export_dir, parallel=lambda m: shard_for_inference(m, env, ShardingConfig()))
+        with torch.no_grad():
+            s = score(model, loader, stride, row0=range_of(loader.total_rows, env.world_size, env.rank)[0])
+        metrics = s.metrics.compute()  # collective: sums all-reduced, AUC states gathered
+        parts: list[Any] = [None] * env.world_size
+        tdist.all_gather_object(parts, (s.probs, s.labels, s.seconds, s.rows))
+        plan = describe_plan(model)
+    except BaseException:
+        dist.abandon()  # no barrier: another rank may be stuck in a collective this one left
+        raise
+    dist.shutdown()
+    if not env.is_main:
+        return None
+    logger.info("%s: teacher metrics on %d ranks, plan %s", export_dir, env.world_size, plan)
+    # the ranks ran side by side: the split took as long as the slowest rank's forward passes
+    entry = export_entry(export_dir, meta, sum(p[3] for p in parts), max(p[2] for p in parts), metrics)
+    entry.update(nproc=env.world_size, plan=plan)
+    return entry, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def oracle_metrics(files: list[str], schema: Schema) -> Optional[dict[str, dict[str, float]]]:
@@ -183,9 +250,10 @@ def _next_item_oracle(files: list[str], schema: Schema) -> Optional[dict[str, di
 def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str = "test", batch_size: int = 16384,
                     *, threads: int = 1, curve_rows: int = CURVE_ROWS, gap=(TEACHER, KD, HARD),
                     partitions=None, serving_dir: Optional[str | Path] = None,
-                    serving_calls: Optional[dict[int, int]] = None) -> dict[str, Any]:
+                    serving_calls: Optional[dict[int, int]] = None, teacher_nproc: int = 1) -> dict[str, Any]:
     """Evaluate every export of every named model on `split`; see the module docstring.
-    With `serving_dir`, the serving figures too (files written there)."""
+    With `serving_dir`, the serving figures too (files written there). With `teacher_nproc`
+    > 1, the teacher's metrics come from its tables sharded over that many local ranks."""
     schema = load_schema(logs)
     files = split_files(str(logs), split, partitions)
     if ORACLE in models:
@@ -207,7 +275,10 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
         for name, exports in dirs.items():
             entries, probs, labels = [], [], None
             for d in exports:
-                entry, p, y = evaluate_export(d, loader, stride)
+                if name == TEACHER and teacher_nproc > 1:
+                    entry, p, y = evaluate_sharded(d, files, schema, batch_size, stride, teacher_nproc, threads)
+                else:
+                    entry, p, y = evaluate_export(d, loader, stride)
                 entries.append(entry)
                 probs.append(p)
                 labels = y
@@ -247,6 +318,7 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
         "schema_fingerprint": schema.fingerprint(),
         "batch_size": batch_size,
         "threads": threads,
+        "teacher_nproc": teacher_nproc,
         "torch": torch.__version__,
         "curve_every": stride,
         "models": out,
@@ -263,7 +335,7 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
 def job_from_args(args) -> EvalJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
     job = load(EvalJob, getattr(args, "config", None), list(getattr(args, "overrides", None) or []))
-    for name in ("logs", "teacher", "kd", "hard", "out", "split", "batch_size", "serving"):
+    for name in ("logs", "teacher", "kd", "hard", "out", "split", "batch_size", "serving", "nproc"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(job, name, list(value) if isinstance(value, (list, tuple)) else value)
@@ -275,7 +347,8 @@ def command_line(job: EvalJob) -> str:
     """The flags-only command that reproduces this evaluation."""
     return shlex.join(["distkd", "eval", "--logs", job.logs, "--teacher", job.teacher, "--kd", *job.kd,
                        "--hard", *job.hard, "--out", job.out, "--split", job.split,
-                       "--batch-size", str(job.batch_size), *(["--serving"] if job.serving else [])])
+                       "--batch-size", str(job.batch_size), *(["--serving"] if job.serving else []),
+                       *(["--nproc", str(job.nproc)] if job.nproc > 1 else [])])
 
 
 def run(args) -> int:
@@ -283,7 +356,7 @@ def run(args) -> int:
     job = job_from_args(args)
     result = evaluate_models(job.logs, {TEACHER: [job.teacher], KD: job.kd, HARD: job.hard},
                              job.split, job.batch_size, partitions=job.partitions,
-                             serving_dir=Path(job.out) / "serving" if job.serving else None)
+                             serving_dir=Path(job.out) / "serving" if job.serving else None, teacher_nproc=job.nproc)
     result["command"] = command_line(job)
     result["job"] = to_dict(job)
     path = write_report(result, job.out)

@@ -8,7 +8,10 @@ says what the trainer needs and nothing more:
     objective.aligned            side columns joined to the train split (cached teacher logits)
     objective.keep_requests      whether the loader must keep a request's rows together
     objective.model_config(cfg)  the model config plus what the losses add (aux head, hint)
-    objective.train_module(m, d) an nn.Module around the model: forward(batch) -> StepOutput
+    objective.train_module(m, e) an nn.Module around the model: forward(batch) -> StepOutput;
+                                 built on every rank once its process group exists (`e`, the
+                                 rank's distkd.dist.Env), so an online teacher can be loaded
+                                 collectively, its tables sharded over the training ranks
 
 The train module is what DistributedModelParallel wraps (TorchRec's DLRMTrain pattern):
 the loss runs inside DDP's forward, and the trainer never sees how it is made.
@@ -26,6 +29,7 @@ from torch import nn
 from distkd.config import ConfigError
 from distkd.data.loader import Aligned
 from distkd.data.schema import Schema
+from distkd.dist import Env
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Objective(Protocol):
 
     def model_config(self, cfg): ...
 
-    def train_module(self, model: nn.Module, device: torch.device) -> nn.Module: ...
+    def train_module(self, model: nn.Module, env: Env) -> nn.Module: ...
 
 
 def detached(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

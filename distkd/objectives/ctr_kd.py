@@ -3,7 +3,9 @@
 The teacher never runs here, except with a teacher instead of `cache:` (online
 distillation, kept for the benchmark that shows what the cache saves): `export:` (a distkd
 export), or a teacher of your own, `factory:` + `weights:` (+ `input:`, `kwargs:`,
-`hidden_dim:`) or `program:` (distkd.models.teacher).
+`hidden_dim:`) or `program:` (distkd.models.teacher). An online export is loaded by every
+rank together once the process group exists, either whole on each rank (replicated) or with
+its tables sharded over the training ranks (`online.sharding`; forward only, no optimizer).
 
     objective:
       kind: ctr_kd
@@ -12,11 +14,13 @@ export), or a teacher of your own, `factory:` + `weights:` (+ `input:`, `kwargs:
       losses: {hard: 1.0, soft: 1.0, mse: 0.0, listwise: 0.0, hint: 0.0}
       aux_head: false        # ExFM: the KD losses train a separate head
       unlabeled: true        # rows without labels learn from the teacher alone
+      online: {sharding: auto}  # an online export: auto | replicated | sharded over the ranks
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -27,9 +31,15 @@ from torch import nn
 from distkd.config import ConfigError
 from distkd.data.loader import Aligned
 from distkd.data.schema import Schema
+from distkd.dist import Env
+from distkd.models.export import read_meta
+from distkd.models.sharding_plan import ShardingConfig, describe_plan, shard_for_inference
+from distkd.models.teacher import describe, load_teacher
 from distkd.models.teacher_spec import TeacherSpec
 from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +85,21 @@ class LossWeights:
 
 
 @dataclass
+class OnlineTeacherConfig:
+    # replicated: every rank loads the whole teacher (a full copy per process); sharded: its
+    # tables spread over the training ranks (DistributedModelParallel, forward only); auto:
+    # sharded for an export that is sharded or a job on more than one rank, else replicated
+    sharding: Literal["auto", "replicated", "sharded"] = "auto"
+    plan: ShardingConfig = field(default_factory=ShardingConfig)  # the sharding types the teacher's plan may use
+
+    def sharded(self, source: TeacherSource, form: Optional[str], world_size: int) -> bool:
+        """Whether the online teacher `source` (an export of `form`, file or sharded) is sharded."""
+        if source.export is None or self.sharding == "replicated":
+            return False  # a teacher of your own is a module distkd cannot plan: always whole
+        return self.sharding == "sharded" or form == "sharded" or world_size > 1
+
+
+@dataclass
 class CtrKDConfig:
     kind: Literal["ctr_kd"] = "ctr_kd"
     teachers: list[TeacherSource] = field(default_factory=list)
@@ -83,8 +108,12 @@ class CtrKDConfig:
     aux_head: bool = False
     aux_grad_scale: float = 1.0
     unlabeled: bool = True
+    online: OnlineTeacherConfig = field(default_factory=OnlineTeacherConfig)  # how an online export is laid out
 
     def validate(self) -> None:
+        if self.online.sharding == "sharded" and any(t.factory or t.program for t in self.teachers):
+            raise ConfigError("online.sharding: sharded is for distkd exports; a factory or program teacher "
+                              "loads whole on every rank (replicated or auto)")
         if not self.teachers:
             raise ConfigError("teachers: at least one teacher is required")
         if self.temperature <= 0:
@@ -157,27 +186,42 @@ class CtrKD:
     keep_requests: bool
     schema: Optional[Schema] = None  # the logs' (online teachers of your own are built for it)
     fingerprints: tuple = ()  # per teacher: the online teacher's fingerprint (None for a cache)
+    forms: tuple = ()  # per teacher: an online export's form, file or sharded (None otherwise)
 
     def model_config(self, model):
         return dataclasses.replace(model, aux_head=self.cfg.aux_head, aux_grad_scale=self.cfg.aux_grad_scale,
                                    hint_dim=self.hint_dim)
 
-    def train_module(self, model: nn.Module, device: torch.device) -> nn.Module:
-        from distkd.models.teacher import load_teacher
-
-        online = [None if t.cache is not None else load_teacher(t.spec(), self.schema, device, expect_sha256=sha)
-                  for t, sha in zip(self.cfg.teachers, self.fingerprints or [None] * len(self.cfg.teachers))]
+    def train_module(self, model: nn.Module, env: Env) -> nn.Module:
+        """Collective when a teacher is sharded: every rank loads it here, in the same order."""
+        n = len(self.cfg.teachers)
+        online = [None if t.cache is not None else self.load_online(i, env, sha, form)
+                  for i, (t, sha, form) in enumerate(zip(self.cfg.teachers, self.fingerprints or [None] * n,
+                                                         self.forms or [None] * n))]
         return CtrKDTrain(model, self.cfg, self.task_weights, online)
+
+    def load_online(self, i: int, env: Env, sha256: Optional[str], form: Optional[str]):
+        """Online teacher `i` on this rank: whole, or its tables sharded over the ranks (collective).
+        Its loading leaves the RNG as it was: the student starts from the same weights either way."""
+        source = self.cfg.teachers[i]
+        sharded = self.cfg.online.sharded(source, form, env.world_size)
+        parallel = (lambda m: shard_for_inference(m, env, self.cfg.online.plan)) if sharded else None
+        with torch.random.fork_rng(devices=[env.device.index or 0] if env.device.type == "cuda" else []):
+            teacher = load_teacher(source.spec(), self.schema, env.device, expect_sha256=sha256, parallel=parallel)
+        if env.is_main:
+            layout = f"sharded over {env.world_size} rank(s), plan {describe_plan(teacher.module)}" if sharded \
+                else "replicated (a whole copy on every rank)"
+            logger.info("online teacher %d (%s): %s", i, teacher.name, layout)
+        return teacher
 
 
 def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
     """Open (and so check) every teacher's cache against the logs, or its export, once."""
     from distkd.cache.reader import open_cache
-    from distkd.models.teacher import describe
 
     if cfg.losses.listwise and ctx.schema.request_id is None:
         raise ConfigError(f"{ctx.where}: objective.losses.listwise needs logs with a request_id column")
-    aligned, hint_dim, fingerprints = [], None, []
+    aligned, hint_dim, fingerprints, forms = [], None, [], []
     for i, t in enumerate(cfg.teachers):
         hidden = i == 0 and bool(cfg.losses.hint)
         if t.cache is not None:
@@ -185,6 +229,7 @@ def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
                               partitions=ctx.partitions)
             aligned.append(view)
             fingerprints.append(None)
+            forms.append(None)
             if hidden:
                 hint_dim = view.hidden_dim
             continue
@@ -199,9 +244,10 @@ def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
         if t.sha256 and record["sha256"] != t.sha256:
             raise ConfigError(f"{where}: {spec.name} is teacher {record['sha256'][:12]}…, expected {t.sha256[:12]}…")
         fingerprints.append(record["sha256"])
+        forms.append(read_meta(t.export).get("form", "file") if t.export is not None else None)
         if hidden:
             hint_dim = record["hidden_dim"]
             if not hint_dim:
                 raise ConfigError(f"{where}: losses.hint needs the teacher's hidden_dim")
     return CtrKD(cfg, ctx.task_weights, aligned, hint_dim, keep_requests=bool(cfg.losses.listwise),
-                 schema=ctx.schema, fingerprints=tuple(fingerprints))
+                 schema=ctx.schema, fingerprints=tuple(fingerprints), forms=tuple(forms))

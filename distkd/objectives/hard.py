@@ -15,6 +15,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from distkd.dist import Env
 from distkd.objectives.base import ObjectiveContext, StepOutput
 from distkd.objectives.losses import masked_bce
 from distkd.objectives.next_item_losses import hard_ce, sampled_softmax_ce
@@ -75,7 +76,7 @@ class HardLabel:
     def model_config(self, cfg):
         return cfg
 
-    def train_module(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def train_module(self, model: nn.Module, env: Env) -> nn.Module:
         if self.next_item:
             return NextItemHardTrain(model, self.proposal, self.sampled_negatives)
         return HardLabelTrain(model, self.task_weights)

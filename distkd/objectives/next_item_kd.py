@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from distkd.config import ConfigError
+from distkd.dist import Env
 from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.ctr_kd import TeacherSource
 from distkd.objectives.next_item_losses import hard_ce, ranking_distillation, sampled_tail_kl, topk_kl
@@ -93,7 +94,7 @@ class NextItemKD:
     def model_config(self, model):
         return model
 
-    def train_module(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def train_module(self, model: nn.Module, env: Env) -> nn.Module:
         return NextItemKDTrain(model, self.cfg, self.lse_tau)
 
 

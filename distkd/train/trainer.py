@@ -55,9 +55,11 @@ class TrainState:
 
 
 def run_identity(job: TrainJob, schema: Schema, model_cfg) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it (world size excluded)."""
+    """What a checkpoint must share with the run that resumes it (world size excluded, and how an
+    online teacher is laid out over the ranks: the same teacher, replicated or sharded)."""
+    objective = {k: v for k, v in to_dict(job.objective).items() if k != "online"}
     return {"role": job.role, "schema": schema.fingerprint(), "model": to_dict(model_cfg),
-            "objective": to_dict(job.objective), "seed": job.train.seed, "batch_size": job.train.batch_size,
+            "objective": objective, "seed": job.train.seed, "batch_size": job.train.batch_size,
             "train": to_dict(job.partitions.get("train"))}
 
 
@@ -72,7 +74,7 @@ class Trainer:
         self.model_cfg = objective.model_config(job.model)
         model = build_model(schema, self.model_cfg, device=env.device)
         initialize(model, schema, split_files(job.logs, "train", job.partitions))
-        self.dmp, self.optimizer = shard(objective.train_module(model, env.device), env, job.sharding, job.optim)
+        self.dmp, self.optimizer = shard(objective.train_module(model, env), env, job.sharding, job.optim)
         loop = job.train
         self.train_loader = self._loader("train", loop.batch_size, objective.aligned, objective.keep_requests)
         self.validator = Validator(self._loader("valid", loop.eval_batch_size), schema, env.device,
