@@ -5,11 +5,9 @@ CUDA transfer settings (pinned batches, non_blocking copies) are chosen from the
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 

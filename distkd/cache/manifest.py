@@ -33,10 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
-from distkd.cache.contract import (  # noqa: F401 (re-exported: these lived here before contract.py)
-    FILE_META_KEY, FORMAT, KIND, LOCK, MANIFEST, CacheError, InputFingerprint, check_rel, read_manifest,
-    write_manifest,
-)
+from distkd.cache.contract import FILE_META_KEY, FORMAT, CacheError, InputFingerprint, check_rel
 from distkd.data.schema import LogsError
 
 

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distkd import storage
-from distkd.data.synth_layout import SPLIT_SHARE, plan_shards
+from distkd.data.synth_layout import plan_shards
 
 logger = logging.getLogger(__name__)
 
