@@ -1,16 +1,19 @@
-"""The GPU run's transport (docs/gpu.md) without network or GPU: scripts/gpu_split.sh cuts a file
-into parts with a MANIFEST, scripts/gpu_part.sh puts them back in order, checking each part's
-sha256 and then the whole file's, and refuses parts out of order or altered. A small generated
-file stands in for the 465 MB fbgemm-gpu wheel."""
+"""The GPU run (docs/gpu.md) without network or GPU: scripts/gpu_split.sh cuts a file into parts
+with a MANIFEST, scripts/gpu_part.sh puts them back in order, checking each part's sha256 and then
+the whole file's, and refuses parts out of order or altered (a small generated file stands in for
+the 465 MB fbgemm-gpu wheel); distkd.bench.gpu records both figures, here on the CPU."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.support import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -96,3 +99,18 @@ def test_run_refuses_a_wheel_not_reassembled(packed, tmp_path):
     (carry / "MANIFEST").write_text((parts / "MANIFEST").read_text())
     out = sh("gpu_run.sh", str(carry), env={"DEST": str(dest), "SITE": str(tmp_path / "site")})
     assert out.returncode == 1 and "run scripts/gpu_part.sh for every part first" in out.stderr
+
+
+def test_bench_records_the_step_alone_and_end_to_end(kd_world, tmp_path):
+    out = tmp_path / "bench"
+    r = cli("--logs", str(kd_world["logs"]), "--cache", str(kd_world["cache"]), "--out", str(out), "--batch", "256",
+            "--steps", "3", "--warmup", "2", "--rounds", "2", module="distkd.bench.gpu", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "gpu_bench.json").read_text())
+    assert result["device"] == "CPU" and result["backend"] == "gloo" and result["batch"] == 256
+    assert result["stack"]["torchrec"] and result["stack"]["fbgemm_gpu"]
+    for name in ("step_alone", "end_to_end"):
+        figure = result[name]
+        assert len(figure["rounds"]) == 2 and figure["steps"] == 6 and figure["rows"] == 6 * 256
+        assert figure["samples_per_s"] > 0
+    assert "step alone: " in r.stdout and "end to end: " in r.stdout and "samples/s on CPU" in r.stdout
