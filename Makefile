@@ -1,13 +1,16 @@
 # The two commands: `make demo` and `make test`. Both create .venv and install once.
-VENV   ?= .venv
+# STACK picks the pinned stack (scripts/stacks/STACK.txt): torch2.13, the default and CI's, in .venv;
+# torch2.11 (the GPU image's) in .venv-torch2.11, e.g. `make test STACK=torch2.11`.
+STACK  ?= torch2.13
+VENV   ?= $(if $(filter torch2.13,$(STACK)),.venv,.venv-$(STACK))
 PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
+.PHONY: install demo test docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
 
-$(STAMP): requirements.txt pyproject.toml scripts/install.sh
-	VENV=$(VENV) bash scripts/install.sh
+$(STAMP): requirements.txt scripts/stacks/$(STACK).txt pyproject.toml scripts/install.sh
+	STACK=$(STACK) VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -64,6 +67,11 @@ bench-topk: $(STAMP)
 bench-faults: $(STAMP)
 	$(PY) -m distkd.bench.faults
 	$(PY) -m distkd.bench.faults_scale $(if $(FAULT_ROWS),--rows $(FAULT_ROWS))
+
+# The GPU run's wheels (torch2.11 stack, CUDA fbgemm-gpu in parts) and its prebuilt logs and cache,
+# into .gpu/ (docs/gpu.md). Uses the default stack (Ray builds the cache).
+gpu-pack: $(STAMP)
+	PYTHON=$(PY) bash scripts/gpu_pack.sh
 
 clean:
 	rm -rf runs
