@@ -120,7 +120,7 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
     """The manifest's teacher record: `sha256` (the fingerprint) and what it was computed
     from, `spec` (to load it again: `cache verify --recompute`) and `hidden_dim`. Checks an
     export's sha256, and its schema against `schema`."""
-    from distkd.models.export import check_loadable, read_meta, verify_export
+    from distkd.models.export import check_loadable, read_meta, schema_mismatch, verify_export
 
     spec = spec.resolved()
     rec: dict[str, Any] = {"form": spec.form, "name": spec.name, "spec": to_dict(spec), "input": spec.input}
@@ -131,9 +131,8 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
             check_loadable(spec.export, meta)
         except ConfigError as e:
             raise TeacherError(str(e)) from None
-        if schema is not None and meta.get("schema_fingerprint") != schema.fingerprint():
-            raise TeacherError(f"{spec.export}: the teacher was exported for schema {meta.get('schema_fingerprint')}, "
-                               f"the logs have schema {schema.fingerprint()}")
+        if schema is not None and (why := schema_mismatch(meta, schema)):
+            raise TeacherError(f"{spec.export}: the teacher was {why}")
         rec.update({k: meta.get(k) for k in ("sha256", "role", "model", "parameters", "bytes")})
         rec.update(export=spec.export, hidden_dim=int(meta["model"]["deep_arch"][-1]) if "deep_arch" in meta["model"] else None)
         return rec
@@ -284,7 +283,7 @@ def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, dev
     hash to that fingerprint (another copy of the package on this worker, a replaced file)
     is refused. An export (file or sharded) loads unsharded on this process, or with `parallel`
     (collective: every rank of a group) into a DistributedModelParallel (see load_export)."""
-    from distkd.models.export import load_export
+    from distkd.models.export import load_export, schema_mismatch
 
     spec = as_spec(spec).resolved()
     device = torch.device(device)
@@ -294,9 +293,9 @@ def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, dev
         except ConfigError as e:  # a one-line reason, also from a cache worker
             raise TeacherError(str(e)) from None
         model = getattr(module, "module", module)  # the model inside a DistributedModelParallel
-        if schema is not None and model.schema.fingerprint() != schema.fingerprint():
-            raise TeacherError(f"{spec.export}: the teacher was exported for schema {model.schema.fingerprint()}, "
-                               f"the logs have schema {schema.fingerprint()}")
+        if schema is not None and (why := schema_mismatch({**meta, "schema_fingerprint": model.schema.fingerprint(),
+                                                            "features": model.schema.feature_names}, schema)):
+            raise TeacherError(f"{spec.export}: the teacher was {why}")
         teacher = Teacher(module, spec, meta["sha256"], model.schema, model.hidden_dim)
     else:
         if schema is None:

@@ -237,6 +237,11 @@ def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
         where = f"{ctx.where}: objective.teachers[{i}].{spec.form}"
         if t.export is not None and not (Path(t.export) / "export.json").is_file():
             raise ConfigError(f"{where}: {t.export} is not an exported model directory")
+        if t.export is not None and (barred := [n for n in read_meta(t.export).get("features") or []
+                                                if n not in ctx.schema.feature_names]):
+            raise ConfigError(f"{where}: the teacher reads {barred}, which the student's batches never carry "
+                              "(teacher-only features); cache its logits (`distkd cache build`) and distill from "
+                              "the cache")
         try:
             record = describe(spec, ctx.schema)  # files there and hashed, export checked against the logs
         except ConfigError as e:
