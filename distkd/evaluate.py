@@ -43,6 +43,7 @@ from distkd.data.plan import range_of
 from distkd.launch.local import launch
 from distkd.metrics import SchemaMetrics, TaskMetrics
 from distkd.report import format_comparison, write_report
+from distkd.data import roles
 from distkd.data.schema import LogsError, Schema, load_schema
 from distkd.eval_stats import (CURVE_BINS, GAP_METRICS, HARD, KD, MIN_GAP, ORACLE, TEACHER,  # noqa: F401 (re-exported)
                                _by_seed, calibration_curve, gap_recovered, gap_report, paired_differences, seed_pairs,
@@ -84,13 +85,20 @@ class EvalJob:
 # -- inputs -----------------------------------------------------------------------------
 
 
-def check_export(export_dir: Path, schema: Schema, logs: str | Path) -> dict[str, Any]:
+def check_export(export_dir: Path, schema: Schema, logs: str | Path) -> Schema:
+    """The view of the logs the export reads (a teacher: every feature; a student: the shared
+    ones), checked against its fingerprint."""
     meta = read_meta(export_dir)
-    want, got = schema.fingerprint(), meta.get("schema_fingerprint")
-    if got != want:
-        raise ConfigError(f"{export_dir}: exported for schema {got}, but the logs {logs} have schema {want}; "
-                          "evaluate a model on logs with the schema it was trained on")
-    return meta
+    got = meta.get("schema_fingerprint")
+    try:
+        view = roles.view(schema, meta.get("features"))
+    except ConfigError as e:
+        raise ConfigError(f"{export_dir}: exported for schema {got}, which reads features the logs {logs} lack: "
+                          f"{e}") from None
+    if got != view.fingerprint():
+        raise ConfigError(f"{export_dir}: exported for schema {got}, but the logs {logs} have schema "
+                          f"{view.fingerprint()}; evaluate a model on logs with the schema it was trained on")
+    return view
 
 
 # -- one export -------------------------------------------------------------------------
@@ -259,13 +267,17 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
     if ORACLE in models:
         raise ConfigError(f"'{ORACLE}' is reserved for the true-probability row; name the model otherwise")
     dirs: dict[str, list[Path]] = {}
+    views: dict[Path, Schema] = {}  # what each export reads: a student never sees teacher-only features
     for name, given in models.items():
         if not given:
             raise ConfigError(f"{name}: no export directory given")
         dirs[name] = [resolve_export(d) for d in given]
         for d in dirs[name]:
-            check_export(d, schema, logs)  # every input checked before any work
-    loader = LogLoader(files, schema, batch_size, prefetch=0)  # decode inline: nothing competes with the timing
+            views[d] = check_export(d, schema, logs)  # every input checked before any work
+    # one loader per view, decoding inline: nothing competes with the timing
+    loaders = {fp: LogLoader(files, v, batch_size, prefetch=0) for fp, v in
+               {v.fingerprint(): v for v in [schema, *views.values()]}.items()}
+    loader = loaders[schema.fingerprint()]
     stride = max(1, math.ceil(loader.num_rows / curve_rows))
 
     old_threads = torch.get_num_threads()
@@ -276,9 +288,10 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
             entries, probs, labels = [], [], None
             for d in exports:
                 if name == TEACHER and teacher_nproc > 1:
-                    entry, p, y = evaluate_sharded(d, files, schema, batch_size, stride, teacher_nproc, threads)
+                    entry, p, y = evaluate_sharded(d, files, views[d], batch_size, stride, teacher_nproc, threads)
                 else:
-                    entry, p, y = evaluate_export(d, loader, stride)
+                    entry, p, y = evaluate_export(d, loaders[views[d].fingerprint()], stride)
+                entry["features"] = views[d].feature_names
                 entries.append(entry)
                 probs.append(p)
                 labels = y

@@ -40,10 +40,11 @@ from distkd.config import ConfigError, to_dict
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.schema import SPLITS, load_schema
 from distkd.models.teacher import TeacherRef, describe
-from distkd.models.teacher_spec import TeacherError, TeacherSpec, as_spec
+from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec, ensemble
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TEACHER = "runs/demo/teacher/export"
 MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while shards commit
 
 
@@ -51,7 +52,11 @@ MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while sha
 class CacheJob:
     # An export directory (export.json + model.pt), or a TeacherSpec mapping (distkd.models.teacher):
     # {factory: pkg.mod:fn, weights: w.pt, input: dict, kwargs: {...}} or {program: t.pt2}.
-    teacher: Union[TeacherSpec, str] = "runs/demo/teacher/export"
+    teacher: Union[TeacherSpec, str] = DEFAULT_TEACHER
+    # An ensemble instead (distkd.models.ensemble): N teachers (export paths or specs) cached as one
+    # combined target, `combine` stating how: the mean of their logits or of their probabilities.
+    teachers: list[Union[TeacherSpec, str]] = field(default_factory=list)
+    combine: Literal["mean_logit", "mean_prob"] = "mean_logit"  # mean_prob: the mean probability, as a logit
     logs: str = "runs/demo/logs"
     out: str = "runs/demo/cache"
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
@@ -86,7 +91,15 @@ class CacheJob:
         if isinstance(self.teacher, str) and storage.is_remote(self.teacher):
             raise ConfigError(f"teacher: {self.teacher}: the export must be a path every worker can open "
                               "(a shared file system); copy it there from object storage")
-        as_spec(self.teacher)
+        if self.teachers and self.teacher != DEFAULT_TEACHER:
+            raise ConfigError("give teacher (one) or teachers (an ensemble), not both")
+        if self.teachers and self.hidden:
+            raise ConfigError("hidden: an ensemble has no one hidden layer to cache")
+        self.spec()
+
+    def spec(self) -> "TeacherSpec | EnsembleSpec":
+        """The teacher the cache is of: one, or the ensemble of `teachers`."""
+        return ensemble(self.teachers, self.combine) if self.teachers else as_spec(self.teacher)
 
 
 @dataclass
@@ -123,7 +136,7 @@ def _header(job: CacheJob) -> tuple[Manifest, Any]:
     """The manifest's identity part for this job (teacher, schema, content), and the schema."""
     schema = load_schema(job.logs)
     try:  # the fingerprint (distkd.models.teacher); an export's sha256 and schema are checked
-        teacher = describe(as_spec(job.teacher), schema)
+        teacher = describe(job.spec(), schema)
     except TeacherError as e:
         raise CacheError(str(e)) from None
     hidden_dim = teacher.pop("hidden_dim", None) if job.hidden else None
@@ -275,7 +288,7 @@ def _compute(job: CacheJob, out: str, manifest: Manifest, run: BuildRun, todo: l
         run.pool = plan.describe()
         logger.info(f"cache: Ray cluster {ray.cluster_resources().get('CPU', 0):.0f} CPU / "
                     f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
-        ref = TeacherRef(as_spec(job.teacher).resolved(), load_schema(job.logs), manifest.teacher.sha256)
+        ref = TeacherRef(job.spec().resolved(), load_schema(job.logs), manifest.teacher.sha256)
         pool = WorkerPool(plan, ref, job.max_attempts, worker)
         tasks = [ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp.path)),
                            storage.absolute(cache_file(out, fp.path)), fp, manifest.teacher.sha256, manifest.content,

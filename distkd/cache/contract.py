@@ -191,7 +191,7 @@ class BuildRun:
 # What distkd.models.teacher.describe records (it owns the layout; the cache reads sha256,
 # spec, export and name). Kept as the mapping it is so that its keys keep their order.
 TEACHER_FIELDS = ("form", "name", "spec", "input", "sha256", "role", "model", "parameters", "bytes", "export",
-                  "weights_sha256", "source")
+                  "weights_sha256", "source", "combine", "members")  # an ensemble: how, and of which teachers
 
 
 @dataclass(frozen=True)

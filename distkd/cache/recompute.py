@@ -29,7 +29,7 @@ from distkd.cache.worker import row_group_batches
 from distkd.config import from_dict
 from distkd.data.schema import Schema
 from distkd.models.teacher import Teacher, load_teacher
-from distkd.models.teacher_spec import TeacherError, TeacherSpec, as_spec
+from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec
 
 DEFAULT_BATCH = 8192  # CacheJob's default, for files written before the footer recorded it
 
@@ -48,11 +48,12 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(ordered(a) - ordered(b))
 
 
-def manifest_teacher(manifest: Manifest) -> TeacherSpec:
+def manifest_teacher(manifest: Manifest) -> "TeacherSpec | EnsembleSpec":
     """The teacher the manifest says built the cache (caches from before the spec was recorded
     name an export directory)."""
     if manifest.teacher.spec:
-        return from_dict(TeacherSpec, manifest.teacher.spec, "manifest.json:teacher.spec")
+        kind = EnsembleSpec if manifest.teacher.record.get("form") == EnsembleSpec.form else TeacherSpec
+        return from_dict(kind, manifest.teacher.spec, "manifest.json:teacher.spec")
     if manifest.teacher.export:
         return TeacherSpec(export=manifest.teacher.export)
     raise CacheError("manifest.json: records no teacher to recompute with; give --teacher")

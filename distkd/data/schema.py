@@ -18,6 +18,10 @@ and labels, float64 (or float16, or integer) dense columns cast to float32 (a fi
 beyond float32 is refused), bool labels and float labels with NaN for "no label", and
 dictionary-encoded columns of any of these.
 
+Each feature has a role: `shared` (the default) or `teacher_only`, a privileged feature in the
+logs but never at serving: a student job reads the view without them (distkd.data.roles). A
+role is part of the fingerprint only when it is not the default: schemas without roles keep theirs.
+
 Transforms `standardize`, `log1p_standardize` and `quantile` take per-feature parameters from
 the logs' statistics (`stats.json`, written by `distkd data stats`, see distkd.data.stats):
 `load_schema` attaches them to the features (`DenseFeature.params`), so every process that
@@ -50,6 +54,8 @@ DEFAULT_CLIP = 5.0
 # Optional fields added after version 1: left out of the fingerprint (and schema.yaml) while
 # unset, so the fingerprints of schemas that do not use them stay what they were.
 _OPTIONAL = ("hash", "clip", "params")
+SHARED, TEACHER_ONLY = "shared", "teacher_only"
+Role = Literal["shared", "teacher_only"]  # teacher_only: privileged, in the logs but never at serving
 
 
 @dataclass
@@ -71,6 +77,7 @@ class SparseFeature:
     hash_size: Optional[int] = None
     multi_valued: bool = False
     hash: Optional[HashSpec] = None  # set: the column holds strings (or binary), hashed into hash_size
+    role: Role = SHARED  # teacher_only: a privileged feature, read by teachers, never by a student
 
     def validate(self) -> None:
         if (self.num_embeddings is None) == (self.hash_size is None):
@@ -101,6 +108,7 @@ class DenseFeature:
     transform: Literal["none", "log1p", "standardize", "log1p_standardize", "quantile"] = "none"
     clip: Optional[float] = None  # standardize transforms: z clipped to +-clip (default 5)
     params: Optional[DenseParams] = None  # attached by load_schema from stats.json
+    role: Role = SHARED  # teacher_only: a privileged feature, read by teachers, never by a student
 
     def validate(self) -> None:
         where = f"dense feature '{self.name}'"
@@ -177,6 +185,9 @@ class Schema:
             if t.item_feature and (f is None or f.rows != t.num_classes):
                 raise ConfigError(f"task '{t.name}': item_feature '{t.item_feature}' must be a sparse feature with "
                                   f"{t.num_classes} rows (the label's ids)")
+            if f is not None and f.role != SHARED:
+                raise ConfigError(f"task '{t.name}': item_feature '{f.name}' is teacher-only; a student's next-item "
+                                  "model needs it: make it shared")
 
     @property
     def binary(self) -> list[Task]:
@@ -236,6 +247,8 @@ class Schema:
             for k in _OPTIONAL:
                 if k in f and f[k] is None:
                     del f[k]
+            if f.get("role") == SHARED:  # the default: schemas without roles keep their fingerprints
+                del f["role"]
         for t in d["tasks"]:  # binary tasks read as they did before multiclass ones existed
             if t.get("kind") == "binary":
                 for k in ("kind", "num_classes", "item_feature"):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from distkd.config import ConfigError, coerce, from_dict, to_dict
+from distkd.data.roles import view_fingerprint
 from distkd.data.schema import Schema
 from distkd.models import ModelSpec, build_model
 from distkd.models import sharded_export as sharded
@@ -99,7 +100,20 @@ def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
 
 def _describe(role: str, schema: Schema, cfg, form: str, file: str) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "form": form, "role": role, "file": file,
-            "schema_fingerprint": schema.fingerprint(), "model": to_dict(cfg)}
+            "schema_fingerprint": schema.fingerprint(), "features": schema.feature_names, "model": to_dict(cfg)}
+
+
+def schema_mismatch(meta: dict[str, Any], schema: Schema) -> Optional[str]:
+    """Why the export of `meta` (its export.json) cannot read logs of `schema`, None if it can.
+    An export reads a view of the logs (a student: their shared features; `features` in
+    export.json, absent from exports older than roles: all): the logs' schema narrowed to its
+    features must have the export's fingerprint."""
+    got = meta.get("schema_fingerprint")
+    try:
+        want = view_fingerprint(schema, meta.get("features"))
+    except ConfigError as e:
+        return f"exported for schema {got}, which reads features these logs lack ({e})"
+    return None if got == want else f"exported for schema {got}, the logs have schema {want}"
 
 
 def write_export(out_dir: str | Path, role: str, schema: Schema, cfg,

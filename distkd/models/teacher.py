@@ -29,6 +29,7 @@ How a teacher is given (`TeacherSpec`, distkd.models.teacher_spec; exactly one o
              (`py_modules` / `working_dir`, which Ray puts on the workers' sys.path).
     program: a `torch.export` program (.pt2: torch.export.save / torch.export.load); needs
              none of the user's Python where it runs. Export it with a dynamic batch size.
+    ensemble: N of these combined into one target (EnsembleSpec, distkd.models.ensemble)
 
 The fingerprint (the cache's `manifest["teacher"]["sha256"]`):
 
@@ -63,7 +64,8 @@ from torch import Tensor
 
 from distkd.config import ConfigError, to_dict
 from distkd.data.schema import Schema
-from distkd.models.teacher_spec import TeacherError, TeacherSpec, as_spec
+from distkd.models import ensemble
+from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec
 
 # -- fingerprints -----------------------------------------------------------------------
 
@@ -116,12 +118,14 @@ def _factory_sha(spec: TeacherSpec, weights_sha: str, sources: dict[str, str]) -
     return _sha256(json.dumps(blob, sort_keys=True, default=str).encode())
 
 
-def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, Any]:
+def describe(spec: "TeacherSpec | EnsembleSpec", schema: Optional[Schema] = None) -> dict[str, Any]:
     """The manifest's teacher record: `sha256` (the fingerprint) and what it was computed
     from, `spec` (to load it again: `cache verify --recompute`) and `hidden_dim`. Checks an
     export's sha256, and its schema against `schema`."""
-    from distkd.models.export import check_loadable, read_meta, verify_export
+    from distkd.models.export import check_loadable, read_meta, schema_mismatch, verify_export
 
+    if isinstance(spec, EnsembleSpec):
+        return ensemble.describe(spec, schema)
     spec = spec.resolved()
     rec: dict[str, Any] = {"form": spec.form, "name": spec.name, "spec": to_dict(spec), "input": spec.input}
     if spec.export:
@@ -131,9 +135,8 @@ def describe(spec: TeacherSpec, schema: Optional[Schema] = None) -> dict[str, An
             check_loadable(spec.export, meta)
         except ConfigError as e:
             raise TeacherError(str(e)) from None
-        if schema is not None and meta.get("schema_fingerprint") != schema.fingerprint():
-            raise TeacherError(f"{spec.export}: the teacher was exported for schema {meta.get('schema_fingerprint')}, "
-                               f"the logs have schema {schema.fingerprint()}")
+        if schema is not None and (why := schema_mismatch(meta, schema)):
+            raise TeacherError(f"{spec.export}: the teacher was {why}")
         rec.update({k: meta.get(k) for k in ("sha256", "role", "model", "parameters", "bytes")})
         rec.update(export=spec.export, hidden_dim=int(meta["model"]["deep_arch"][-1]) if "deep_arch" in meta["model"] else None)
         return rec
@@ -277,16 +280,18 @@ def _state_dict(data: bytes, spec: TeacherSpec, device) -> dict:
     return state
 
 
-def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, device: Any = "cpu",
+def load_teacher(spec: "str | TeacherSpec | EnsembleSpec", schema: Optional[Schema] = None, device: Any = "cpu",
                  expect_sha256: Optional[str] = None, parallel: Optional[Callable] = None) -> Teacher:
     """Load a teacher in eval mode on `device`. `schema` (the logs') is required except for an
     export, which carries its own. With `expect_sha256`, a teacher whose files here do not
     hash to that fingerprint (another copy of the package on this worker, a replaced file)
     is refused. An export (file or sharded) loads unsharded on this process, or with `parallel`
     (collective: every rank of a group) into a DistributedModelParallel (see load_export)."""
-    from distkd.models.export import load_export
+    from distkd.models.export import load_export, schema_mismatch
 
     spec = as_spec(spec).resolved()
+    if isinstance(spec, EnsembleSpec):
+        return ensemble.load(spec, schema, device, expect_sha256)
     device = torch.device(device)
     if spec.export:
         try:
@@ -294,9 +299,9 @@ def load_teacher(spec: "str | TeacherSpec", schema: Optional[Schema] = None, dev
         except ConfigError as e:  # a one-line reason, also from a cache worker
             raise TeacherError(str(e)) from None
         model = getattr(module, "module", module)  # the model inside a DistributedModelParallel
-        if schema is not None and model.schema.fingerprint() != schema.fingerprint():
-            raise TeacherError(f"{spec.export}: the teacher was exported for schema {model.schema.fingerprint()}, "
-                               f"the logs have schema {schema.fingerprint()}")
+        if schema is not None and (why := schema_mismatch({**meta, "schema_fingerprint": model.schema.fingerprint(),
+                                                            "features": model.schema.feature_names}, schema)):
+            raise TeacherError(f"{spec.export}: the teacher was {why}")
         teacher = Teacher(module, spec, meta["sha256"], model.schema, model.hidden_dim)
     else:
         if schema is None:

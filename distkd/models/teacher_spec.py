@@ -63,8 +63,55 @@ class TeacherSpec:
         return replace(self, **fix)
 
 
-def as_spec(teacher: "str | TeacherSpec", where: str = "teacher") -> TeacherSpec:
-    """A job's `teacher:` (an export path, or a spec) as a checked TeacherSpec."""
+COMBINE = ("mean_logit", "mean_prob")
+
+
+@dataclass
+class EnsembleSpec:
+    """N teachers scored as one (distkd.models.ensemble): their logits averaged (`mean_logit`), or
+    their probabilities averaged and turned back into a logit (`mean_prob`). Its fingerprint
+    covers `combine` and every member's, in order: one changed member is another teacher."""
+
+    members: list[TeacherSpec] = field(default_factory=list)
+    combine: Literal["mean_logit", "mean_prob"] = "mean_logit"
+    input: Literal["kjt"] = "kjt"  # what the ensemble takes; each member is called in its own form
+    hidden_dim: Optional[int] = None  # an ensemble has no one hidden layer to cache
+
+    form = "ensemble"
+
+    def validate(self) -> None:
+        if len(self.members) < 2:
+            raise ConfigError(f"teachers: an ensemble needs at least 2 teachers, got {len(self.members)}")
+        if self.hidden_dim is not None:
+            raise ConfigError("hidden_dim: an ensemble has no one hidden layer to cache")
+        for i, m in enumerate(self.members):
+            as_spec(m, f"teachers[{i}]")
+
+    @property
+    def name(self) -> str:
+        return f"{self.combine} of [{', '.join(m.name for m in self.members)}]"
+
+    def resolved(self) -> "EnsembleSpec":
+        return replace(self, members=[m.resolved() for m in self.members])
+
+
+def ensemble(teachers: "list[str | TeacherSpec]", combine: str = "mean_logit",
+             where: str = "teachers") -> EnsembleSpec:
+    """A job's `teachers:` list (export paths or specs) and `combine:` as a checked EnsembleSpec."""
+    spec = EnsembleSpec([as_spec(t, f"{where}[{i}]") for i, t in enumerate(teachers)], combine)  # type: ignore[arg-type]
+    try:
+        spec.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return spec
+
+
+def as_spec(teacher: "str | TeacherSpec | EnsembleSpec", where: str = "teacher") -> "TeacherSpec | EnsembleSpec":
+    """A job's `teacher:` (an export path, or a spec) as a checked TeacherSpec (an ensemble's
+    spec is checked and returned as it is)."""
+    if isinstance(teacher, EnsembleSpec):
+        teacher.validate()
+        return teacher
     spec = TeacherSpec(export=teacher) if isinstance(teacher, str) else teacher
     try:
         spec.validate()

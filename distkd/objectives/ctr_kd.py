@@ -13,6 +13,7 @@ its tables sharded over the training ranks (`online.sharding`; forward only, no 
       temperature: 2.0
       losses: {hard: 1.0, soft: 1.0, mse: 0.0, listwise: 0.0, hint: 0.0}
       aux_head: false        # ExFM: the KD losses train a separate head
+      gating: fixed          # fixed: the teachers' `weight`s; learned: a gate picks them per example
       unlabeled: true        # rows without labels learn from the teacher alone
       online: {sharding: auto}  # an online export: auto | replicated | sharded over the ranks
 """
@@ -109,6 +110,10 @@ class CtrKDConfig:
     aux_grad_scale: float = 1.0
     unlabeled: bool = True
     online: OnlineTeacherConfig = field(default_factory=OnlineTeacherConfig)  # how an online export is laid out
+    # How several teachers make one target: fixed, their `weight`s; learned, per example, the
+    # softmax of a gate on the student's hidden layer (it learns from the labels, gate_weight)
+    gating: Literal["fixed", "learned"] = "fixed"
+    gate_weight: float = 1.0  # weight of the gate's own loss (BCE of the gated target on the labels)
 
     def validate(self) -> None:
         if self.online.sharding == "sharded" and any(t.factory or t.program for t in self.teachers):
@@ -124,6 +129,9 @@ class CtrKDConfig:
             raise ConfigError("aux_head: needs a teacher loss (soft, mse or listwise) to train it")
         if self.losses.hint and len(self.teachers) != 1:
             raise ConfigError("losses.hint needs exactly one teacher")
+        if self.gating == "learned" and (len(self.teachers) < 2 or not self.gate_weight > 0):
+            raise ConfigError(f"gating: learned needs 2 or more teachers and gate_weight > 0, got "
+                              f"{len(self.teachers)} teacher(s), gate_weight {self.gate_weight}")
 
 
 class CtrKDTrain(nn.Module):
@@ -137,9 +145,10 @@ class CtrKDTrain(nn.Module):
         self.mix = [t.weight / total for t in cfg.teachers]
         # Online teachers stay outside the module tree: DMP must not shard or train them.
         self._online = online
+        self.gate = Gate(model.hidden_dim, self.mix, model.head.weight.device) if cfg.gating == "learned" else None
 
-    def teacher_logits(self, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The target: the teachers' logits, averaged with their weights; teacher 0's hidden layer."""
+    def teacher_logits(self, batch) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """Each teacher's logits [B, T], and teacher 0's hidden layer."""
         parts, hidden = [], None
         for i, t in enumerate(self.cfg.teachers):
             if t.cache is None:
@@ -151,17 +160,23 @@ class CtrKDTrain(nn.Module):
                 z = batch.extras[f"teacher{i}.logits"]
                 if i == 0 and self.cfg.losses.hint:
                     hidden = batch.extras["teacher0.hidden"]
-            parts.append(self.mix[i] * z)
-        return torch.stack(parts).sum(0), hidden
+            parts.append(z)
+        return parts, hidden
 
     def forward(self, batch) -> StepOutput:
         cfg, lw, tau, w = self.cfg, self.cfg.losses, self.cfg.temperature, self.w
         out = self.model(batch.sparse, batch.dense)
-        target, teacher_hidden = self.teacher_logits(batch)
+        logits, teacher_hidden = self.teacher_logits(batch)
+        terms: dict[str, torch.Tensor] = {}
+        if self.gate is None:  # the teachers' logits, averaged with their fixed weights
+            target = torch.stack([m * z for m, z in zip(self.mix, logits)]).sum(0)
+        else:  # the gate learns from the labels which teacher to trust; the student distills its choice
+            gated = self.gate(out.hidden, torch.stack(logits, -1))
+            terms["gate"] = cfg.gate_weight * (masked_bce(gated, batch.labels) * w).sum()
+            target = gated.detach()
         # Rows that distill: all of them, or only the labelled ones.
         rows = None if cfg.unlabeled else ~torch.isnan(batch.labels).all(1)
         kd_head = out.aux_logits if cfg.aux_head else out.logits
-        terms: dict[str, torch.Tensor] = {}
         if lw.hard:
             terms["hard"] = lw.hard * (masked_bce(out.logits, batch.labels) * w).sum()
         if lw.soft:
@@ -173,6 +188,27 @@ class CtrKDTrain(nn.Module):
         if lw.hint:
             terms["hint"] = lw.hint * hint_mse(out.hint, teacher_hidden, rows)
         return StepOutput(torch.stack(list(terms.values())).sum(), detached(terms))
+
+
+class Gate(nn.Module):
+    """Per-example teacher weights: softmax(linear(the student's hidden layer)), started at the
+    fixed weights `mix`. It reads the hidden layer detached: it learns which teacher to trust,
+    without steering the student's representation."""
+
+    def __init__(self, hidden_dim: int, mix: list[float], device: torch.device):
+        super().__init__()
+        self.proj = nn.Linear(hidden_dim, len(mix), device=device)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.copy_(torch.tensor(mix).log())
+
+    def weights(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, N] weights over the N teachers, each row summing to 1."""
+        return torch.softmax(self.proj(hidden.detach()), -1)
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The gated target [B, T] of the teachers' logits [B, T, N]."""
+        return (logits * self.weights(hidden).unsqueeze(1)).sum(-1)
 
 
 @dataclass
@@ -237,6 +273,11 @@ def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
         where = f"{ctx.where}: objective.teachers[{i}].{spec.form}"
         if t.export is not None and not (Path(t.export) / "export.json").is_file():
             raise ConfigError(f"{where}: {t.export} is not an exported model directory")
+        if t.export is not None and (barred := [n for n in read_meta(t.export).get("features") or []
+                                                if n not in ctx.schema.feature_names]):
+            raise ConfigError(f"{where}: the teacher reads {barred}, which the student's batches never carry "
+                              "(teacher-only features); cache its logits (`distkd cache build`) and distill from "
+                              "the cache")
         try:
             record = describe(spec, ctx.schema)  # files there and hashed, export checked against the logs
         except ConfigError as e:

@@ -1,6 +1,7 @@
 """A training job file (`jobs/*/teacher.yaml`, `student.yaml`, `distill.yaml`) as typed config.
 
     logs, out, role, nproc          what to train on, where to write, how many local ranks
+    features                         the features the job reads (default: every one its role may read)
     model / optim / sharding         the model, its optimizers, the embedding plan
     train                            the loop: batches, epochs, validation, checkpoints
     loader                           decoding workers and prefetch (batches do not depend on them)
@@ -96,6 +97,9 @@ class TrainJob:
     out: str = "runs/demo/teacher"
     role: Literal["teacher", "student"] = "teacher"
     nproc: int = 2
+    # The features the job reads, by name (default: all a teacher may read, or a student's shared
+    # ones; see Schema.view). A student naming a teacher-only (privileged) feature is refused.
+    features: Optional[list[str]] = None
     model: ModelSpec = field(default_factory=ModelConfig)  # kind: ranking | next_item
     optim: OptimConfig = field(default_factory=OptimConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)

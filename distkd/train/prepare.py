@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from distkd import dist, log, objectives, storage
 from distkd.config import ConfigError
+from distkd.data.roles import view
 from distkd.data.schema import Schema, load_schema
 from distkd.objectives.base import Objective, ObjectiveContext
 from distkd.train.init import plan_init
@@ -31,7 +32,13 @@ class Prepared:
 
 
 def prepare(job: TrainJob, where: str = "config") -> Prepared:
-    schema = load_schema(job.logs)
+    logs_schema = load_schema(job.logs)
+    try:  # the job's view: a student never reads teacher-only (privileged) features
+        schema = view(logs_schema, job.features, job.role)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if left := [n for n in logs_schema.feature_names if n not in schema.feature_names]:
+        logger.info(f"{job.role}: reads {len(schema.feature_names)} of the logs' features; not {left}")
     weights = job.train.task_weights or [1.0] * len(schema.binary)
     if len(weights) != len(schema.binary):
         raise ConfigError(f"{where}: train.task_weights: {len(weights)} weights for {len(schema.binary)} binary tasks")
