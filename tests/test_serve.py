@@ -23,7 +23,7 @@ from torchmetrics.functional.classification import binary_auroc
 from distkd.cli import build_parser, main as cli_main
 from distkd.data.batch import to_batch
 from distkd.data.loader import split_files
-from distkd.data.rows import _transform, decode
+from distkd.data.rows import decode, transform
 from distkd.data.schema import DenseFeature, DenseParams, Schema, SparseFeature, Task, load_schema
 from distkd.evaluate import HARD, KD, TEACHER, evaluate_models, job_from_args, command_line
 from distkd.models.export import load_export, write_export
@@ -115,7 +115,7 @@ def test_dense_transforms_match_the_loader():
     raw[::5] = g.choice([0.0, 1.0, 2.5, 5.0, 7.0, 40.0, -3.0, 1e9], size=raw[::5].shape)
     raw[3::17, :] = np.nan
     want = raw.copy()
-    _transform(want, schema, "test")
+    transform(want, schema, "test")
     np.testing.assert_array_equal(module.transform(torch.from_numpy(raw)).numpy(), want)
     scripted = torch.jit.script(module)
     np.testing.assert_array_equal(scripted.transform(torch.from_numpy(raw)).numpy(), want)
