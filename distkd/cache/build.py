@@ -70,6 +70,10 @@ class CacheJob:
     batch_size: int = 8192
     prefetch: int = 2  # row groups decoded ahead of the teacher, per worker
     max_attempts: int = 3  # per shard, counting worker deaths
+    # Ray actors one teacher copy is sharded over (a distkd export: file or sharded form), in a
+    # placement group, joined by gloo (nccl on GPUs); `workers` then counts these groups.
+    teacher_ranks: int = 1
+    group_timeout_s: float = 300.0  # a group's rendezvous, each collective, and its placement
     # A next-item (multiclass) teacher: what each row keeps of its softmax over the catalog
     # (distkd.cache.topk); the default when the logs' task is multiclass.
     topk: Optional[TopKSpec] = None
@@ -80,13 +84,18 @@ class CacheJob:
         for name in ("workers", "threads_per_worker"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        for name in ("batch_size", "prefetch", "max_attempts"):
+        for name in ("batch_size", "prefetch", "max_attempts", "teacher_ranks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if isinstance(self.teacher, str) and storage.is_remote(self.teacher):
             raise ConfigError(f"teacher: {self.teacher}: the export must be a path every worker can open "
                               "(a shared file system); copy it there from object storage")
-        as_spec(self.teacher)
+        spec = as_spec(self.teacher)
+        if self.teacher_ranks > 1 and not spec.export:
+            raise ConfigError(f"teacher_ranks: {self.teacher_ranks} shards the teacher over a group of actors, which "
+                              f"needs a distkd export (file or sharded); the {spec.form} teacher loads on one process")
+        if self.group_timeout_s <= 0:
+            raise ConfigError(f"group_timeout_s: must be > 0, got {self.group_timeout_s}")
 
 
 @dataclass
@@ -271,12 +280,13 @@ def _compute(job: CacheJob, out: str, manifest: Manifest, run: BuildRun, todo: l
     t0 = time.perf_counter()
     pool = None
     try:
-        plan = plan_pool(ray.cluster_resources(), job.workers, job.threads_per_worker, job.device)
+        plan = plan_pool(ray.cluster_resources(), job.workers, job.threads_per_worker, job.device, job.teacher_ranks)
         run.pool = plan.describe()
+        run.teacher_ranks = plan.ranks if plan.ranks > 1 else None  # absent at 1: the manifest as before
         logger.info(f"cache: Ray cluster {ray.cluster_resources().get('CPU', 0):.0f} CPU / "
                     f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
         ref = TeacherRef(as_spec(job.teacher).resolved(), load_schema(job.logs), manifest.teacher.sha256)
-        pool = WorkerPool(plan, ref, job.max_attempts, worker)
+        pool = WorkerPool(plan, ref, job.max_attempts, worker, job.group_timeout_s)
         tasks = [ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp.path)),
                            storage.absolute(cache_file(out, fp.path)), fp, manifest.teacher.sha256, manifest.content,
                            job.batch_size, job.prefetch)
@@ -320,7 +330,7 @@ def job_from_args(args) -> CacheJob:
     if spec is not None:
         job.teacher = spec.export if spec.form == "export" else spec
     for name in ("logs", "out", "ray_address", "workers", "threads_per_worker", "device", "dtype",
-                 "hidden", "batch_size", "max_attempts"):
+                 "hidden", "batch_size", "max_attempts", "teacher_ranks"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(job, name, value)
