@@ -12,6 +12,7 @@ within one fp16 ulp of the other build's.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from distkd.cli import main as cli_main
 from distkd.config import ConfigError
 from distkd.data.synth import generate
 from distkd.models.teacher_spec import TeacherSpec
-from tests.faults.cache import kill_rank_class
-from tests.ray_cluster import ray_cluster
+from tests.faults.cache import kill_rank_class, slow_worker_class
+from tests.ray_cluster import kill_session, ray_cluster
 from tests.support import distkd_log, job_for, train
 
 TIMEOUT_S = 60.0  # the group's rendezvous, collectives and placement: a hang fails the test in a minute
@@ -65,7 +66,7 @@ def cluster(tmp_path_factory):
 
 def _job(world, cluster, out: Path, ranks: int, **kw) -> CacheJob:
     return CacheJob(teacher=str(world["export"]), logs=str(world["logs"]), out=str(out), splits=["train"],
-                    ray_address=str(cluster), teacher_ranks=ranks, group_timeout_s=TIMEOUT_S, **kw)
+                    ray_address=str(cluster), teacher_ranks=ranks, **{"group_timeout_s": TIMEOUT_S, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,39 @@ def test_a_group_larger_than_the_cluster_is_one_line(world, cluster, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err and "Traceback" not in "\n".join(err), err
     assert "teacher_ranks=3" in err[-1] and "the Ray cluster has 2 CPU and 0 GPU" in err[-1], err
+
+
+@pytest.mark.integration
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_lost_node_with_no_room_left_stops_the_build_in_one_line_naming_k(world, tmp_path, record_property):
+    """A cluster of its own (its second node is killed): a K = 2 group, one rank a node, loses the
+    worker node mid-shard (every process of that `ray start` SIGKILLed). The group is rebuilt, but
+    one node of one CPU cannot place it: the build stops within a bound, naming K and the resources."""
+    out = tmp_path / "cache"
+    killed: list[float] = []
+
+    def kill_node_mid_shard(cluster) -> None:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("train/.*.tmp-*")) and time.monotonic() < deadline:  # a shard is being written
+            time.sleep(0.1)
+        killed.append(time.monotonic())
+        kill_session(cluster.sids[1])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        (tmp_path / "ray").mkdir()
+        with ray_cluster(tmp_path / "ray", head_cpus=1, workers=({"cpus": 1},), dashboard=False) as c:
+            killer = threading.Thread(target=kill_node_mid_shard, args=(c,), daemon=True)
+            killer.start()
+            with pytest.raises(CacheError) as e:
+                build(_job(world, c, out, 2, group_timeout_s=10), worker=slow_worker_class(1.0))
+            killer.join()
+    assert killed, "the node was never killed"
+    took = time.monotonic() - killed[0]
+    msg = str(e.value)
+    record_property("seconds_from_kill", round(took, 1))
+    record_property("message", msg)
+    assert "teacher_ranks=2" in msg and "the Ray cluster has 1 CPU, 0 GPU on 1 live node(s)" in msg, msg
+    assert "\n" not in msg and took < 120, (took, msg)
+    assert not read_manifest(out).complete

@@ -240,6 +240,11 @@ class GroupSlot:
     def started(self) -> None:
         self.starts = 0
 
+    def why_gone(self, error: str) -> str:
+        """The line a group that will not start leaves: K, the resources, the last failure."""
+        return (f"teacher_ranks={self.plan.ranks}: {self.name} did not start ({error}); the Ray cluster has "
+                f"{_cluster()}")
+
     def lost(self, e: RayError) -> bool:
         """A member died, or raised GroupBroken: the group is rebuilt and the shard retried."""
         return not isinstance(e, RayTaskError) or isinstance(getattr(e, "cause", None), GroupBroken)
@@ -259,9 +264,8 @@ class GroupSlot:
             k = self.plan.ranks
             raise CacheError(
                 f"teacher_ranks={k}: a teacher group of {k} actors × {self.bundle} could not be placed within "
-                f"{self.timeout_s:.0f}s (placement group {state}); the Ray cluster has "
-                f"{_resources(ray.cluster_resources())} ({_resources(ray.available_resources())} free): "
-                "more ranks than it holds, or a node lost; lower teacher_ranks or add nodes")
+                f"{self.timeout_s:.0f}s (placement group {state}); the Ray cluster has {_cluster()}: more ranks "
+                "than it holds, or a node lost; lower teacher_ranks or add nodes")
 
     def kill(self) -> None:
         for m in self.members:
@@ -273,7 +277,9 @@ class GroupSlot:
         remove_placement_group(self.pg)
 
 
-def _resources(r: dict[str, float]) -> str:
+def _cluster() -> str:
+    """The cluster's resources, in a message: totals, live nodes, what is free."""
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ", ".join(f"{r.get(k, 0):g} {k}" for k in ("CPU", "GPU")) + f" on {nodes} node(s)"
-
+    total, free = ray.cluster_resources(), ray.available_resources()
+    cut = lambda r: ", ".join(f"{r.get(k, 0):g} {k}" for k in ("CPU", "GPU"))  # noqa: E731
+    return f"{cut(total)} on {nodes} live node(s) ({cut(free)} free)"

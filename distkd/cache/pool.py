@@ -167,6 +167,9 @@ class ActorSlot:
     def started(self) -> None:
         pass
 
+    def why_gone(self, error: str) -> str:
+        return error
+
     def lost(self, e: BaseException) -> bool:
         """The actor died (SIGKILL, OOM, a lost node); an error it raised is not a loss."""
         from ray.exceptions import RayTaskError
@@ -292,7 +295,7 @@ class WorkerPool:
                         self._wait_on(i, slot.wake())
                     else:
                         alive.discard(i)
-                        last_error = _last_line(e)
+                        last_error = slot.why_gone(_last_line(e))
                         logger.warning(f"cache: {slot.name} is gone: {last_error}")
                     continue
                 task = w.task
