@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also cache the teacher's last hidden layer (fp16) for feature distillation")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     p.add_argument("--max-attempts", dest="max_attempts", type=int, default=None, help="per shard, counting worker deaths")
+    p.add_argument("--teacher-ranks", dest="teacher_ranks", type=int, default=None, metavar="K",
+                   help="shard each teacher copy over K actors (a placement group joined by gloo/nccl); default 1")
     _overrides(p)
 
     p = _cmd(cache, "verify", "distkd.cache.verify:run", "check a logit cache: complete, intact and aligned with the logs")

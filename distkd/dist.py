@@ -69,16 +69,35 @@ def _store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
     run and restart generation."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tcp_store(addr, port, rank, world, timeout, is_master=not agent and rank == 0)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return dist.PrefixStore(f"distkd/{run}/gen{restart_generation()}/", store)
+
+
+def tcp_store(addr: str, port: int, rank: int, world: int, timeout: datetime.timedelta,
+              is_master: bool) -> dist.TCPStore:
+    """A rendezvous store: hosted here (`is_master`; port 0 picks a free one, see `.port`) or
+    reached at addr:port within `timeout`, else ProcessGroupError."""
     try:
-        store = dist.TCPStore(addr, port, world, is_master=not agent and rank == 0, timeout=timeout,
-                              wait_for_workers=False)
+        return dist.TCPStore(addr, port, world, is_master=is_master, timeout=timeout, wait_for_workers=False)
     except (RuntimeError, OSError) as e:
         raise ProcessGroupError(
             f"rank {rank}/{world}: cannot reach the rendezvous store at {addr}:{port} within "
             f"{timeout.total_seconds():.0f}s ({' '.join(str(e).split())[:300]})"
         ) from None
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return dist.PrefixStore(f"distkd/{run}/gen{restart_generation()}/", store)
+
+
+def join(store: dist.Store, rank: int, world: int, backend: str, timeout_s: float) -> None:
+    """Form the default process group over `store`. The rendezvous and every later collective
+    are bounded by `timeout_s`: a group that cannot form is a ProcessGroupError, never a hang."""
+    try:
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise ProcessGroupError(
+            f"rank {rank}/{world} (restart {restart_generation()}): the {backend} process group did not form "
+            f"within {timeout_s:.0f}s: {' '.join(str(e).split())[:400]}"
+        ) from None
 
 
 def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Env:
@@ -114,13 +133,7 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> En
             # A one-rank group of our own, leaving the environment as it was (a later
             # launch must not mistake this process for a launched rank).
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
-        try:
-            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise ProcessGroupError(
-                f"rank {rank}/{world} (restart {restart_generation()}): the {backend} process group did not form "
-                f"within {timeout_s:.0f}s: {' '.join(str(e).split())[:400]}"
-            ) from None
+        join(store, rank, world, backend, timeout_s)
     return Env(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
                restart=restart_generation())
 

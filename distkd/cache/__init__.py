@@ -6,6 +6,7 @@
     reconcile.py a build's plan against an existing cache: skip, compute, drop, refuse
     worker.py    one shard: stream row groups, run the teacher, commit a file atomically
     pool.py      Ray: connect, size the actor pool, run shards with retries
+    group.py     a teacher sharded over K actors (teacher_ranks): one worker to the pool
     build.py     `distkd cache build`: the driver (lock, plan, resume, manifest, progress)
     verify.py    `distkd cache verify`: completeness, sha256, alignment with the logs
     recompute.py `cache verify --recompute`: the teacher run again on a sample, compared in ulps

@@ -75,6 +75,10 @@ class CacheJob:
     batch_size: int = 8192
     prefetch: int = 2  # row groups decoded ahead of the teacher, per worker
     max_attempts: int = 3  # per shard, counting worker deaths
+    # Ray actors one teacher copy is sharded over (a distkd export: file or sharded form), in a
+    # placement group, joined by gloo (nccl on GPUs); `workers` then counts these groups.
+    teacher_ranks: int = 1
+    group_timeout_s: float = 300.0  # a group's rendezvous, each collective, and its placement
     # A next-item (multiclass) teacher: what each row keeps of its softmax over the catalog
     # (distkd.cache.topk); the default when the logs' task is multiclass.
     topk: Optional[TopKSpec] = None
@@ -85,7 +89,7 @@ class CacheJob:
         for name in ("workers", "threads_per_worker"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        for name in ("batch_size", "prefetch", "max_attempts"):
+        for name in ("batch_size", "prefetch", "max_attempts", "teacher_ranks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if isinstance(self.teacher, str) and storage.is_remote(self.teacher):
@@ -95,7 +99,12 @@ class CacheJob:
             raise ConfigError("give teacher (one) or teachers (an ensemble), not both")
         if self.teachers and self.hidden:
             raise ConfigError("hidden: an ensemble has no one hidden layer to cache")
-        self.spec()
+        spec = self.spec()
+        if self.teacher_ranks > 1 and not getattr(spec, "export", None):
+            raise ConfigError(f"teacher_ranks: {self.teacher_ranks} shards the teacher over a group of actors, which "
+                              f"needs one distkd export (file or sharded); a {spec.form} teacher loads on one process")
+        if self.group_timeout_s <= 0:
+            raise ConfigError(f"group_timeout_s: must be > 0, got {self.group_timeout_s}")
 
     def spec(self) -> "TeacherSpec | EnsembleSpec":
         """The teacher the cache is of: one, or the ensemble of `teachers`."""
@@ -284,12 +293,13 @@ def _compute(job: CacheJob, out: str, manifest: Manifest, run: BuildRun, todo: l
     t0 = time.perf_counter()
     pool = None
     try:
-        plan = plan_pool(ray.cluster_resources(), job.workers, job.threads_per_worker, job.device)
+        plan = plan_pool(ray.cluster_resources(), job.workers, job.threads_per_worker, job.device, job.teacher_ranks)
         run.pool = plan.describe()
+        run.teacher_ranks = plan.ranks if plan.ranks > 1 else None  # absent at 1: the manifest as before
         logger.info(f"cache: Ray cluster {ray.cluster_resources().get('CPU', 0):.0f} CPU / "
                     f"{ray.cluster_resources().get('GPU', 0):.0f} GPU; pool: {plan.describe()}")
         ref = TeacherRef(job.spec().resolved(), load_schema(job.logs), manifest.teacher.sha256)
-        pool = WorkerPool(plan, ref, job.max_attempts, worker)
+        pool = WorkerPool(plan, ref, job.max_attempts, worker, job.group_timeout_s)
         tasks = [ShardTask(storage.absolute(job.logs), storage.absolute(storage.join(job.logs, fp.path)),
                            storage.absolute(cache_file(out, fp.path)), fp, manifest.teacher.sha256, manifest.content,
                            job.batch_size, job.prefetch)
@@ -333,7 +343,7 @@ def job_from_args(args) -> CacheJob:
     if spec is not None:
         job.teacher = spec.export if spec.form == "export" else spec
     for name in ("logs", "out", "ray_address", "workers", "threads_per_worker", "device", "dtype",
-                 "hidden", "batch_size", "max_attempts"):
+                 "hidden", "batch_size", "max_attempts", "teacher_ranks"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(job, name, value)

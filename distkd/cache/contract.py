@@ -182,6 +182,7 @@ class BuildRun:
     skipped: int
     rows_computed: int
     pool: Optional[str] = optional()
+    teacher_ranks: Optional[int] = optional()  # actors per teacher copy; absent when 1 (distkd.cache.group)
     workers_start_s: Optional[float] = optional()
     workers: Optional[list[dict[str, Any]]] = optional()
     seconds: Optional[float] = optional()

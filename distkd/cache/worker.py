@@ -91,7 +91,7 @@ def row_group_batches(table: pa.Table, schema: Schema, path: str, g: int, row0: 
                                        for a in range(0, n, batch_size)]
 
 
-class _Reader:
+class ShardReader:
     """Background thread: row groups -> (index, rows, ids checksum, [Batch]), `prefetch` ahead."""
 
     _END = object()
@@ -174,7 +174,7 @@ def _score(teacher: Teacher, codec: ContentCodec, task: ShardTask, device: torch
         raise CacheError(f"{task.log_path}: row group {g}{at}: {e}; nothing of this shard is published") from None
 
 
-def _write(fh: Any, teacher: Teacher, codec: ContentCodec, task: ShardTask, device: torch.device, reader: _Reader,
+def _write(fh: Any, teacher: Teacher, codec: ContentCodec, task: ShardTask, device: torch.device, reader: ShardReader,
            meta: dict[str, Any], tally: _Tally, on_row_group: Callable[[int], None] | None) -> None:
     """The cache file into `fh`: one output row group per input row group, then the footer."""
     sink = _HashingSink(fh)
@@ -227,7 +227,7 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
             "dtype": task.content.dtype, "input": to_json_value(now), "batch_size": task.batch_size,
             "topk": to_json_value(task.content.topk)}
     tally = _Tally()
-    reader = _Reader(task.log_path, schema, task.batch_size, task.prefetch)
+    reader = ShardReader(task.log_path, schema, task.batch_size, task.prefetch)
     try:
         _commit(task, lambda fh: _write(fh, teacher, codec, task, device, reader, meta, tally, on_row_group), tally)
     finally:
@@ -244,21 +244,31 @@ def compute_shard(teacher: Teacher, schema: Schema, task: ShardTask, device: tor
 
 class CacheWorker:
     """Ray actor: loads the teacher once (fingerprint-verified), then builds shards on request.
-    `teacher`: a TeacherRef from the driver (or an export directory)."""
+    `teacher`: a TeacherRef from the driver (or an export directory). A member of a teacher
+    group (distkd.cache.group) is this actor with the teacher loaded later, under the group's
+    sharding plan."""
 
     def __init__(self, teacher: TeacherRef | TeacherSpec | str, device: str, threads: int):
+        self.setup(device, threads)
+        self.load(teacher)
+
+    def setup(self, device: str, threads: int) -> None:
         from distkd.dist import quiet
-        from distkd.models.teacher import load_teacher
 
         quiet()
         log.setup()  # its level from DISTKD_LOG_LEVEL (pool.actor_env): its lines reach the driver's stderr
-        t0 = time.perf_counter()
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
+
+    def load(self, teacher: TeacherRef | TeacherSpec | str, parallel: Callable | None = None) -> None:
+        """The teacher, on this process alone or (`parallel`, collective) sharded over a group."""
+        from distkd.models.teacher import load_teacher
+
+        t0 = time.perf_counter()
         ref = teacher if isinstance(teacher, TeacherRef) else None
         try:
             self.teacher = load_teacher(ref.spec if ref else teacher, ref.schema if ref else None, self.device,
-                                        expect_sha256=ref.sha256 if ref else None)
+                                        expect_sha256=ref.sha256 if ref else None, parallel=parallel)
         except TeacherError as e:  # a one-line reason in the driver's "worker is gone" message
             raise CacheError(f"worker {socket.gethostname()}:{os.getpid()}: {e}") from None
         self.meta = {"sha256": self.teacher.sha256}
@@ -271,12 +281,15 @@ class CacheWorker:
         return self.info
 
     def build(self, task: ShardTask) -> ShardEntry:
+        self.check_teacher(task)
+        return compute_shard(self.teacher, self.schema, task, self.device, self.info, self.on_row_group)
+
+    def check_teacher(self, task: ShardTask) -> None:
         if task.teacher_sha256 != self.meta["sha256"]:
             raise CacheError(
                 f"worker {self.info['host']}:{self.info['pid']} loaded teacher {self.meta['sha256'][:12]}…, "
                 f"the build expects {task.teacher_sha256[:12]}…: the export changed during the build"
             )
-        return compute_shard(self.teacher, self.schema, task, self.device, self.info, self.on_row_group)
 
     def on_row_group(self, g: int) -> None:
         """Called as each row group is written; a seam for tests (subclasses), nothing here."""

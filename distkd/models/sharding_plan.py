@@ -23,6 +23,8 @@ from distkd.dist import Env
 
 # What runs on gloo/CPU. Row-wise (and the grid/table-row-wise variants) need GPUs.
 CPU_SHARDING = [ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value, ShardingType.COLUMN_WISE.value]
+# A teacher sharded because its tables do not fit one process: no table replicated on every rank.
+CPU_MODEL_PARALLEL = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
 
 
 @dataclass
@@ -31,12 +33,17 @@ class ShardingConfig:
     types: Literal["auto", "table_wise", "data_parallel", "column_wise"] = "auto"
 
 
-def allowed_sharding_types(cfg: ShardingConfig, device: torch.device) -> Optional[list[str]]:
+def allowed_sharding_types(cfg: ShardingConfig, device: torch.device,
+                           model_parallel: bool = False) -> Optional[list[str]]:
+    """The types the planner may pick; None: any. `model_parallel`: on CPU, auto leaves out
+    data-parallel (a teacher group splits its tables; the GPU planner still chooses freely)."""
     if cfg.types != "auto":
         if device.type == "cpu" and cfg.types not in ("table_wise", "data_parallel", "column_wise"):
             raise ConfigError(f"sharding.types={cfg.types} needs GPUs")
         return [cfg.types]
-    return CPU_SHARDING if device.type == "cpu" else None
+    if device.type != "cpu":
+        return None
+    return CPU_MODEL_PARALLEL if model_parallel else CPU_SHARDING
 
 
 def embedding_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -51,8 +58,8 @@ def table_names(module: torch.nn.Module) -> list[str]:
     return names
 
 
-def plan_for(model: torch.nn.Module, env: Env, cfg: ShardingConfig) -> ShardingPlan:
-    types = allowed_sharding_types(cfg, env.device)
+def plan_for(model: torch.nn.Module, env: Env, cfg: ShardingConfig, model_parallel: bool = False) -> ShardingPlan:
+    types = allowed_sharding_types(cfg, env.device, model_parallel)
     constraints = None
     if types is not None:
         constraints = {name: ParameterConstraints(sharding_types=types) for name in table_names(model)}
@@ -62,10 +69,12 @@ def plan_for(model: torch.nn.Module, env: Env, cfg: ShardingConfig) -> ShardingP
     return planner.collective_plan(model, pg=dist.GroupMember.WORLD)
 
 
-def shard_for_inference(model: torch.nn.Module, env: Env, cfg: ShardingConfig) -> DistributedModelParallel:
+def shard_for_inference(model: torch.nn.Module, env: Env, cfg: ShardingConfig,
+                        model_parallel: bool = False) -> DistributedModelParallel:
     """Collective: `model` (its tables on meta) in DMP under this world's plan, in eval mode, no
-    optimizer: a teacher whose tables are spread over the group's ranks."""
-    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan_for(model, env, cfg))
+    optimizer: a teacher whose tables are spread over the group's ranks (`model_parallel`: none
+    replicated on CPU, see allowed_sharding_types)."""
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan_for(model, env, cfg, model_parallel))
     return dmp.eval()
 
 

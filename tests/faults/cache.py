@@ -1,7 +1,8 @@
 """Faults for the cache build, through its seams: worker classes that SIGKILL themselves
-mid-shard (the first attempts, or once on every shard), a worker class that sleeps after each
-row group (a build slow enough to break in the middle), one whose teacher returns NaN at one row
-of one shard, and a driver hook that SIGKILLs the driver after N commits.
+mid-shard (the first attempts, once on every shard, or one rank of a teacher group), a worker
+class that sleeps after each row group (a build slow enough to break in the middle), one whose
+teacher returns NaN at one row of one shard, and a driver hook that SIGKILLs the driver after N
+commits.
 
     python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] [--kill-each-shard MARKER_DIR] \
         [--nan-at SHARD:CALL:ROW] -- <distkd cache build arguments>
@@ -65,6 +66,30 @@ def kill_worker_class(marker_dir: str, kills: int = 1) -> type:
     """A KillOnceWorker subclass bound to `marker_dir` (Ray ships the class by value)."""
     return type("KillingWorker", (KillOnceWorker,), {"marker_dir": str(marker_dir), "kills": kills,
                                                      "__module__": __name__})
+
+
+class KillRankWorker(CacheWorker):
+    """Rank `kill_rank` of a teacher group (distkd.cache.group) dies (SIGKILL) right after row
+    group 0 of a shard is through it, once per marker file; the other ranks run on."""
+
+    marker_dir = ""
+    kill_rank = 1
+
+    def on_row_group(self, g: int) -> None:
+        if g != 0 or getattr(self, "rank", 0) != self.kill_rank:
+            return
+        try:
+            os.close(os.open(os.path.join(self.marker_dir, f"killed-rank-{self.kill_rank}"),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_rank_class(marker_dir: str, rank: int) -> type:
+    """A KillRankWorker subclass bound to `marker_dir` and `rank` (Ray ships the class by value)."""
+    return type("KillRankWorker", (KillRankWorker,), {"marker_dir": str(marker_dir), "kill_rank": rank,
+                                                      "__module__": __name__})
 
 
 class SlowWorker(CacheWorker):
