@@ -102,7 +102,7 @@ class CacheJob:
         spec = self.spec()
         if self.teacher_ranks > 1 and not getattr(spec, "export", None):
             raise ConfigError(f"teacher_ranks: {self.teacher_ranks} shards the teacher over a group of actors, which "
-                              f"needs one distkd export (file or sharded); a {spec.form} teacher loads on one process")
+                              f"needs a distkd export (file or sharded); a {spec.form} teacher loads on one process")
         if self.group_timeout_s <= 0:
             raise ConfigError(f"group_timeout_s: must be > 0, got {self.group_timeout_s}")
 
