@@ -280,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="sweep YAML (e.g. jobs/demo/sweep.yaml)")
     _overrides(p)
 
+    p = _cmd(top, "daily", "distkd.daily:run",
+             "one day of a rolling student: validate and drift-check day D, extend the cache by it, distill "
+             "warm-started from the promoted student, evaluate on D+1, promote; resumable (exit 3: drift)")
+    p.add_argument("--config", required=True, help="daily job YAML (e.g. jobs/daily/daily.yaml)")
+    p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the day D to run (its partition KEY=D)")
+    p.add_argument("--nproc", type=int, default=None, help="the student's local ranks (default: the job's)")
+    _overrides(p)
+
     p = _cmd(top, "distill", "distkd.launch:run", "distill the student from cached teacher logits (DDP + TorchRec)")
     p.set_defaults(role="student", distill_required=True)
     p.add_argument("--config", default=None, help="job YAML with a distilling objective (e.g. jobs/demo/distill.yaml)")
