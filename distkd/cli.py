@@ -227,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit = top.add_parser(
         "submit", help="run a stage on a cluster: Ray Jobs API, or render the Slurm script / Kubernetes manifest"
     ).add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage in ("data", "teacher", "student", "cache", "distill", "eval"):
+    for stage in ("data", "teacher", "student", "cache", "distill", "eval", "daily"):
         p = _cmd(submit, stage, "distkd.submit:run", f"submit the {stage} stage's job file to a cluster")
+        if stage == "daily":
+            p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the day to run (--to ray only)")
         p.add_argument("--to", required=True, choices=["ray", "slurm", "k8s"], help="where the stage runs")
         p.add_argument("--config", required=True, help=f"the stage's job YAML (e.g. jobs/demo/{stage}.yaml)")
         p.add_argument("--dry-run", dest="dry_run", action="store_true",

@@ -57,6 +57,8 @@ LOWER_IS_BETTER = ("logloss", "ne")
 
 @dataclass
 class EvalGate:
+    """The promotion rule: the candidate against the promoted student on day D+1."""
+
     metric: Literal["auc", "logloss", "ne"] = "auc"  # of `task` on day D+1
     task: Optional[str] = None  # default: the schema's first task
     # Promote when the candidate's metric improves on the promoted one's by at least this much
@@ -67,6 +69,9 @@ class EvalGate:
 
 @dataclass
 class DailyJob:
+    """One day of a student retrained on a rolling window (`distkd daily`, docs/daily.md): the
+    logs, the teacher and its cache, the student's job, the drift thresholds and the promotion rule."""
+
     logs: str = "runs/daily/logs"  # date-partitioned logs (KEY=YYYY-MM-DD folders)
     teacher: str = "runs/daily/teacher/export"  # the teacher export whose cached logits the student learns from
     cache: str = "runs/daily/cache"  # a root of caches by teacher (out/<teacher sha256[:12]>/)

@@ -139,3 +139,14 @@ def test_a_broken_day_stops_at_drift_leaving_the_cache_and_the_pointer(world):
     assert set(s["steps"]) == {"validate", "drift"}
     assert (cache_dir(world) / "manifest.json").read_bytes() == manifest
     assert (world["out"] / "current.json").read_bytes() == pointer
+
+
+def test_submit_daily_sends_the_day_to_ray_and_refuses_slurm(capsys):
+    from distkd.cli import main
+
+    argv = ["submit", "daily", "--config", "jobs/daily/daily.yaml", "--date", "2026-11-05", "--dry-run"]
+    assert main([*argv, "--to", "ray", "--ray-address", "http://127.0.0.1:8265"]) == 0
+    assert ("entrypoint: python -m distkd.cli daily --config jobs/daily/daily.yaml --date 2026-11-05"
+            in capsys.readouterr().out)
+    assert main([*argv, "--to", "slurm"]) == 2
+    assert main([*argv, "--to", "ray", "--ray-address", "http://x:8265", "window_days=0"]) == 2  # the job is checked
