@@ -38,7 +38,7 @@ from distkd import storage
 from distkd.cache.build import CacheJob, build
 from distkd.config import ConfigError, from_dict, load, read_yaml
 from distkd.daily_state import (
-    DayState, check_export, days_recorded, drop_checkpoints, promote, read_current, remove_student,
+    STEPS, DayState, check_export, days_recorded, drop_checkpoints, out_lock, promote, read_current, remove_student,
 )
 from distkd.data.drift import EXIT_FAILED, DriftConfig, check_day
 from distkd.data.layout import PartitionRange, split_files
@@ -153,7 +153,7 @@ class Day:
 
     def run(self) -> int:
         """The remaining steps; the exit status (0, or 3: stopped by the drift check)."""
-        for name in ("validate", "drift", "cache", "distill", "eval", "promote"):
+        for name in STEPS:
             if self.state.done(name):
                 logger.info(f"daily {self.day}: {name}: done at {self.state.step(name)['finished_at']}, skipped")
                 continue
@@ -279,15 +279,20 @@ def run_day(job: DailyJob, day: str, nproc: Optional[int] = None) -> int:
     if state.status == "done":
         logger.info(f"daily {day}: finished at {state.doc.get('ended_at')}: nothing to do")
         return 0
-    for earlier in days_recorded(out):
-        if earlier < day and DayState(out, earlier).status == "waiting" and _next_day(earlier) == day:
-            logger.info(f"daily {day}: day {earlier} waited for {day} to be judged on: finishing it first")
-            Day(job, earlier, nproc).run()
-    cur = read_current(out)
-    if cur is not None and cur["day"] >= day:
-        raise ConfigError(f"{out}: the promoted student is day {cur['day']}'s; day {day} is not after it "
-                          "(a daily job moves forward: run a later day, or another out directory)")
-    return Day(job, day, nproc).run()
+    with out_lock(out):
+        for earlier in days_recorded(out):
+            if earlier < day and DayState(out, earlier).status == "waiting" and _next_day(earlier) == day:
+                logger.info(f"daily {day}: day {earlier} waited for {day} to be judged on: finishing it first")
+                Day(job, earlier, nproc).run()
+        cur = read_current(out)
+        if cur is not None and cur["day"] >= day:
+            raise ConfigError(f"{out}: the promoted student is day {cur['day']}'s; day {day} is not after it "
+                              "(a daily job moves forward: run a later day, or another out directory)")
+        this = Day(job, day, nproc)
+        if this.state.status == "stopped":
+            logger.info(f"daily {day}: stopped at {this.state.doc.get('ended_at')} by a check: running its checks again")
+            this.state.restart()
+        return this.run()
 
 
 def summary_line(job: DailyJob, day: str, rc: int) -> str:

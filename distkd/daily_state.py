@@ -13,12 +13,15 @@ export; older promoted exports are removed only after it moved.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from distkd import storage
 from distkd.config import ConfigError
@@ -67,6 +70,11 @@ class DayState:
     def done(self, name: str) -> bool:
         return self.step(name).get("status") == "done"
 
+    def restart(self) -> None:
+        """A day stopped by a check starts over: its logs were fixed, so its checks run again."""
+        self.doc = {"day": self.doc["day"], "status": "running", "steps": {},
+                    "stopped_before": [*self.doc.get("stopped_before", []), self.doc["steps"]]}
+
     def save(self) -> None:
         _write_json(self.path, self.doc)
 
@@ -88,6 +96,25 @@ class DayState:
         self.doc["status"] = status
         self.doc["ended_at"] = now()
         self.save()
+
+
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """One `distkd daily` at a time per out directory: an flock on OUT/.lock, which the kernel
+    drops when the holder dies, however it dies. ConfigError at once when it is taken."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{out}: another `distkd daily` is running on this out directory (it holds {out / '.lock'}); "
+                          "wait for it to end") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def days_recorded(out: Path) -> list[str]:

@@ -12,7 +12,9 @@ ten-day figures are `make bench-daily`'s):
   student, judged against it on day 5; the pointer moves to day 4;
 - day 4 again: nothing to do, no file under the out or cache directories touched;
 - day 5 rewritten with a dense feature x10: exit 3 naming I3 psi, recorded in the day's state,
-  the cache manifest and current.json byte for byte as they were.
+  the cache manifest and current.json byte for byte as they were;
+- day 5 restored: its checks run again, it trains, and with no day 6 it waits; day 6 lands and
+  a rerun of day 5 only judges and promotes it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distkd.cache import read_manifest
+from distkd.cli import main
 from tests.support import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -129,6 +132,7 @@ def test_a_broken_day_stops_at_drift_leaving_the_cache_and_the_pointer(world):
     pq.write_table(t.set_column(t.schema.get_field_index("I3"), "I3",
                                 pc.multiply(t.column("I3"), pa.scalar(10.0, pa.float32()))), path, row_group_size=1000)
     manifest, pointer = (cache_dir(world) / "manifest.json").read_bytes(), (world["out"] / "current.json").read_bytes()
+    world["day5"] = t
     r = daily(world, DAYS[4])
     assert r.returncode == 3, r.stderr[-3000:]
     assert f"daily {DAYS[4]}: drift fails 1 check(s): I3 psi" in r.stderr
@@ -141,9 +145,37 @@ def test_a_broken_day_stops_at_drift_leaving_the_cache_and_the_pointer(world):
     assert (world["out"] / "current.json").read_bytes() == pointer
 
 
-def test_submit_daily_sends_the_day_to_ray_and_refuses_slurm(capsys):
-    from distkd.cli import main
 
+def test_a_fixed_day_is_checked_again_then_waits_for_the_next_day_and_finishes_when_it_lands(world):
+    """Day 5 restored: the stopped day runs its checks again, trains, and (no day 6 yet) waits
+    with exit 0, the pointer still on day 4; day 6 lands and a rerun of day 5 only judges and
+    promotes."""
+    path = world["logs"] / f"dt={DAYS[4]}" / "part-00000.parquet"
+    pq.write_table(world["day5"], path, row_group_size=1000)
+    r = daily(world, DAYS[4])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"daily {DAYS[4]}: stopped at" in r.stderr and "running its checks again" in r.stderr
+    assert "2026-11-06 is not in" in r.stderr and "waiting for day 2026-11-06" in r.stdout
+    s = state(world, DAYS[4])
+    assert s["status"] == "waiting" and s["steps"]["drift"]["status"] == "done" and s["stopped_before"]
+    assert f"dt={DAYS[4]}/part-00000.parquet" in read_manifest(cache_dir(world)).shards
+    assert current(world)["day"] == DAYS[3]
+
+    day6 = world["logs"] / "dt=2026-11-06"
+    day6.mkdir()
+    t = world["day5"]
+    pq.write_table(t.set_column(0, "example_id", pc.add(t.column("example_id"), 10 * ROWS_PER_DAY)),
+                   day6 / "part-00000.parquet", row_group_size=1000)
+    r = daily(world, DAYS[4])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for step in ("validate", "drift", "cache", "distill"):
+        assert f"daily {DAYS[4]}: {step}: done at" in r.stderr, step
+    ev = state(world, DAYS[4])["steps"]["eval"]
+    assert ev["on"] == "2026-11-06" and ev["current_day"] == DAYS[3]
+    assert state(world, DAYS[4])["status"] == "done" and (current(world)["day"] == DAYS[4]) is ev["promote"]
+
+
+def test_submit_daily_sends_the_day_to_ray_and_refuses_slurm(capsys):
     argv = ["submit", "daily", "--config", "jobs/daily/daily.yaml", "--date", "2026-11-05", "--dry-run"]
     assert main([*argv, "--to", "ray", "--ray-address", "http://127.0.0.1:8265"]) == 0
     assert ("entrypoint: python -m distkd.cli daily --config jobs/daily/daily.yaml --date 2026-11-05"

@@ -56,15 +56,19 @@ def one_run(job: DailyJob, days: list[str]) -> list[dict]:
     return rows
 
 
+def verdict(row: dict) -> str:
+    return ("yes" if row["promoted"] else "no") if row["status"] == "done" else row["status"]
+
+
 def table(warm: list[dict], scratch: list[dict]) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    lines = ["| day | warm AUC on D+1 | promoted | s | from scratch AUC on D+1 | promoted | s |",
+    lines = ["| day | warm: AUC on D+1 | promoted | s (with the cache build) | from scratch: AUC on D+1 | promoted | s |",
              "|---|---|---|---|---|---|---|"]
     for w, s in zip(warm, scratch):
-        lines.append(f"| {w['day']} | {f(w['auc'])} | {w['promoted']} | {w['seconds']:.0f} | {f(s['auc'])} | "
-                     f"{s['promoted']} | {s['seconds']:.0f} |")
+        lines.append(f"| {w['day']} | {f(w['auc'])} | {verdict(w)} | {w['seconds']:.0f} | {f(s['auc'])} | "
+                     f"{verdict(s)} | {s['seconds']:.0f} |")
     return "\n".join(lines)
 
 
