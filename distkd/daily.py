@@ -201,7 +201,8 @@ class Day:
 
     def _distill(self, before: dict) -> None:
         resume = before.get("status") == "started"  # killed in this step: the trainer resumes itself
-        init = before.get("init") if resume else self._init()
+        # the init it started with (a pointer that moved since must not change a run half done)
+        init = before["init"] if resume and "init" in before else self._init()
         self.state.step("distill").update(init=init)
         self.state.save()
         job = self.job.student_job(self.day, init, _teacher_sha(self.job))
