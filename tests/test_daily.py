@@ -89,6 +89,7 @@ def test_the_first_day_is_cached_distilled_from_scratch_judged_on_the_next_and_p
 def test_a_day_killed_in_distill_resumes_there_and_the_pointer_moves(world):
     r = daily(world, DAYS[3], module="tests.faults.train", before=("--kill", "0:25", "--"))
     assert r.returncode == -9, r.stderr[-3000:]  # SIGKILL: the whole `distkd daily` process (one local rank)
+    assert f"init: weights from {world['out'] / 'days' / DAYS[2] / 'student' / 'export'}" in r.stderr  # warm
     s = state(world, DAYS[3])
     assert s["steps"]["distill"]["status"] == "started" and s["steps"]["cache"]["status"] == "done"
     student = world["out"] / "days" / DAYS[3] / "student"
