@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
+.PHONY: install demo test docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily clean
 
 $(STAMP): requirements.txt scripts/stacks/$(STACK).txt pyproject.toml scripts/install.sh
 	STACK=$(STACK) VENV=$(VENV) bash scripts/install.sh
@@ -61,6 +61,10 @@ bench-vs: $(STAMP)
 # next-item: eta and cache bytes against k and the sampled tail (TOPK_ROWS=200000: a scaled copy)
 bench-topk: $(STAMP)
 	$(PY) -m distkd.bench.next_item_k $(if $(TOPK_ROWS),--rows $(TOPK_ROWS)) --seeds 2
+
+# ten synthetic days through `distkd daily`, warm-started against from scratch (docs/daily.md)
+bench-daily: $(STAMP)
+	$(PY) -m distkd.bench.daily
 
 # every fault and bad input of docs/reliability.md's table, run now, with each row's result;
 # then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)

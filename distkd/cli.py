@@ -229,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit = top.add_parser(
         "submit", help="run a stage on a cluster: Ray Jobs API, or render the Slurm script / Kubernetes manifest"
     ).add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage in ("data", "teacher", "student", "cache", "distill", "eval"):
+    for stage in ("data", "teacher", "student", "cache", "distill", "eval", "daily"):
         p = _cmd(submit, stage, "distkd.submit:run", f"submit the {stage} stage's job file to a cluster")
+        if stage == "daily":
+            p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the day to run (--to ray only)")
         p.add_argument("--to", required=True, choices=["ray", "slurm", "k8s"], help="where the stage runs")
         p.add_argument("--config", required=True, help=f"the stage's job YAML (e.g. jobs/demo/{stage}.yaml)")
         p.add_argument("--dry-run", dest="dry_run", action="store_true",
@@ -280,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(top, "sweep", "distkd.launch.sweep:run",
              "many students from one cache: a Ray Tune search over a distill/student job's fields, then the report")
     p.add_argument("--config", required=True, help="sweep YAML (e.g. jobs/demo/sweep.yaml)")
+    _overrides(p)
+
+    p = _cmd(top, "daily", "distkd.daily:run",
+             "one day of a rolling student: validate and drift-check day D, extend the cache by it, distill "
+             "warm-started from the promoted student, evaluate on D+1, promote; resumable (exit 3: drift)")
+    p.add_argument("--config", required=True, help="daily job YAML (e.g. jobs/daily/daily.yaml)")
+    p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the day D to run (its partition KEY=D)")
+    p.add_argument("--nproc", type=int, default=None, help="the student's local ranks (default: the job's)")
     _overrides(p)
 
     p = _cmd(top, "distill", "distkd.launch:run", "distill the student from cached teacher logits (DDP + TorchRec)")

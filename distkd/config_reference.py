@@ -26,6 +26,7 @@ import yaml
 
 from distkd.cache.build import CacheJob
 from distkd.config import _by_kind, to_dict
+from distkd.daily import DailyJob
 from distkd.data.drift import DriftConfig
 from distkd.data.schema import Schema
 from distkd.demo import DataJob
@@ -43,6 +44,7 @@ JOBS = [
     ("sweep", "`jobs/*/sweep*.yaml`", "`distkd sweep --config`", SweepConfig),
     ("drift", "the `drift:` section of a daily job, or a file of its own", "`distkd data drift --config`",
      DriftConfig),
+    ("daily", "`jobs/daily/daily.yaml`", "`distkd daily --config --date`, `distkd submit daily`", DailyJob),
     ("schema", "`LOGS/schema.yaml`", "every stage that reads logs (`distkd.data.schema.load_schema`)", Schema),
 ]
 

@@ -1,6 +1,7 @@
 """`distkd submit STAGE --to ray|slurm|k8s`: run a stage's job file on a cluster.
 
 * ray: submits `python -m distkd.cli <stage> --config JOB ...` through the Ray Jobs API
+  (`daily` too, with its --date: the day's cache build and student then run on that cluster)
   (address from --ray-address/--address or RAY_ADDRESS, e.g. http://127.0.0.1:8265 through a
   tunnel); with --wait it streams the job's logs and exits with the job's status.
 * slurm: renders cluster/slurm/train.sbatch (multi-node torchrun) and creates the folder its
@@ -33,7 +34,7 @@ from distkd.config import ConfigError, apply_overrides, read_yaml
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("data", "teacher", "student", "cache", "distill", "eval")
+STAGES = ("data", "teacher", "student", "cache", "distill", "eval", "daily")
 DDP_STAGES = ("teacher", "student", "distill")
 # The templates: the copy a wheel installs inside the package (pyproject.toml maps cluster/ to
 # distkd/_cluster), else the checkout's cluster/ (a source tree or an editable install).
@@ -64,6 +65,10 @@ def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> o
         from distkd.cache.build import CacheJob
 
         return load(CacheJob, config, overrides)
+    if stage == "daily":
+        from distkd.daily import DailyJob
+
+        return load(DailyJob, config, overrides)
     if stage == "eval":
         from distkd.evaluate import EvalJob
 
@@ -82,7 +87,7 @@ def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> o
     return job
 
 
-def stage_args(stage: str, config: str, overrides: list[str]) -> list[str]:
+def stage_args(stage: str, config: str, overrides: list[str], date: str | None = None) -> list[str]:
     """The stage's command line after `python -m distkd.cli`, filled from the job file."""
     job = apply_overrides(read_yaml(config), overrides, where=config)  # the file must load
     if stage == "data":  # `distkd data` takes flags, not a job file: map the job's fields onto them
@@ -102,6 +107,8 @@ def stage_args(stage: str, config: str, overrides: list[str]) -> list[str]:
             if job.get(name) is not None:
                 args += ["--" + name.replace("_", "-"), str(job[name])]
         return args
+    if stage == "daily":  # one day: its date is the command's, not the job file's
+        return ["daily", "--config", config, "--date", str(date)] + list(overrides)
     head = {"teacher": ["teacher", "train"], "student": ["student", "train"],
             "cache": ["cache", "build"], "distill": ["distill"], "eval": ["eval"]}[stage]
     return head + ["--config", config] + list(overrides)
@@ -243,9 +250,12 @@ def run(args) -> int:
         raise ConfigError(f"submit: --wait is for --to ray; {args.to} jobs are submitted by the printed command")
     if getattr(args, "launcher", "torchrun") == "ray" and args.to == "slurm":
         raise ConfigError("submit: --launcher ray is for --to k8s (a RayJob) or --to ray; Slurm runs torchrun")
+    if args.stage == "daily" and args.to != "ray":
+        raise ConfigError("submit daily: --to ray only (a Ray job running `distkd daily`, its cache build and "
+                          "student on the cluster); Slurm and Kubernetes have no daily template")
     overrides = list(args.overrides or []) + ray_overrides(args)
     load_job(args.stage, args.config, overrides)
-    argv = stage_args(args.stage, args.config, overrides)
+    argv = stage_args(args.stage, args.config, overrides, getattr(args, "date", None))
     values = _values(args, argv)
     if args.to == "ray":
         return _submit_ray(args, values["entrypoint"])

@@ -28,6 +28,7 @@ from distkd.cache.build import CacheJob
 from distkd.cli import build_parser
 from distkd.config import load
 from distkd.config_reference import render
+from distkd.daily import DailyJob
 from distkd.data.drift import DriftConfig
 from distkd.data.schema import load_schema
 from distkd.demo import DataJob
@@ -115,7 +116,7 @@ def _load_stage_job(args, where: str) -> None:
         submit.load_job(args.stage, config, overrides)
     else:
         cls = {"distkd.cache.build:run": CacheJob, "distkd.evaluate:run": EvalJob,
-               "distkd.launch.sweep:run": SweepConfig}[target]
+               "distkd.launch.sweep:run": SweepConfig, "distkd.daily:run": DailyJob}[target]
         load(cls, config, overrides)
 
 
@@ -169,7 +170,7 @@ def test_every_shown_command_parses(where, argv):
 # What each `# job:` kind is loaded as: the dataclass and the overrides its stage adds.
 KINDS = {"data": (DataJob, []), "teacher": (TrainJob, ["role=teacher"]), "student": (TrainJob, ["role=student"]),
          "distill": (TrainJob, ["role=student"]), "cache": (CacheJob, []), "eval": (EvalJob, []),
-         "sweep": (SweepConfig, []), "drift": (DriftConfig, [])}
+         "sweep": (SweepConfig, []), "drift": (DriftConfig, []), "daily": (DailyJob, [])}
 
 
 def load_block(where: str, text: str, tmp: Path) -> int:

@@ -207,6 +207,19 @@ def validate_logs(logs_dir: str | Path) -> dict:
     return summary
 
 
+def validate_files(logs_dir: str | Path, paths: list[str]) -> dict:
+    """Check some shards of a logs directory (a daily job's one day): each against the schema,
+    row group by row group, and `example_id` unique among them. Returns rows and shards;
+    raises LogsError on the first problem."""
+    schema = load_schema(str(logs_dir), stats=False)
+    stats = {"rows": 0, "shards": 0, "row_groups": 0,
+             "labels": {t.name: {"labeled": 0, "positives": 0} for t in schema.binary}}
+    ids = [_check_shard(p, schema, stats) for p in paths]
+    _check_unique(ids, list(paths), str(logs_dir))
+    stats["shards"] = len(paths)
+    return stats
+
+
 def run(args) -> int:
     t0 = time.perf_counter()
     s = validate_logs(args.logs)
