@@ -11,6 +11,7 @@ import argparse
 import os
 import importlib
 import sys
+from typing import Sequence
 
 from distkd import log
 from distkd.config import ConfigError
@@ -247,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, callbacks: Sequence = ()) -> int:
+    """The CLI on `argv`. `callbacks` (fn(trainer), after each optimizer step) go to every rank of
+    the train stages (teacher/student train, distill): how a caller hooks the real entry point."""
     args = build_parser().parse_args(argv)
+    args.callbacks = list(callbacks)
     log.setup(args.log_level)
     quiet()  # before torchrec is imported: its import logs warnings nobody can act on
     module, func = args._target.split(":")
