@@ -1,10 +1,11 @@
-# The two commands: `make demo` and `make test`. Both create .venv and install once.
+# The two commands: `make demo` and `make test` (`make test-fast`: the unit tests alone).
+# Both create .venv and install once.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
+.PHONY: install demo test test-fast bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -17,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (-m unit: pure, no processes, Ray or ranks): a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
 
 # Every benchmark on one generated dataset, in one run, into BENCHMARKS.md (+ PNG plots).
 # BENCH_SCALE=rows sets the dataset's size (default 3,000,000: under an hour on 2 cores).

@@ -31,22 +31,12 @@ from distkd.cache.pool import plan_pool
 from distkd.cache.verify import verify_cache
 from distkd.dist import free_port
 from distkd.cli import main as cli_main
-from distkd.models.export import load_export, write_export
+from distkd.models.export import load_export
 from distkd.data.loader import LogLoader, split_files
-from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import LogsError, load_schema
+from distkd.bench.ray_local import session_pids
 from tests.faults.cache import kill_each_shard_class, kill_worker_class
-from tests.test_submit_live import LOOPBACK, listening, session_pids
-
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER_CFG = dict(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
-
-
-def make_teacher(out: Path, schema, seed: int) -> str:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**TEACHER_CFG)
-    model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
-    return write_export(out, "teacher", schema, cfg, model.state_dict())["sha256"]
+from tests.support import LOOPBACK, ROOT, listening, make_teacher
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +75,7 @@ def _copy_cache(src: Path, dst: Path) -> Path:
 
 # -- build, verify, read ------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_build_then_verify(built, small_logs, teachers):
     out, s = built
     assert s["complete"] and s["rows"] == 40_000 and s["computed"] == 6 and s["skipped"] == 0
@@ -104,6 +95,7 @@ def test_build_then_verify(built, small_logs, teachers):
     assert v["rows"] == 40_000 and v["shards"] == 6
 
 
+@pytest.mark.integration
 def test_cached_logits_are_the_teachers_forward(built, small_logs, teachers):
     out, _ = built
     model, meta = load_export(teachers[0][0])
@@ -121,6 +113,7 @@ def test_cached_logits_are_the_teachers_forward(built, small_logs, teachers):
     assert seen == 32_000
 
 
+@pytest.mark.integration
 def test_rerun_skips_everything(built, teachers, small_logs):
     out, _ = built
     before = read_manifest(out)["shards"]
@@ -131,6 +124,7 @@ def test_rerun_skips_everything(built, teachers, small_logs):
 
 # -- refusals -----------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_other_teacher_is_refused(built, teachers, small_logs):
     out, _ = built
     with pytest.raises(CacheError, match=r"holds logits of teacher .*build into a new cache directory"):
@@ -145,6 +139,7 @@ def test_other_teacher_is_refused(built, teachers, small_logs):
         open_cache(out, small_logs, "train", hidden=True)
 
 
+@pytest.mark.integration
 def test_modified_log_shard_is_detected_and_refused(built, teachers, small_logs, tmp_path):
     out, _ = built
     logs = tmp_path / "logs"
@@ -177,6 +172,7 @@ def test_modified_log_shard_is_detected_and_refused(built, teachers, small_logs,
         aligned.check(groups[1], table, str(small_logs / "train" / "part-00001.parquet"), 1)
 
 
+@pytest.mark.integration
 def test_concurrent_build_is_refused(built, teachers, small_logs):
     out, _ = built
     with BuildLock(out):  # another driver holds the directory
@@ -187,6 +183,7 @@ def test_concurrent_build_is_refused(built, teachers, small_logs):
     assert build(_job(teachers, small_logs, out))["computed"] == 0
 
 
+@pytest.mark.integration
 def test_missing_teacher_export_is_a_clear_error(small_logs, tmp_path, capsys):
     rc = cli_main(["cache", "build", "--teacher", str(tmp_path / "no-export"), "--logs", str(small_logs),
                    "--out", str(tmp_path / "cache")])
@@ -194,6 +191,7 @@ def test_missing_teacher_export_is_a_clear_error(small_logs, tmp_path, capsys):
     assert rc == 2 and "no-export: no export.json" in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
     out, _ = built
     cache = _copy_cache(out, tmp_path / "cache")
@@ -213,6 +211,7 @@ def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
 
 # -- faults -------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path):
     out, _ = built
     logs: list[str] = []
@@ -233,6 +232,7 @@ def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tm
         assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
 
 
+@pytest.mark.integration
 def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path):
     """One worker, SIGKILLed on the first attempt of each of the 4 shards: more deaths than
     max_attempts, none twice on one shard. Each death costs its shard one retry; the build does
@@ -304,6 +304,7 @@ def _cli(args: list[str], env_extra: dict[str, str], module: str = "distkd.cli")
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.cluster
 def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_logs, tmp_path, capsys):
     out = tmp_path / "cache"
     args = ["cache", "build", "--teacher", teachers[0][0], "--logs", str(small_logs), "--out", str(out),
@@ -339,6 +340,7 @@ def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_l
 
 # -- job and pool sizing ------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_job_yaml_and_flags(tmp_path):
     cfg = tmp_path / "cache.yaml"
     cfg.write_text("teacher: t\nlogs: l\nout: o\ndtype: fp32\nworkers: 3\nsplits: [train]\n")
@@ -350,6 +352,7 @@ def test_job_yaml_and_flags(tmp_path):
             job.splits) == ("t", "L", "fp32", 3, 2, True, 1024, ["train", "valid"])
 
 
+@pytest.mark.unit
 def test_pool_sizing_takes_every_cpu():
     assert (plan_pool({"CPU": 2}, None, None).workers, plan_pool({"CPU": 2}, None, None).threads) == (2, 1)
     assert plan_pool({"CPU": 1}, None, None).workers == 1

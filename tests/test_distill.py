@@ -15,6 +15,8 @@ from distkd.models.export import read_meta
 from distkd.objectives.ctr_kd import CtrKDConfig
 from tests.support import cli, job_for, train
 
+pytestmark = pytest.mark.integration
+
 MODEL = ["model.embedding_dim=16", "model.cross_layers=0", "model.deep_arch=[32,16]", "model.dense_arch=[16]"]
 
 

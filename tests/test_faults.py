@@ -29,6 +29,8 @@ from distkd.data.schema import load_schema
 from distkd.train.checkpoint import committed
 from tests.support import ROOT, SMALL_MODEL, cli
 
+pytestmark = pytest.mark.integration
+
 WAIT_S = 240
 
 

@@ -14,16 +14,16 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import pyarrow.fs as pafs
+import pytest
 
 from distkd import storage
+from distkd.bench.ray_local import kill_head_once_committed, ray_cluster
 from distkd.cache import read_manifest
 from distkd.cache.verify import verify_cache
-from tests.ray_cluster import kill_head_once_committed, ray_cluster
-from tests.support import ROOT, cli
-from tests.test_storage import BUCKET, s3  # noqa: F401 (the moto S3 server fixture)
+from tests.support import BUCKET, ROOT, cli, s3_keys
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SHARDS = [f"train/part-0000{i}.parquet" for i in range(4)]
 EXIT_BOUND_S = 30  # from the head's death to the driver's exit (Ray itself would give up only after 60s)
@@ -183,13 +183,7 @@ class FaultyS3:
         self.server.server_close()
 
 
-def _keys(prefix: str) -> list[str]:
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/{prefix}")
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(BUCKET) + 1:] for i in infos if i.type == pafs.FileType.File)
-
-
-def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world):  # noqa: F811
+def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world):
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
     clean = read_manifest(kd_world["cache"])["shards"]
     prefix = "faulty-cache"
@@ -210,7 +204,7 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     m = read_manifest(cache)
     assert not m["complete"] and sorted(m["shards"]) == SHARDS[:2], m["shards"].keys()
     assert_whole(cache, clean, m)
-    assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS[:2]]
+    assert s3_keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS[:2]]
     assert m["shards"]["train/part-00000.parquet"]["timings"]["attempt"] == 1  # the 503 cost no shard retry
 
     # the store healthy again (no proxy): the rerun computes shards 2 and 3 and the cache verifies
@@ -220,5 +214,5 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     m = read_manifest(cache)
     assert m["complete"] and m["builds"][-1]["computed"] == SHARDS[2:]
     assert_whole(cache, clean, m)
-    assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
+    assert s3_keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
     assert verify_cache(cache, small, t0)["rows"] == 32_000  # what `distkd cache verify` runs

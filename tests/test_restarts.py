@@ -14,10 +14,11 @@ import time
 import uuid
 
 import pytest
-import torch
 
 from distkd.dist import free_port
-from tests.support import SMALL_MODEL, cli, torchrun
+from tests.support import SMALL_MODEL, assert_same_model, cli, torchrun
+
+pytestmark = pytest.mark.integration
 
 STEPS = 24  # of the 31 a 2-rank epoch has at batch 512; checkpoints at 10 and 20, kills after 13
 TRAIN_ROWS = 32_000
@@ -26,17 +27,6 @@ TRAIN_ROWS = 32_000
 def common(logs, out) -> list[str]:
     return [f"logs={logs}", f"out={out}", "tensorboard=false", "train.batch_size=512", "train.checkpoint_every=10",
             f"train.max_steps={STEPS}", *SMALL_MODEL]
-
-
-def weights(out) -> dict[str, torch.Tensor]:
-    return torch.load(out / "export" / "model.pt", weights_only=True)["state_dict"]
-
-
-def assert_same_model(a, b) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")

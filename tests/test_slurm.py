@@ -15,14 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import distkd
-from distkd.cache.build import CacheJob, build
-from distkd.data.schema import load_schema
-from distkd.models.export import write_export
-from distkd.models.ranking import ModelConfig, RankingModel
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
@@ -56,21 +53,6 @@ def slurm(tmp_path_factory):
         assert down.returncode == 0, down.stderr
 
 
-@pytest.fixture(scope="module")
-def cache(small_logs, tmp_path_factory):
-    """An untrained teacher's export (fixed seed) and its logit cache of the train split
-    (the same as tests/test_torchrun.py's)."""
-    root = tmp_path_factory.mktemp("slurm-kd")
-    torch.manual_seed(0)
-    schema = load_schema(small_logs)
-    cfg = ModelConfig(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
-    model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
-    sha = write_export(root / "teacher", "teacher", schema, cfg, model.state_dict())["sha256"]
-    build(CacheJob(teacher=str(root / "teacher"), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
-                   workers=1, batch_size=8192), log=lambda m: None)
-    return root / "cache", sha
-
-
 def job_info(job_id: str, env: dict) -> dict:
     """`scontrol show job -o ID` as a dict (JobState, ExitCode, StdOut, ...)."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
@@ -79,8 +61,8 @@ def job_info(job_id: str, env: dict) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
-def test_distill_through_sbatch(slurm, small_logs, cache, tmp_path):
-    cache_dir, sha = cache
+def test_distill_through_sbatch(slurm, small_logs, kd_cache, tmp_path):
+    cache_dir, sha = kd_cache
     out = tmp_path / "kd"
     job = tmp_path / "distill.yaml"
     job.write_text(yaml.safe_dump({

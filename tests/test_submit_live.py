@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,54 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from distkd.bench.ray_local import session_pids
 from distkd.cli import main as cli_main
 from distkd.dist import free_port
 from distkd.models.export import write_export
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import load_schema
+from tests.support import LOOPBACK, ROOT, listening
 
-ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (the head we started with start_new_session, and its children)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # after "(comm)": state ppid pgrp session
-                pids.append(int(d.name))
-    return pids
-
-
-def listening(pids: list[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every TCP socket these processes listen on (from /proc)."""
-    owner = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:["):
-                    owner[link[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table, width in (("tcp", 4), ("tcp6", 16)):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in owner:  # 0A: LISTEN
-                continue
-            hexaddr, hexport = f[1].split(":")
-            raw = bytes.fromhex(hexaddr)
-            # /proc prints the address as 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
-            addr = socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6, raw)
-            found.append((addr, int(hexport, 16), owner[f[9]]))
-    return found
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
