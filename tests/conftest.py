@@ -4,10 +4,12 @@ over ~30 s), so that `make test-fast` (-m unit) can run the quick ones alone."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
+from distkd.bench.faults import RESULTS_ENV, results_file
 from distkd.cache.build import CacheJob, build
 from distkd.data.schema import load_schema
 from distkd.data.synth import generate
@@ -83,3 +85,18 @@ def s3():
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield endpoint
     server.stop()
+
+
+@pytest.fixture
+def rows_lost(request):
+    """`rows_lost(expected, kept)`: a fault test's rows, a clean run's and those its faulted run
+    ended with, for `make bench-faults` to print as its "rows lost" column (distkd.bench.faults
+    names the folder in $DISTKD_FAULT_RESULTS; without it nothing is written). The test still
+    asserts them itself."""
+    def record(expected: int, kept: int) -> None:
+        folder = os.environ.get(RESULTS_ENV)
+        if folder:
+            with open(results_file(folder, request.node.nodeid), "a") as fh:
+                fh.write(json.dumps({"test": request.node.nodeid, "expected": int(expected), "kept": int(kept)}) + "\n")
+
+    return record

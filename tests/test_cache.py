@@ -34,9 +34,12 @@ from distkd.cli import main as cli_main
 from distkd.models.export import load_export
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import LogsError, load_schema
+from distkd.bench.faults import clean_rows, kept_rows
 from distkd.bench.ray_local import session_pids
 from tests.faults.cache import kill_each_shard_class, kill_worker_class
 from tests.support import LOOPBACK, ROOT, listening, make_teacher
+
+TRAIN_ROWS = 32_000  # small_logs' train split
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +215,7 @@ def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
 # -- faults -------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path):
+def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path, rows_lost):
     out, _ = built
     logs: list[str] = []
     s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), log=logs.append,
@@ -227,13 +230,14 @@ def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tm
     verify_cache(tmp_path / "cache", small_logs)
     # Every row exactly once: the same bytes as the clean build's files.
     clean = read_manifest(out)["shards"]
+    rows_lost(clean_rows(clean, "train/"), kept_rows(m["shards"], clean))
     for rel, e in m["shards"].items():
         assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
         assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
 
 
 @pytest.mark.integration
-def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path):
+def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path, rows_lost):
     """One worker, SIGKILLed on the first attempt of each of the 4 shards: more deaths than
     max_attempts, none twice on one shard. Each death costs its shard one retry; the build does
     not run out of restarts."""
@@ -249,6 +253,7 @@ def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, tea
     assert not list((tmp_path / "cache").glob("*/.*.tmp-*"))
     verify_cache(tmp_path / "cache", small_logs)
     clean = read_manifest(out)["shards"]
+    rows_lost(clean_rows(clean, "train/"), kept_rows(m["shards"], clean))
     for rel, e in m["shards"].items():
         assert e["output"]["sha256"] == clean[rel]["output"]["sha256"], rel
 
@@ -305,7 +310,7 @@ def _cli(args: list[str], env_extra: dict[str, str], module: str = "distkd.cli")
 
 
 @pytest.mark.cluster
-def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_logs, tmp_path, capsys):
+def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_logs, tmp_path, capsys, rows_lost):
     out = tmp_path / "cache"
     args = ["cache", "build", "--teacher", teachers[0][0], "--logs", str(small_logs), "--out", str(out),
             "--splits", "train", "--dtype", "fp32", "--hidden"]
@@ -331,11 +336,15 @@ def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_l
     model, _ = load_export(teachers[0][0])
     aligned = open_cache(out, small_logs, "train", teacher_sha256=teachers[0][1], hidden=True)
     loader = LogLoader(split_files(small_logs, "train"), load_schema(small_logs), 8192, aligned=[aligned])
+    kept = 0  # rows whose cached logits are the teacher's forward
     with torch.no_grad():
         for batch in loader:
             o = model(batch.sparse, batch.dense)
             torch.testing.assert_close(batch.extras["teacher.logits"], o.logits, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(batch.extras["teacher.hidden"], o.hidden, atol=2e-3, rtol=2e-3)
+            kept += len(o.logits)
+    rows_lost(TRAIN_ROWS, kept)
+    assert kept == TRAIN_ROWS
 
 
 # -- job and pool sizing ------------------------------------------------------------------

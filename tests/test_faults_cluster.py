@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from distkd import storage
+from distkd.bench.faults import clean_rows, kept_rows
 from distkd.bench.ray_local import kill_head_once_committed, ray_cluster
 from distkd.cache import read_manifest
 from distkd.cache.verify import verify_cache
@@ -42,7 +43,7 @@ def assert_whole(cache: str, clean: dict, m: dict) -> None:
         assert e["input"]["ids"] == clean[rel]["input"]["ids"], rel
 
 
-def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_world, tmp_path):
+def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_world, tmp_path, rows_lost):
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
     clean = read_manifest(kd_world["cache"])["shards"]
     out = tmp_path / "cache"
@@ -79,6 +80,7 @@ def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_wo
     m = read_manifest(out)
     assert m["complete"] and sorted(m["builds"][-1]["computed"]) == [s for s in SHARDS if s not in done]
     assert_whole(str(out), clean, m)
+    rows_lost(clean_rows(clean), kept_rows(m["shards"], clean))
     assert sorted(m["shards"]) == SHARDS
     assert verify_cache(out, small, t0)["rows"] == 32_000
 
@@ -183,7 +185,7 @@ class FaultyS3:
         self.server.server_close()
 
 
-def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world):
+def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world, rows_lost):
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
     clean = read_manifest(kd_world["cache"])["shards"]
     prefix = "faulty-cache"
@@ -214,5 +216,6 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     m = read_manifest(cache)
     assert m["complete"] and m["builds"][-1]["computed"] == SHARDS[2:]
     assert_whole(cache, clean, m)
+    rows_lost(clean_rows(clean), kept_rows(m["shards"], clean))
     assert s3_keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
     assert verify_cache(cache, small, t0)["rows"] == 32_000  # what `distkd cache verify` runs

@@ -24,6 +24,11 @@ STEPS = 24  # of the 31 a 2-rank epoch has at batch 512; checkpoints at 10 and 2
 TRAIN_ROWS = 32_000
 
 
+def summary_rows(out) -> int:
+    """Rows the run's final model was trained on, over all its restarts."""
+    return json.loads((out / "summary.json").read_text())["rows"]
+
+
 def common(logs, out) -> list[str]:
     return [f"logs={logs}", f"out={out}", "tensorboard=false", "train.batch_size=512", "train.checkpoint_every=10",
             f"train.max_steps={STEPS}", *SMALL_MODEL]
@@ -43,7 +48,8 @@ def _faulty_torchrun(rdzv: list[str], fault: list[str], stage: list[str]):
 
 
 @pytest.mark.parametrize("rendezvous", ["c10d", "standalone"])
-def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninterrupted, tmp_path, rendezvous):
+def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninterrupted, tmp_path, rendezvous,
+                                                             rows_lost):
     """One rank SIGKILLed after step 13 costs one torchrun restart and nothing else: the job
     exits 0 from the step-10 checkpoint with the uninterrupted run's weights."""
     out = tmp_path / "run"
@@ -56,9 +62,10 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninter
     assert f"[fault] SIGKILL rank {victim} after step 13 (generation 0)" in r.stderr
     assert f"resumed from {out / 'checkpoints' / 'step-00000010'} at epoch 0, step 10" in r.stderr, r.stderr[-3000:]
     assert_same_model(out, uninterrupted)
+    rows_lost(summary_rows(uninterrupted), summary_rows(out))
 
 
-def test_torchrun_survives_several_ranks_killed_in_one_run(small_logs, uninterrupted, tmp_path):
+def test_torchrun_survives_several_ranks_killed_in_one_run(small_logs, uninterrupted, tmp_path, rows_lost):
     """Rank 1 SIGKILLed after step 13, then rank 0 after step 22 of the restarted group: two
     restarts (of 2 allowed), resumed from step 10 and then step 20, the uninterrupted weights."""
     out = tmp_path / "run"
@@ -71,6 +78,7 @@ def test_torchrun_survives_several_ranks_killed_in_one_run(small_logs, uninterru
     for step in (10, 20):
         assert f"resumed from {out / 'checkpoints' / f'step-{step:08d}'} at epoch 0, step {step}" in r.stderr
     assert_same_model(out, uninterrupted)
+    rows_lost(summary_rows(uninterrupted), summary_rows(out))
 
 
 def test_local_launcher_restarts_a_killed_rank(small_logs, uninterrupted, tmp_path):

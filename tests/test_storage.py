@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from distkd import storage
+from distkd.bench.faults import clean_rows, kept_rows
 from distkd.cache import CacheError, open_cache, read_manifest
 from distkd.cache.build import CacheJob, build
 from distkd.cache.verify import verify_cache
@@ -181,7 +182,8 @@ def local_cache(ray_session, small_logs, teacher, tmp_path_factory):
 
 
 @pytest.mark.cluster
-def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_logs, teacher, local_cache, capsys):
+def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_logs, teacher, local_cache, capsys,
+                                                   rows_lost):
     cache = f"s3://{BUCKET}/cache"
     args = ["cache", "build", "--teacher", teacher[0], "--logs", s3_logs, "--out", cache, "--splits", "train"]
     local = read_manifest(local_cache)["shards"]
@@ -209,6 +211,7 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     assert sorted(m["builds"][-1]["computed"]) == sorted(set(local) - done)
     assert s3_keys("cache") == ["cache/manifest.json"] + [f"cache/train/part-0000{i}.parquet" for i in range(4)]
     # The same bytes as the local build's files: the same logits, row groups and metadata.
+    rows_lost(clean_rows(local), kept_rows(m["shards"], local))
     for rel, e in m["shards"].items():
         assert e["output"]["sha256"] == local[rel]["output"]["sha256"], rel
         assert e["input"] == local[rel]["input"], rel

@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from distkd.bench.faults import kept_rows
 from distkd.bench.ray_local import kill_head_once_committed, ray_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,8 +85,7 @@ def compare(out: Path, clean: dict, logs: Path) -> dict:
     from distkd.cache.verify import verify_cache
 
     m = read_manifest(out)
-    kept = sum(e["output"]["rows"] for rel, e in m["shards"].items()
-               if e["output"]["sha256"] == clean[rel]["output"]["sha256"] and e["input"]["ids"] == clean[rel]["input"]["ids"])
+    kept = kept_rows(m["shards"], clean)
     try:
         verify_cache(out, logs, log=lambda msg: None)
         verified = "passes"
