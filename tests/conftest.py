@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
-from distkd.bench.faults import RESULTS_ENV, results_file
-from distkd.cache.build import CacheJob, build
-from distkd.data.schema import load_schema
-from distkd.data.synth import generate
-from tests.support import BUCKET, cli, make_teacher
-
-# One thread per process: tests start several ranks on two cores.
+# One thread per process: tests start several ranks on two cores. Set before torch is imported
+# (by the imports below), which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from distkd.bench.faults import RESULTS_ENV, results_file  # noqa: E402
+from distkd.cache.build import CacheJob, build  # noqa: E402
+from distkd.data.schema import load_schema  # noqa: E402
+from distkd.data.synth import generate  # noqa: E402
+from tests.support import BUCKET, cli, make_teacher  # noqa: E402
 
 KINDS = ("unit", "integration", "cluster")
 

@@ -9,7 +9,6 @@ ends byte for byte equal to a clean build (tests/conftest.py's kd_world cache).
 from __future__ import annotations
 
 import http.client
-import os
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import pytest
 
 from distkd import storage
 from distkd.bench.faults import clean_rows, kept_rows
-from distkd.bench.ray_local import kill_head_once_committed, ray_cluster
+from distkd.bench.ray_local import kill_head_once_committed, ray_cluster, ray_env
 from distkd.cache import read_manifest
 from distkd.cache.verify import verify_cache
 from tests.support import BUCKET, ROOT, cli, s3_keys
@@ -47,9 +46,7 @@ def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_wo
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
     clean = read_manifest(kd_world["cache"])["shards"]
     out = tmp_path / "cache"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DISTKD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    env = ray_env()  # as the cluster's own processes: loopback, this checkout on the path
     err_path = tmp_path / "driver.err"
     with ray_cluster(tmp_path, head_cpus=2, dashboard=False) as head:
         # 1: a build slow enough to break in the middle (half a second after each row group), through --ray-address

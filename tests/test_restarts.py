@@ -56,6 +56,7 @@ def _faulty_torchrun(rdzv: list[str], fault: list[str], stage: list[str]):
                     "-m", "tests.faults.train", *fault, "--", *stage)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["c10d", "standalone"])
 def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninterrupted, tmp_path, rendezvous,
                                                              rows_lost):
@@ -74,6 +75,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_matches(small_logs, uninter
     rows_lost(summary_rows(uninterrupted), summary_rows(out))
 
 
+@pytest.mark.slow
 def test_torchrun_survives_several_ranks_killed_in_one_run(small_logs, uninterrupted, tmp_path, rows_lost):
     """Rank 1 SIGKILLed after step 13, then rank 0 after step 22 of the restarted group: two
     restarts (of 2 allowed), resumed from step 10 and then step 20, the uninterrupted weights."""
@@ -90,6 +92,7 @@ def test_torchrun_survives_several_ranks_killed_in_one_run(small_logs, uninterru
     rows_lost(summary_rows(uninterrupted), summary_rows(out))
 
 
+@pytest.mark.slow
 def test_local_launcher_restarts_a_killed_rank(small_logs, uninterrupted, tmp_path):
     out = tmp_path / "run"
     r = cli("--kill", "1:13", "--", "student", "train", "--nproc", "2", "--max-restarts", "1",
@@ -121,7 +124,6 @@ def _load_and_dump(prepared, dump: str) -> dict:
         dist.shutdown()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("types", ["table_wise", "column_wise", "data_parallel"])
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_a_checkpoint_loads_at_another_world_size_tensor_for_tensor(small_logs, tmp_path, before, after, types):
@@ -198,6 +200,7 @@ def test_a_rank_whose_peer_never_arrives_fails_within_the_timeout(small_logs, tm
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_collective_within_the_timeout(small_logs, tmp_path):
     """Rank 1 stops answering after step 3: rank 0's next collective times out after
     launch.timeout_s and the launch fails (no restarts left), naming the ranks."""

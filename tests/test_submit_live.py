@@ -4,14 +4,14 @@ The head (with its dashboard, which serves the Jobs API) is started here on loop
 in a private temp dir, on ports picked free; the job runs the cache stage through
 `jobs/demo/cache.yaml` with overrides, the way a user submits it, and the cache it wrote is
 checked with `distkd cache verify`. The head is torn down by signalling the `ray start
---block` process this test started, then killing whatever is left of its session by pid.
+--block` process this test started, then killing whatever is left of its session by pid
+(distkd.bench.ray_local.stop).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,15 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from distkd.bench.ray_local import session_pids
+from distkd.bench.ray_local import session_pids, stop
 from distkd.cli import main as cli_main
 from distkd.dist import free_port
-from distkd.models.export import write_export
-from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import load_schema
-from tests.support import LOOPBACK, ROOT, listening
+from tests.support import LOOPBACK, ROOT, listening, make_teacher
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -68,31 +65,15 @@ def ray_jobs_head(tmp_path_factory):
             time.sleep(0.5)
         yield f"http://127.0.0.1:{dashboard}", proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes on SIGTERM
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        deadline = time.monotonic() + 10
-        while (left := [p for p in session_pids(proc.pid) if p != os.getpid()]) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:  # stragglers of this head's session only, by pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop([proc])  # the head's session only, by pid
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def teacher(small_logs, tmp_path_factory):
     """An untrained teacher's export (fixed seed): the cache only needs a deterministic forward."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
-    model = RankingModel(load_schema(small_logs), cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
     out = tmp_path_factory.mktemp("teacher") / "export"
-    write_export(out, "teacher", load_schema(small_logs), cfg, model.state_dict())
+    make_teacher(out, load_schema(small_logs), seed=0)
     return out
 
 

@@ -16,6 +16,7 @@ from distkd.train.prepare import prepare
 from tests.support import SMALL_MODEL, cli, job_for, train
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("types", ["table_wise", "data_parallel"])
 def test_two_ranks_loss_falls_with_each_plan(small_logs, tmp_path, types):
@@ -96,6 +97,7 @@ def test_export_refuses_a_tampered_file(small_logs, tmp_path):
         load_export(tmp_path / "run" / "export")
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_killed_run_resumes_to_the_same_model(small_logs, tmp_path):
     """Rank 1 is SIGKILLed after step 13 (a test callback); with no restarts left the launch

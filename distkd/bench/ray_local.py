@@ -79,7 +79,9 @@ def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return proc
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Stop `ray start --block` processes started with start_new_session (the last first): SIGTERM
+    each, then SIGKILL what is left of their sessions, by pid."""
     for proc in reversed(procs):  # workers first, the head last
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
         try:
@@ -163,7 +165,7 @@ def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()
         yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None,
                       [p.pid for p in procs])
     finally:
-        _stop(procs)
+        stop(procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
