@@ -1,4 +1,5 @@
-# The two commands: `make demo` and `make test`. Both create .venv and install once.
+# The two commands: `make demo` and `make test` (`make test-fast`: the unit tests alone).
+# Both create .venv and install once.
 # STACK picks the pinned stack (scripts/stacks/STACK.txt): torch2.13, the default and CI's, in .venv;
 # torch2.11 (the GPU image's) in .venv-torch2.11, e.g. `make test STACK=torch2.11`.
 STACK  ?= torch2.13
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily clean
+.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily clean
 
 $(STAMP): requirements.txt scripts/stacks/$(STACK).txt pyproject.toml scripts/install.sh
 	STACK=$(STACK) VENV=$(VENV) bash scripts/install.sh
@@ -20,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (-m unit: pure, no processes, Ray or ranks): a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
 
 # docs/jobs.md, the job file reference, from the job dataclasses (tests/test_docs.py checks it is current)
 docs: $(STAMP)

@@ -12,6 +12,7 @@ import os
 import importlib
 import logging
 import sys
+from typing import Sequence
 
 from distkd import log
 from distkd.config import ConfigError
@@ -301,9 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, callbacks: Sequence = ()) -> int:
+    """The CLI on `argv`. `callbacks` (fn(trainer), after each optimizer step) go to every rank of
+    the train stages (teacher/student train, distill): how a caller hooks the real entry point."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.callbacks = list(callbacks)
     try:
         log.setup(args.log_level)
     except ValueError as e:  # a bad DISTKD_LOG_LEVEL (the flag's choices are checked by argparse)

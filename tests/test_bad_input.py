@@ -8,6 +8,7 @@ Reliability): bad logs (test_validate, test_types), a checkpoint of another run
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from distkd.bench.faults import CASES, readme_table
 from distkd.cli import main as cli_main
+from tests.support import ROOT
 
 
 def run(capsys, *args: str) -> tuple[int, str]:
@@ -56,6 +59,7 @@ def distill_args(logs, cache, out) -> list[str]:
 
 # -- caches -----------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_building_into_a_cache_of_another_teacher_is_refused(kd_world, cache_copy, tmp_path, capsys):
     before = tree(cache_copy)
     rc, err = run(capsys, "cache", "build", "--teacher", kd_world["teachers"][1][0], "--logs", kd_world["logs"],
@@ -65,6 +69,7 @@ def test_building_into_a_cache_of_another_teacher_is_refused(kd_world, cache_cop
     assert tree(cache_copy) == before  # not a byte changed, the manifest included
 
 
+@pytest.mark.integration
 def test_a_cache_of_other_logs_is_refused(kd_world, tmp_path, capsys):
     """Other logs with the same schema (another seed): each shard is named as not the one cached."""
     from distkd.data.synth import generate
@@ -103,6 +108,7 @@ def _tamper_sha(cache: Path) -> str:
     return f"{cache / 'train' / 'part-00002.parquet'}: sha256 "
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", [_truncate, _swap, _tamper_sha], ids=["truncated", "swapped", "sha256"])
 def test_a_damaged_cache_is_refused_naming_the_file(kd_world, cache_copy, tmp_path, capsys, damage):
     expect = damage(cache_copy)
@@ -116,6 +122,7 @@ def test_a_damaged_cache_is_refused_naming_the_file(kd_world, cache_copy, tmp_pa
     assert not (tmp_path / "kd").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", ["../outside.parquet", "train/../../outside.parquet", "/tmp/outside.parquet",
                                   "train//part.parquet"])
 def test_manifest_paths_outside_the_cache_are_refused(kd_world, cache_copy, tmp_path, capsys, path):
@@ -139,6 +146,7 @@ def test_manifest_paths_outside_the_cache_are_refused(kd_world, cache_copy, tmp_
             victim.unlink()
 
 
+@pytest.mark.integration
 def test_a_cache_file_symlinked_out_of_the_cache_is_refused(kd_world, cache_copy, tmp_path, capsys):
     """The same bytes, but through a symlink out of the cache directory: refused, never read."""
     f = cache_copy / "train" / "part-00001.parquet"
@@ -155,6 +163,7 @@ def test_a_cache_file_symlinked_out_of_the_cache_is_refused(kd_world, cache_copy
 
 # -- job files and sizes ----------------------------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", [["cache", "build"], ["teacher", "train"], ["distill"]], ids=lambda s: s[0])
 @pytest.mark.parametrize("text,expect", [
     ("logs: [unclosed\nout: x\n", "not valid YAML: while parsing a flow sequence"),
@@ -168,6 +177,7 @@ def test_a_malformed_job_file_is_refused(tmp_path, capsys, stage, text, expect):
     assert rc == 2 and f"{job}: " in err and expect in err, err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("text,expect", [
     ("workrs: 2\n", "unknown field(s) ['workrs']; known: ['batch_size'"),
     ("workers: two\n", "workers: expected an integer, got 'two'"),
@@ -181,6 +191,7 @@ def test_a_cache_job_with_a_bad_field_is_refused(kd_world, tmp_path, capsys, tex
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,expect", [
     (["data", "synth", "--rows", "0", "--shards", "2"], "--rows 0 is too few for 2 shards"),
     (["data", "synth", "--rows", "1000", "--shards", "0"], "--shards: must be >= 1, got 0"),
@@ -218,6 +229,7 @@ def _escaping_name(export: Path, other: Path) -> str:
     return f"{export / 'export.json'}: file: '../{other.name}/model.pt' must be the name of a file in {export}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", [_other_weights, _escaping_name], ids=["other-weights", "path-out-of-export"])
 def test_an_export_whose_file_is_not_the_one_its_metadata_names(kd_world, tmp_path, capsys, damage):
     (t0, _), (t1, _) = kd_world["teachers"]
@@ -254,6 +266,7 @@ def unwritable(request, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["synth", "cache", "train"])
 def test_an_output_location_that_cannot_be_written(kd_world, capsys, unwritable, stage):
     out, why = unwritable
@@ -265,14 +278,17 @@ def test_an_output_location_that_cannot_be_written(kd_world, capsys, unwritable,
     assert rc == 2 and f"{out}: cannot write the " in err and why in err, err
 
 
+@pytest.mark.unit
 def test_the_readme_reliability_table_is_bench_faults_table():
-    """docs/reliability.md's table is the one `make bench-faults` prints, and every row's test exists."""
-    import ast
-
-    from distkd.bench.faults import CASES, readme_table
-    from tests.support import ROOT
-
-    assert readme_table() in (ROOT / "docs" / "reliability.md").read_text()
+    """The Reliability table, wherever the docs hold it (README.md, or a page under docs/), is
+    the one `make bench-faults` prints, and every row's test exists."""
+    table = readme_table()
+    header = table.splitlines()[0]
+    pages = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+             if p.is_file() and header in p.read_text()]
+    assert pages, f"no page holds the Reliability table ({header})"
+    for page in pages:  # every copy current, none stale
+        assert table in page.read_text(), page
     for *_, node in CASES:
         path, name = node.split("::")
         defined = {n.name for n in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(n, ast.FunctionDef)}

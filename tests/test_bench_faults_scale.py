@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from distkd.bench import faults_scale
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 def test_the_scale_run_loses_no_row_and_says_so(tmp_path, capsys):

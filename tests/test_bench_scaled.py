@@ -13,6 +13,8 @@ from distkd.config import load
 from distkd.demo import DataJob
 from distkd.train.job import TrainJob
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from distkd.bench import suite
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 ROWS = [
     "teacher forward alone, 1 thread",
     "distkd cache build,",

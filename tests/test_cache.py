@@ -31,23 +31,15 @@ from distkd.cache.pool import plan_pool
 from distkd.cache.verify import verify_cache
 from distkd.dist import free_port
 from distkd.cli import main as cli_main
-from distkd.models.export import load_export, write_export
+from distkd.models.export import load_export
 from distkd.data.loader import LogLoader, split_files
-from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import LogsError, load_schema
+from distkd.bench.faults import clean_rows, kept_rows
+from distkd.bench.ray_local import session_pids
 from tests.faults.cache import kill_each_shard_class, kill_worker_class
-from tests.support import distkd_log
-from tests.test_submit_live import LOOPBACK, listening, session_pids
+from tests.support import LOOPBACK, ROOT, distkd_log, listening, make_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER_CFG = dict(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
-
-
-def make_teacher(out: Path, schema, seed: int) -> str:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**TEACHER_CFG)
-    model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
-    return write_export(out, "teacher", schema, cfg, model.state_dict())["sha256"]
+TRAIN_ROWS = 32_000  # small_logs' train split
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +78,7 @@ def _copy_cache(src: Path, dst: Path) -> Path:
 
 # -- build, verify, read ------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_build_then_verify(built, small_logs, teachers):
     out, s = built
     assert s["complete"] and s["rows"] == 40_000 and s["computed"] == 6 and s["skipped"] == 0
@@ -105,6 +98,7 @@ def test_build_then_verify(built, small_logs, teachers):
     assert v["rows"] == 40_000 and v["shards"] == 6
 
 
+@pytest.mark.integration
 def test_cached_logits_are_the_teachers_forward(built, small_logs, teachers):
     out, _ = built
     model, meta = load_export(teachers[0][0])
@@ -122,6 +116,7 @@ def test_cached_logits_are_the_teachers_forward(built, small_logs, teachers):
     assert seen == 32_000
 
 
+@pytest.mark.integration
 def test_rerun_skips_everything(built, teachers, small_logs):
     out, _ = built
     before = read_manifest(out).shards
@@ -132,6 +127,7 @@ def test_rerun_skips_everything(built, teachers, small_logs):
 
 # -- refusals -----------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_other_teacher_is_refused(built, teachers, small_logs):
     out, _ = built
     with pytest.raises(CacheError, match=r"holds logits of teacher .*build into a new cache directory"):
@@ -146,6 +142,7 @@ def test_other_teacher_is_refused(built, teachers, small_logs):
         open_cache(out, small_logs, "train", hidden=True)
 
 
+@pytest.mark.integration
 def test_modified_log_shard_is_detected_and_refused(built, teachers, small_logs, tmp_path):
     out, _ = built
     logs = tmp_path / "logs"
@@ -177,6 +174,7 @@ def test_modified_log_shard_is_detected_and_refused(built, teachers, small_logs,
         aligned.check(groups[1], table, str(small_logs / "train" / "part-00001.parquet"), 1)
 
 
+@pytest.mark.integration
 def test_concurrent_build_is_refused(built, teachers, small_logs):
     out, _ = built
     with BuildLock(out):  # another driver holds the directory
@@ -187,6 +185,7 @@ def test_concurrent_build_is_refused(built, teachers, small_logs):
     assert build(_job(teachers, small_logs, out))["computed"] == 0
 
 
+@pytest.mark.integration
 def test_missing_teacher_export_is_a_clear_error(small_logs, tmp_path, capsys):
     rc = cli_main(["cache", "build", "--teacher", str(tmp_path / "no-export"), "--logs", str(small_logs),
                    "--out", str(tmp_path / "cache")])
@@ -194,6 +193,7 @@ def test_missing_teacher_export_is_a_clear_error(small_logs, tmp_path, capsys):
     assert rc == 2 and "no-export: no export.json" in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
     out, _ = built
     cache = _copy_cache(out, tmp_path / "cache")
@@ -213,7 +213,8 @@ def test_open_cache_refuses_incomplete_cache(built, small_logs, tmp_path):
 
 # -- faults -------------------------------------------------------------------------------
 
-def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path):
+@pytest.mark.integration
+def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tmp_path, rows_lost):
     out, _ = built
     with distkd_log() as logs:
         s = build(_job(teachers, small_logs, tmp_path / "cache", splits=["train"]), worker=kill_worker_class(tmp_path))
@@ -227,12 +228,14 @@ def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tm
     verify_cache(tmp_path / "cache", small_logs)
     # Every row exactly once: the same bytes as the clean build's files.
     clean = read_manifest(out).shards
+    rows_lost(clean_rows(clean, "train/"), kept_rows(m.shards, clean))
     for rel, e in m.shards.items():
         assert e.output.sha256 == clean[rel].output.sha256, rel
         assert e.input.ids == clean[rel].input.ids, rel
 
 
-def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path):
+@pytest.mark.integration
+def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path, rows_lost):
     """One worker, SIGKILLed on the first attempt of each of the 4 shards: more deaths than
     max_attempts, none twice on one shard. Each death costs its shard one retry; the build does
     not run out of restarts."""
@@ -248,6 +251,7 @@ def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, tea
     assert not list((tmp_path / "cache").glob("*/.*.tmp-*"))
     verify_cache(tmp_path / "cache", small_logs)
     clean = read_manifest(out).shards
+    rows_lost(clean_rows(clean, "train/"), kept_rows(m.shards, clean))
     for rel, e in m.shards.items():
         assert e.output.sha256 == clean[rel].output.sha256, rel
 
@@ -303,7 +307,8 @@ def _cli(args: list[str], env_extra: dict[str, str], module: str = "distkd.cli")
                           capture_output=True, text=True, timeout=300)
 
 
-def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_logs, tmp_path, capsys):
+@pytest.mark.cluster
+def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_logs, tmp_path, capsys, rows_lost):
     out = tmp_path / "cache"
     args = ["cache", "build", "--teacher", teachers[0][0], "--logs", str(small_logs), "--out", str(out),
             "--splits", "train", "--dtype", "fp32", "--hidden"]
@@ -329,15 +334,20 @@ def test_ray_address_build_resumes_after_driver_kill(ray_head, teachers, small_l
     model, _ = load_export(teachers[0][0])
     aligned = open_cache(out, small_logs, "train", teacher_sha256=teachers[0][1], hidden=True)
     loader = LogLoader(split_files(small_logs, "train"), load_schema(small_logs), 8192, aligned=[aligned])
+    kept = 0  # rows whose cached logits are the teacher's forward
     with torch.no_grad():
         for batch in loader:
             o = model(batch.sparse, batch.dense)
             torch.testing.assert_close(batch.extras["teacher.logits"], o.logits, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(batch.extras["teacher.hidden"], o.hidden, atol=2e-3, rtol=2e-3)
+            kept += len(o.logits)
+    rows_lost(TRAIN_ROWS, kept)
+    assert kept == TRAIN_ROWS
 
 
 # -- job and pool sizing ------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_job_yaml_and_flags(tmp_path):
     cfg = tmp_path / "cache.yaml"
     cfg.write_text("teacher: t\nlogs: l\nout: o\ndtype: fp32\nworkers: 3\nsplits: [train]\n")
@@ -349,6 +359,7 @@ def test_job_yaml_and_flags(tmp_path):
             job.splits) == ("t", "L", "fp32", 3, 2, True, 1024, ["train", "valid"])
 
 
+@pytest.mark.unit
 def test_pool_sizing_takes_every_cpu():
     assert (plan_pool({"CPU": 2}, None, None).workers, plan_pool({"CPU": 2}, None, None).threads) == (2, 1)
     assert plan_pool({"CPU": 1}, None, None).workers == 1

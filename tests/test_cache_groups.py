@@ -33,7 +33,7 @@ from distkd.config import ConfigError
 from distkd.data.synth import generate
 from distkd.models.teacher_spec import TeacherSpec
 from tests.faults.cache import kill_rank_class, slow_worker_class
-from tests.ray_cluster import kill_session, ray_cluster
+from distkd.bench.ray_local import kill_session, ray_cluster
 from tests.support import distkd_log, job_for, train
 
 TIMEOUT_S = 60.0  # the group's rendezvous, collectives and placement: a hang fails the test in a minute
@@ -129,7 +129,6 @@ def test_a_group_needs_an_export_teacher(tmp_path):
         CacheJob(teacher_ranks=0).validate()
 
 
-@pytest.mark.integration
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_a_two_rank_group_on_two_nodes_caches_what_one_actor_caches(builds, world, record_property):
@@ -162,7 +161,6 @@ def test_a_two_rank_group_on_two_nodes_caches_what_one_actor_caches(builds, worl
     assert ulp <= 1.0
 
 
-@pytest.mark.integration
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_a_group_member_killed_mid_shard_costs_one_retry(builds, world, cluster, tmp_path):
@@ -187,7 +185,6 @@ def test_a_group_member_killed_mid_shard_costs_one_retry(builds, world, cluster,
         assert (e.output.sha256, e.input.ids) == (clean[rel].output.sha256, clean[rel].input.ids), rel
 
 
-@pytest.mark.integration
 @pytest.mark.cluster
 def test_a_group_larger_than_the_cluster_is_one_line(world, cluster, tmp_path, capsys):
     rc = cli_main(["cache", "build", "--teacher", str(world["export"]), "--logs", str(world["logs"]),
@@ -198,7 +195,6 @@ def test_a_group_larger_than_the_cluster_is_one_line(world, cluster, tmp_path, c
     assert "teacher_ranks=3" in err[-1] and "the Ray cluster has 2 CPU and 0 GPU" in err[-1], err
 
 
-@pytest.mark.integration
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_a_lost_node_with_no_room_left_stops_the_build_in_one_line_naming_k(world, tmp_path, record_property):

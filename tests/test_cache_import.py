@@ -27,7 +27,7 @@ from distkd.cache.verify import verify_cache
 from distkd.cli import main as cli_main
 from distkd.data.layout import split_files
 from tests.support import cli, distkd_log
-from tests.test_storage import BUCKET, s3  # noqa: F401 (the fixture: moto's S3 server on 127.0.0.1)
+from tests.support import BUCKET
 
 FP = "feedc0de" * 8  # the fingerprint the predictions' owners give
 TASKS = ["click", "conversion"]  # small_logs' tasks

@@ -12,6 +12,8 @@ import pytest
 from distkd.train.checkpoint import committed, latest
 from tests.support import SMALL_MODEL, cli
 
+pytestmark = pytest.mark.integration
+
 
 def stage(logs, out, *extra) -> list[str]:
     return ["student", "train", "--nproc", "1", f"logs={logs}", f"out={out}", "tensorboard=false",

@@ -4,8 +4,6 @@ Fast: no network, no cluster."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shlex
@@ -18,51 +16,15 @@ import pytest
 import yaml
 
 from distkd.config import read_yaml
+from tests.support import CLUSTER, ROOT, docs, submit, walk
 
-ROOT = Path(__file__).resolve().parent.parent
-CLUSTER = ROOT / "cluster"
 YAMLS = sorted(CLUSTER.rglob("*.yaml")) + sorted(CLUSTER.rglob("*.yml"))
 DDP_JOBS = {"teacher": "jobs/demo/teacher.yaml", "student": "jobs/demo/student.yaml",
             "distill": "jobs/demo/distill.yaml"}
 IMAGE = "registry.test/distkd:ci-123"
 
 
-def docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def submit(*argv: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`python -m distkd.cli submit ARGV` in this process (cli.main), as a CompletedProcess."""
-    from distkd import cli
-
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        os.environ.pop("RAY_ADDRESS", None)
-        os.environ.update(env or {})
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = cli.main(["submit", *argv])
-            except SystemExit as e:  # argparse errors
-                rc = e.code if isinstance(e.code, int) else 1
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-    return subprocess.CompletedProcess(["distkd", "submit", *argv], rc, out.getvalue(), err.getvalue())
-
-
-def walk(node):
-    yield node
-    if isinstance(node, dict):
-        for v in node.values():
-            yield from walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from walk(v)
-
-
+@pytest.mark.unit
 def test_expected_files_exist():
     for rel in ("ray/cluster-aws.yaml", "ray/cluster-onprem.yaml", "kuberay/raycluster.yaml",
                 "kuberay/rayjob-cache.yaml", "kuberay/rayjob-train.yaml", "slurm/train.sbatch", "k8s/pytorchjob.yaml",
@@ -70,11 +32,13 @@ def test_expected_files_exist():
         assert (CLUSTER / rel).is_file(), rel
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(CLUSTER)))
 def test_yaml_parses(path):
     assert docs(path), f"{path} is empty"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["cluster-aws.yaml", "cluster-onprem.yaml"])
 def test_ray_launcher(name):
     (cfg,) = docs(CLUSTER / "ray" / name)
@@ -87,6 +51,7 @@ def test_ray_launcher(name):
     assert "--head" in head and "--dashboard-host=127.0.0.1" in head
 
 
+@pytest.mark.unit
 def test_kuberay_manifests():
     (rc,) = docs(CLUSTER / "kuberay" / "raycluster.yaml")
     assert rc["apiVersion"].startswith("ray.io/") and rc["kind"] == "RayCluster"
@@ -103,6 +68,7 @@ def test_kuberay_manifests():
     assert job["spec"]["entrypoint"] == "python -m distkd.cli cache build --config jobs/demo/cache.yaml"
 
 
+@pytest.mark.unit
 def test_pytorchjob_template():
     (job,) = docs(CLUSTER / "k8s" / "pytorchjob.yaml")
     assert job["apiVersion"].startswith("kubeflow.org/") and job["kind"] == "PyTorchJob"
@@ -115,6 +81,7 @@ def test_pytorchjob_template():
         assert "/workspace/runs" in mounts and c["workingDir"] == "/workspace"
 
 
+@pytest.mark.unit
 def test_nothing_exposed_beyond_the_cluster():
     for path in YAMLS:
         for d in docs(path):
@@ -131,6 +98,7 @@ def test_nothing_exposed_beyond_the_cluster():
             assert not re.search(r"(?i)(type|serviceType)[\"']?\s*[:=]\s*[\"']?(LoadBalancer|NodePort)", text), path
 
 
+@pytest.mark.unit
 def test_sbatch_template():
     text = (CLUSTER / "slurm" / "train.sbatch").read_text()
     assert text.startswith("#!/bin/bash")
@@ -156,6 +124,7 @@ def dockerfile(text: str) -> list[tuple[str, str]]:
             for ln in joined.splitlines() if ln.strip()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_dockerfile_pins_the_stack(variant):
     text = (CLUSTER / "docker" / f"Dockerfile.{variant}").read_text()
@@ -185,6 +154,7 @@ def test_dockerfile_pins_the_stack(variant):
         assert "fbgemm-gpu==1.8.0" in text and "cu128" in text and "fbgemm-gpu-cpu" in text  # the CPU pair filtered out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stage", sorted(DDP_JOBS))
 @pytest.mark.parametrize("to", ["slurm", "k8s"])
 def test_submit_renders_ddp_stages(stage, to):
@@ -219,6 +189,7 @@ def test_submit_renders_ddp_stages(stage, to):
         assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.unit
 def test_submit_writes_file_and_prints_command(tmp_path):
     distill, cache = str(ROOT / "jobs/demo/distill.yaml"), str(ROOT / "jobs/demo/cache.yaml")
     out = submit("distill", "--to", "slurm", "--config", distill, "--gpus-per-node", "0", cwd=tmp_path)
@@ -238,6 +209,7 @@ def test_submit_writes_file_and_prints_command(tmp_path):
     assert images == {IMAGE}
 
 
+@pytest.mark.unit
 def test_submit_ray_dry_run_prints_entrypoint():
     out = submit("cache", "--to", "ray", "--config", "jobs/demo/cache.yaml", "--dry-run", "batch_size=4096",
                  env={"RAY_ADDRESS": "http://127.0.0.1:8265"})
@@ -251,23 +223,27 @@ def test_submit_ray_dry_run_prints_entrypoint():
     assert "python -m distkd.cli data synth --out runs/demo/logs --rows 5000" in out.stdout
 
 
+@pytest.mark.unit
 def test_submit_missing_job_file_exits_2():
     out = submit("distill", "--to", "k8s", "--config", "jobs/demo/no-such-job.yaml", "--dry-run")
     assert out.returncode == 2
     assert "jobs/demo/no-such-job.yaml" in out.stderr
 
 
+@pytest.mark.unit
 def test_submit_ray_without_address_exits_2():
     out = submit("cache", "--to", "ray", "--config", "jobs/demo/cache.yaml")
     assert out.returncode == 2
     assert "RAY_ADDRESS" in out.stderr
 
 
+@pytest.mark.unit
 def test_submit_bad_override_exits_2():
     out = submit("teacher", "--to", "slurm", "--config", "jobs/demo/teacher.yaml", "--dry-run", "oops")
     assert out.returncode == 2 and "key=value" in out.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stage,text,expect", [
     ("distill", "logs: l\nout: o\nrole: student\nobjective:\n  kind: ctr_kd\n  teachers: [{cache: c}]\n"
                 "  losses: {hardd: 1.0}\n", "unknown field(s) ['hardd']"),
@@ -285,6 +261,7 @@ def test_submit_refuses_a_bad_job_file(tmp_path, stage, text, expect):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_submit_through_python_m_distkd_cli():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-m", "distkd.cli", "submit", "teacher", "--to", "ray", "--config",
@@ -314,6 +291,7 @@ def is_sweep(path: Path) -> bool:
     return path.stem.startswith("sweep")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", sorted(p for p in JOBS.rglob("*.yaml") if not is_sweep(p)),
                          ids=lambda p: str(p.relative_to(JOBS)))
 def test_job_file_loads(path):
@@ -323,6 +301,7 @@ def test_job_file_loads(path):
         assert read_yaml(path).get("role") == ("teacher" if path.stem == "teacher" else "student"), path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.name)
 def test_job_suite_is_consistent(suite):
     """The stages of a suite hand over through the same paths; the student and the distilled
@@ -349,6 +328,7 @@ def test_job_suite_is_consistent(suite):
         assert student * 10 <= teacher, (suite.name, student, teacher)
 
 
+@pytest.mark.unit
 def test_criteo_large_is_full_size():
     j = {stage: load_job(JOBS / "criteo-large" / f"{stage}.yaml") for stage in STAGE_NAMES}
     assert j["data"].preset == "criteo" and j["data"].max_cardinality is None and j["data"].rows >= 10**9
@@ -358,6 +338,7 @@ def test_criteo_large_is_full_size():
     assert j["data"].out == j["cache"].logs
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 @pytest.mark.parametrize("to", ["slurm", "k8s"])
 def test_submit_renders_criteo_large(stage, to):
@@ -399,6 +380,7 @@ def test_submit_renders_criteo_large(stage, to):
 
 # -- packaging: the templates travel with the package -----------------------------------------
 
+@pytest.mark.unit
 def test_pyproject_lists_every_package():
     import tomllib
 
@@ -409,6 +391,7 @@ def test_pyproject_lists_every_package():
     assert set(setup["packages"]) == want
 
 
+@pytest.mark.integration
 def test_wheel_carries_the_templates(tmp_path):
     """A wheel built from this tree holds cluster/ byte for byte, and `distkd submit` installed
     from it (no checkout around) renders what the checkout renders."""
@@ -444,6 +427,7 @@ def test_wheel_carries_the_templates(tmp_path):
 
 # -- sweeps and Ray Train ------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", sorted(p for p in JOBS.rglob("*.yaml") if is_sweep(p)), ids=lambda p: str(p.relative_to(JOBS)))
 def test_sweep_file_loads_and_its_studies_search_their_suite(path):
     """A sweep file loads, every study's base job loads with the space's first values, and it
@@ -460,6 +444,7 @@ def test_sweep_file_loads_and_its_studies_search_their_suite(path):
     assert Path(cfg.kd.base).stem in ("distill", "teacher") and (cfg.hard is None or Path(cfg.hard.base).stem == "student")
 
 
+@pytest.mark.unit
 def test_rayjob_train_template():
     (job,) = docs(CLUSTER / "kuberay" / "rayjob-train.yaml")
     assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["headGroupSpec"]["serviceType"] == "ClusterIP"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
+
+import pytest
 
 from distkd import compat
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STACKS = ROOT / "scripts" / "stacks"
 
 
@@ -22,6 +23,7 @@ def line(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
+@pytest.mark.unit
 def test_table_matches_the_stack_files():
     assert sorted(p.stem for p in STACKS.glob("*.txt")) == sorted(compat.STACKS)
     for name, lines in compat.STACKS.items():
@@ -31,10 +33,12 @@ def test_table_matches_the_stack_files():
     assert compat.DEFAULT == "torch2.13"
 
 
+@pytest.mark.unit
 def test_installed_stack_is_supported():
     assert compat.stack() in compat.STACKS, compat.versions()
 
 
+@pytest.mark.integration
 def test_install_refuses_an_unknown_stack():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], capture_output=True, text=True,
                          timeout=60, env={"STACK": "torch0.1", "PATH": "/usr/bin:/bin"})

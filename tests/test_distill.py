@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from distkd.cache.build import CacheJob, build
-from distkd.config import ConfigError, from_dict
+from distkd.config import from_dict
 from distkd.models.export import read_meta
 from distkd.objectives.ctr_kd import CtrKDConfig
 from tests.support import cli, job_for, train
+
+pytestmark = pytest.mark.integration
 
 MODEL = ["model.embedding_dim=16", "model.cross_layers=0", "model.deep_arch=[32,16]", "model.dense_arch=[16]"]
 
@@ -41,6 +43,7 @@ def fell(s: dict, term: str) -> bool:
     return s["loss"]["last"][term] < s["loss"]["first"][term]
 
 
+@pytest.mark.slow  # two-rank trainings
 def test_every_loss_term_trains_on_two_ranks(small_logs, teacher_and_cache, tmp_path):
     _, cache, sha = teacher_and_cache
     cfg = {
@@ -58,6 +61,7 @@ def test_every_loss_term_trains_on_two_ranks(small_logs, teacher_and_cache, tmp_
     assert state["hint.weight"].shape == (24, 16)
 
 
+@pytest.mark.slow  # two-rank trainings
 def test_aux_head_with_two_weighted_teachers(small_logs, teacher_and_cache, tmp_path):
     """ExFM-style auxiliary head (the serving head learns from labels, the aux head from
     two weighted caches): everything trains and the replicas stay in sync."""
@@ -77,6 +81,7 @@ def test_aux_head_with_two_weighted_teachers(small_logs, teacher_and_cache, tmp_
     assert "aux_head.weight" in state
 
 
+@pytest.mark.slow  # two-rank trainings
 def test_teacher_only_student_learns_from_unlabeled_rows_too(small_logs, teacher_and_cache, tmp_path):
     """No hard-label term: the student learns from the teacher alone, on every row."""
     _, cache, _ = teacher_and_cache
@@ -86,6 +91,7 @@ def test_teacher_only_student_learns_from_unlabeled_rows_too(small_logs, teacher
     assert s["rows"] == 32_000  # every row, labelled or not
 
 
+@pytest.mark.slow  # two-rank trainings
 def test_distillation_is_deterministic_for_a_seed(small_logs, teacher_and_cache, tmp_path):
     _, cache, _ = teacher_and_cache
     runs = []

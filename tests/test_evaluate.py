@@ -63,6 +63,7 @@ def result(small_logs, exports):
     return evaluate_models(small_logs, exports, "test", batch_size=1500)
 
 
+@pytest.mark.integration
 def test_metrics_equal_a_direct_computation(small_logs, exports, result):
     schema = load_schema(small_logs)
     for name, i in ((TEACHER, 0), (KD, 1)):
@@ -89,6 +90,7 @@ def test_metrics_equal_a_direct_computation(small_logs, exports, result):
     assert result["models"][TEACHER]["parameters"]["mean"] > result["models"][KD]["parameters"]["mean"]
 
 
+@pytest.mark.unit
 def test_gap_recovered_on_hand_numbers():
     assert gap_recovered(0.75, 0.70, 0.80) == pytest.approx(0.5)
     assert gap_recovered(0.80, 0.70, 0.80) == pytest.approx(1.0)
@@ -98,6 +100,7 @@ def test_gap_recovered_on_hand_numbers():
     assert gap_recovered(float("nan"), 0.7, 0.8) is None and gap_recovered(None, 0.7, 0.8) is None
 
 
+@pytest.mark.unit
 def test_seed_pairs_by_seed_then_position():
     e = lambda s, v: {"seed": s, "v": v}  # noqa: E731
     t = [e(0, "t")]
@@ -108,6 +111,7 @@ def test_seed_pairs_by_seed_then_position():
     assert seed_pairs(t, [e(None, "k")], [e(None, "h1"), e(None, "h2")]) == []
 
 
+@pytest.mark.integration
 def test_eta_in_the_result(result):
     models = result["models"]
     for task in result["tasks"]:
@@ -121,6 +125,7 @@ def test_eta_in_the_result(result):
         assert "logloss" in result["eta"][task]
 
 
+@pytest.mark.integration
 def test_oracle_row_from_the_true_probabilities(small_logs, result):
     oracle = result["models"][ORACLE]
     table = pq.ParquetDataset(split_files(small_logs, "test")).read(columns=["clicked", "p_click"])
@@ -133,6 +138,7 @@ def test_oracle_row_from_the_true_probabilities(small_logs, result):
     assert "oracle" in format_comparison(result)
 
 
+@pytest.mark.unit
 def test_calibration_curve_on_hand_numbers():
     p = np.array([0.1] * 10 + [0.8] * 10, np.float32)
     y = np.array([1] + [0] * 9 + [1] * 6 + [0] * 3 + [np.nan], np.float32)
@@ -141,6 +147,7 @@ def test_calibration_curve_on_hand_numbers():
     assert c["count"] == [10, 9]
 
 
+@pytest.mark.integration
 def test_report_files(result, exports, tmp_path):
     path = write_report(result, tmp_path / "report")
     text = path.read_text()
@@ -157,6 +164,7 @@ def test_report_files(result, exports, tmp_path):
     assert not [p for p in (tmp_path / "report").iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.integration
 def test_bad_inputs_are_refused_naming_the_path(small_logs, exports, tmp_path):
     schema = load_schema(small_logs)
     schema.sparse[0].num_embeddings += 1  # a model for other logs
@@ -170,6 +178,7 @@ def test_bad_inputs_are_refused_naming_the_path(small_logs, exports, tmp_path):
         evaluate_models(small_logs, {TEACHER: [str(tmp_path)]})
 
 
+@pytest.mark.integration
 def test_cli_end_to_end(small_logs, exports, tmp_path, capsys):
     from distkd.cli import build_parser
 
@@ -195,6 +204,7 @@ def test_cli_end_to_end(small_logs, exports, tmp_path, capsys):
         job_from_args(parser.parse_args(["eval", "--config", str(cfg), "nope=1"]))
 
 
+@pytest.mark.unit
 def test_no_oracle_from_columns_that_are_not_probabilities(small_logs):
     """MovieLens keeps `rating` as an evaluation column: it must never pose as an oracle."""
     import dataclasses

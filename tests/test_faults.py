@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distkd.bench.faults import clean_rows, kept_rows
 from distkd.cache import CacheError, open_cache, read_manifest
 from distkd.cache.manifest import temp_files
 from distkd.cache.verify import verify_cache
@@ -28,6 +29,8 @@ from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import load_schema
 from distkd.train.checkpoint import committed
 from tests.support import ROOT, SMALL_MODEL, cli
+
+pytestmark = pytest.mark.integration
 
 WAIT_S = 240
 
@@ -57,7 +60,7 @@ def read_all(cache: Path, logs: Path, schema) -> torch.Tensor:
                                                                      aligned=[aligned])])
 
 
-def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_path):
+def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_path, rows_lost):
     """A cache of two train shards; the logs gain two more. Build A extends the cache; build B,
     started while A runs, is refused naming the lock's holder and writes nothing; a reader of the
     first two shards joins the same logits before, during and after, and every manifest it reads
@@ -124,13 +127,14 @@ def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_pa
         "train/part-00002.parquet", "train/part-00003.parquet"]
     assert len(m.builds) == len(json.loads((kd_world["cache"] / "manifest.json").read_text())["builds"]) + 1
     clean = read_manifest(kd_world["cache"]).shards
+    rows_lost(clean_rows(clean), kept_rows(m.shards, clean))
     for rel in m.shards:  # the grown cache is byte for byte a build from scratch
         assert m.shards[rel].output.sha256 == clean[rel].output.sha256, rel
     torch.testing.assert_close(read_all(cache, view, schema), want, rtol=0, atol=0)
     verify_cache(cache, logs, t0)
 
 
-def test_the_disk_filling_while_a_cache_file_is_written(kd_world, tmp_path):
+def test_the_disk_filling_while_a_cache_file_is_written(kd_world, tmp_path, rows_lost):
     """48 KiB: the lock, the manifest and one 26 KB cache file fit, a second does not. The build
     stops naming the file, publishes nothing of it, and leaves a valid manifest whose files are whole."""
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
@@ -143,6 +147,8 @@ def test_the_disk_filling_while_a_cache_file_is_written(kd_world, tmp_path):
         m = read_manifest(out)
         assert not m.complete and len(m.shards) < 4
         clean = read_manifest(kd_world["cache"]).shards
+        # what the build committed is kept whole (the rest was never published: a rerun computes it)
+        rows_lost(sum(clean[rel].output.rows for rel in m.shards), kept_rows(m.shards, clean))
         for rel, e in m.shards.items():
             assert e.output.sha256 == clean[rel].output.sha256, rel
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == sorted(m.shards)

@@ -9,21 +9,21 @@ ends byte for byte equal to a clean build (tests/conftest.py's kd_world cache).
 from __future__ import annotations
 
 import http.client
-import os
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import pyarrow.fs as pafs
+import pytest
 
 from distkd import storage
+from distkd.bench.faults import clean_rows, kept_rows
+from distkd.bench.ray_local import kill_head_once_committed, ray_cluster, ray_env
 from distkd.cache import read_manifest
 from distkd.cache.verify import verify_cache
-from tests.ray_cluster import kill_head_once_committed, ray_cluster
-from tests.support import ROOT, cli
-from tests.test_storage import BUCKET, s3  # noqa: F401 (the moto S3 server fixture)
+from tests.support import BUCKET, ROOT, cli, s3_keys
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SHARDS = [f"train/part-0000{i}.parquet" for i in range(4)]
 EXIT_BOUND_S = 30  # from the head's death to the driver's exit (Ray itself would give up only after 60s)
@@ -42,13 +42,11 @@ def assert_whole(cache: str, clean: dict, m: dict) -> None:
         assert e.input.ids == clean[rel].input.ids, rel
 
 
-def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_world, tmp_path):
+def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_world, tmp_path, rows_lost):
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
     clean = read_manifest(kd_world["cache"]).shards
     out = tmp_path / "cache"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DISTKD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    env = ray_env()  # as the cluster's own processes: loopback, this checkout on the path
     err_path = tmp_path / "driver.err"
     with ray_cluster(tmp_path, head_cpus=2, dashboard=False) as head:
         # 1: a build slow enough to break in the middle (half a second after each row group), through --ray-address
@@ -79,6 +77,7 @@ def test_the_ray_head_killed_mid_build_fails_clearly_and_the_rerun_resumes(kd_wo
     m = read_manifest(out)
     assert m.complete and sorted(m.builds[-1].computed) == [s for s in SHARDS if s not in done]
     assert_whole(str(out), clean, m)
+    rows_lost(clean_rows(clean), kept_rows(m.shards, clean))
     assert sorted(m.shards) == SHARDS
     assert verify_cache(out, small, t0)["rows"] == 32_000
 
@@ -183,13 +182,7 @@ class FaultyS3:
         self.server.server_close()
 
 
-def _keys(prefix: str) -> list[str]:
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/{prefix}")
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(BUCKET) + 1:] for i in infos if i.type == pafs.FileType.File)
-
-
-def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world):  # noqa: F811
+def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world, rows_lost):
     small, (t0, _) = kd_world["logs"], kd_world["teachers"][0]
     clean = read_manifest(kd_world["cache"]).shards
     prefix = "faulty-cache"
@@ -210,7 +203,7 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     m = read_manifest(cache)
     assert not m.complete and sorted(m.shards) == SHARDS[:2], m.shards.keys()
     assert_whole(cache, clean, m)
-    assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS[:2]]
+    assert s3_keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS[:2]]
     assert m.shards["train/part-00000.parquet"].timings.attempt == 1  # the 503 cost no shard retry
 
     # the store healthy again (no proxy): the rerun computes shards 2 and 3 and the cache verifies
@@ -220,5 +213,6 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world)
     m = read_manifest(cache)
     assert m.complete and m.builds[-1].computed == SHARDS[2:]
     assert_whole(cache, clean, m)
-    assert _keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
+    rows_lost(clean_rows(clean), kept_rows(m["shards"], clean))
+    assert s3_keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
     assert verify_cache(cache, small, t0)["rows"] == 32_000  # what `distkd cache verify` runs

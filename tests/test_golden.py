@@ -29,6 +29,8 @@ from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.train.metrics_logger import read_losses
 from tests.support import SMALL_MODEL, cli
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 GOLDEN = Path(__file__).parent / "golden"
 RTOL = 1e-4
 STEPS = 12

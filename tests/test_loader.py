@@ -95,6 +95,7 @@ def expected_rows(files: list[str]) -> dict[int, dict]:
 # -- exactly once ------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "world,batch,shuffle",
     [(2, 64, False), (2, 64, True), (3, 54, False), (3, 54, True), (3, 7, True), (2, 400, False),
@@ -115,6 +116,7 @@ def test_exactly_once_equal_steps(logs, world, batch, shuffle):
     assert len(ids) == 325 and set(ids.tolist()) == set(range(325))
 
 
+@pytest.mark.unit
 def test_empty_last_batch_is_rebalanced(logs):
     # 325 rows over 3 ranks: 108, 108, 109; at batch 54 ranks 0-1 would end on an empty batch.
     files = split_files(logs, "train")
@@ -122,6 +124,7 @@ def test_empty_last_batch_is_rebalanced(logs):
     assert sizes == [[54, 53, 1], [54, 53, 1], [54, 54, 1]]
 
 
+@pytest.mark.unit
 def test_drop_last(logs):
     files = split_files(logs, "train")
     loaders = [LogLoader(files, SCHEMA, 50, rank=r, world_size=3, drop_last=True, shuffle=True) for r in range(3)]
@@ -131,11 +134,13 @@ def test_drop_last(logs):
     assert len(set(ids.tolist())) == len(ids) == 300
 
 
+@pytest.mark.unit
 def test_impossible_split_is_refused(logs):
     with pytest.raises(ValueError, match="drop_last"):
         LogLoader(split_files(logs, "train"), SCHEMA, 1, rank=0, world_size=2)
 
 
+@pytest.mark.unit
 def test_shuffle_is_seeded_and_changes_with_epoch(logs):
     files = split_files(logs, "train")
 
@@ -176,6 +181,7 @@ def _ddp_worker(files: list[str], schema: Schema, out_dir: str) -> int:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_two_process_ranks_exactly_once(logs, tmp_path):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -203,6 +209,7 @@ def test_two_process_ranks_exactly_once(logs, tmp_path):
 # -- decoding ----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_batches_match_pyarrow(logs, shuffle):
     # 3 ranks: rank boundaries slice row groups (sliced list arrays with nulls); batches of 48
@@ -238,6 +245,7 @@ def test_batches_match_pyarrow(logs, shuffle):
     assert seen == len(want)
 
 
+@pytest.mark.unit
 def test_multi_valued_matches_pyarrow_exactly(logs):
     files = split_files(logs, "train")
     tags = pa.concat_tables(pq.read_table(f, columns=["tags"]) for f in files).column("tags").combine_chunks()
@@ -251,6 +259,7 @@ def test_multi_valued_matches_pyarrow_exactly(logs):
 # -- resume ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shuffle,k", [(False, 3), (True, 2), (True, 5), (False, 0)])
 def test_resume_equals_uninterrupted_epoch(logs, shuffle, k):
     files = split_files(logs, "train")
@@ -278,6 +287,7 @@ def test_resume_equals_uninterrupted_epoch(logs, shuffle, k):
     assert second.state_dict() == {"epoch": 1, "generations": [[2, len(second)]]}
 
 
+@pytest.mark.unit
 def test_resume_does_not_decode_skipped_row_groups(tmp_path):
     files = write_logs(tmp_path, [[40, 40, 40]])
     pq.write_table(_with_bad_user(pq.read_table(files[0]), row=3), files[0], row_group_size=40)
@@ -297,6 +307,7 @@ def _with_bad_user(table: pa.Table, row: int) -> pa.Table:
     return table.set_column(table.schema.get_field_index("user"), "user", pa.array(user))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_out_of_range_id_names_file_and_row_group(tmp_path, prefetch):
     files = write_logs(tmp_path, [[30, 30, 30, 30], [30]])
@@ -308,6 +319,7 @@ def test_out_of_range_id_names_file_and_row_group(tmp_path, prefetch):
     assert "5000" in msg
 
 
+@pytest.mark.unit
 def test_corrupt_and_mistyped_files(tmp_path):
     files = write_logs(tmp_path, [[30], [30]])
     data = Path(files[1]).read_bytes()
@@ -356,6 +368,7 @@ def _same_ids(log: pa.Table, side: pa.Table, path: str, g: int) -> None:
         raise LogsError(f"{path}: row group {g}: cache rows do not match the log's example_id")
 
 
+@pytest.mark.unit
 def test_aligned_side_files(tmp_path):
     files = write_logs(tmp_path, AWKWARD)
     _write_side(files)
@@ -371,6 +384,7 @@ def test_aligned_side_files(tmp_path):
     assert sorted(np.concatenate(ids).tolist()) == list(range(325))
 
 
+@pytest.mark.unit
 def test_misaligned_side_files_are_rejected(tmp_path):
     files = write_logs(tmp_path, AWKWARD)
     _write_side(files, sizes=[[101, 36, 64], [1], [50, 50, 23]])
@@ -395,6 +409,7 @@ def test_misaligned_side_files_are_rejected(tmp_path):
 # -- prefetch thread ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_abandoned_iterator_stops_its_thread(logs):
     before = threading.active_count()
     it = iter(LogLoader(split_files(logs, "train"), SCHEMA, 8, prefetch=1))
@@ -406,6 +421,7 @@ def test_abandoned_iterator_stops_its_thread(logs):
     assert threading.active_count() == before
 
 
+@pytest.mark.unit
 def test_batch_to(logs):
     b = next(iter(LogLoader(split_files(logs, "train"), SCHEMA, 8)))
     c = b.to("cpu")
@@ -415,6 +431,7 @@ def test_batch_to(logs):
 # -- synthetic logs ----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_synthetic_logs_exactly_once(small_logs):
     from distkd.data.schema import load_schema
 
@@ -446,6 +463,7 @@ def _take(loaders, steps: int) -> tuple[list[np.ndarray], dict]:
     return ids, states[0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shuffle,keep", [(False, False), (True, False), (True, True)])
 def test_resume_at_other_world_sizes_reads_every_row_once(logs, shuffle, keep):
     """2 ranks take 2 steps, 3 ranks resume and take 1, then 1 rank finishes the epoch:
@@ -475,6 +493,7 @@ def test_resume_at_other_world_sizes_reads_every_row_once(logs, shuffle, keep):
     assert one.step == len(one) and one.state_dict()["generations"][-1] == [1, len(rest)]
 
 
+@pytest.mark.unit
 def test_resume_at_the_same_world_size_continues_in_place(logs):
     files = split_files(logs, "train")
     full = run_epoch(LogLoader(files, SCHEMA, 16, rank=1, world_size=3, shuffle=True, seed=1))

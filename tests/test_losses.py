@@ -10,6 +10,8 @@ import torch
 
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
 
+pytestmark = pytest.mark.unit
+
 torch.manual_seed(0)
 B, T = 12, 2
 

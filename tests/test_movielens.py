@@ -19,6 +19,8 @@ from distkd.data.movielens import convert
 from distkd.data.validate import validate_logs
 from distkd.data.schema import SPLITS, LogsError, load_schema
 
+pytestmark = pytest.mark.unit
+
 ML_SMALL = Path(__file__).resolve().parents[2] / "shared/data/ml-latest-small"
 
 

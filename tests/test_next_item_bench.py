@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from distkd.bench.next_item import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_end_to_end_on_the_small_preset(tmp_path):

@@ -13,6 +13,8 @@ from distkd.objectives.next_item_losses import (
     hard_ce, ranking_distillation, sampled_softmax_ce, sampled_tail_kl, teacher_lse, topk_kl,
 )
 
+pytestmark = pytest.mark.unit
+
 B, N = 6, 40
 
 

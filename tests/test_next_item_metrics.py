@@ -29,6 +29,7 @@ def _check(got, want=WANT):
         assert got[k] == pytest.approx(v, abs=1e-12), k
 
 
+@pytest.mark.unit
 def test_hand_computed_example():
     assert label_ranks(LOGITS[:3], LABELS[:3]).tolist() == [1, 2, 0]
     m = RetrievalMetrics(5, ks=(1, 2))
@@ -38,6 +39,7 @@ def test_hand_computed_example():
     assert m.compute()["rows"] == 0 and math.isnan(m.compute()["mrr"])
 
 
+@pytest.mark.unit
 def test_batches_accumulate_like_one_update():
     m = RetrievalMetrics(5, ks=(1, 2))
     for a in range(4):
@@ -45,6 +47,7 @@ def test_batches_accumulate_like_one_update():
     _check(m.compute())
 
 
+@pytest.mark.unit
 def test_oracle_from_ranks_and_expected_recall():
     m = RetrievalMetrics(5, ks=(1, 2))
     m.update_ranks(torch.tensor([1.0, 2.0, 0.0]))  # e.g. the logs' oracle_rank column
@@ -69,6 +72,7 @@ def _rank_worker(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_all_reduce_over_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 

@@ -34,6 +34,7 @@ def _model(dim=16, tower=(), seed=0, **kw):
                          sparse_device=torch.device("cpu"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tower", [(), (32,)])
 def test_shapes_and_score_agree_with_logits(tower):
     model = _model(tower=tower)
@@ -49,6 +50,7 @@ def test_shapes_and_score_agree_with_logits(tower):
     assert model(kjt, full_logits=False).logits is None
 
 
+@pytest.mark.unit
 def test_dense_features_and_feature_checks():
     torch.manual_seed(0)
     model = NextItemModel([{"name": "history", "num_embeddings": N, "multi_valued": True}], N,
@@ -62,12 +64,14 @@ def test_dense_features_and_feature_checks():
         NextItemModel(FEATURES, N, NextItemConfig(), item_feature="surface", sparse_device=torch.device("cpu"))
 
 
+@pytest.mark.unit
 def test_meta_device_tables_by_default():
     model = NextItemModel(FEATURES, N, NextItemConfig(embedding_dim=8))
     assert all(p.is_meta for p in model.ebc.parameters())
     assert not model.item_embedding.is_meta  # the replicated output table is materialized
 
 
+@pytest.mark.unit
 def test_a_few_steps_reduce_the_loss():
     model = _model(dim=32)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -82,6 +86,7 @@ def test_a_few_steps_reduce_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.unit
 def test_parameter_counts_and_teacher_student_ratio():
     feats = [Feature("history", 20_000, True), Feature("surface", 8)]
     teacher, student = NextItemConfig(64), NextItemConfig(5)
@@ -140,6 +145,7 @@ def _dmp_worker(out_dir: str) -> list[float]:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_two_ranks_under_distributed_model_parallel(tmp_path):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

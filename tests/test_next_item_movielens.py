@@ -16,6 +16,8 @@ from distkd.config import ConfigError
 from distkd.data.movielens_next import LABEL, arrow_schema, convert_next
 from distkd.data.schema import SPLITS
 
+pytestmark = pytest.mark.unit
+
 ML_SMALL = Path(__file__).resolve().parents[2] / "shared/data/ml-latest-small"
 
 

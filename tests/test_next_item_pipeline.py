@@ -19,6 +19,8 @@ from distkd.data.synth_next_item import generate
 from distkd.models.export import load_export, read_meta
 from tests.support import cli
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 MODEL = "model={kind: next_item, embedding_dim: 8}"
 COMMON = ["tensorboard=false", "train.batch_size=512", "optim.dense_lr=0.01", "optim.embedding_lr=0.1",
           "train.eval_batch_size=4000"]

@@ -12,6 +12,8 @@ import yaml
 
 from distkd.data import synth_next_item as sn
 
+pytestmark = pytest.mark.unit
+
 
 def _read(logs, split):
     return pa.concat_tables(pq.read_table(p) for p in sorted((logs / split).glob("*.parquet")))

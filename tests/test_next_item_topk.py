@@ -10,6 +10,7 @@ import torch
 from distkd.cache import topk as tk
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bits", [1, 7, 8, 13, 15, 17, 32])
 def test_bit_packing_round_trips(bits):
     rng = np.random.default_rng(bits)
@@ -25,6 +26,7 @@ def _teacher(rows=300, n=5000, seed=0):
     return torch.randn(rows, n, generator=g) * 3 + torch.linspace(0, 4, n)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tail,proposal,tau", [(0, "teacher", 1.0), (16, "teacher", 1.0), (8, "uniform", 2.0)])
 def test_pack_unpack_is_exact(tmp_path, tail, proposal, tau):
     z = _teacher()
@@ -54,6 +56,7 @@ def test_pack_unpack_is_exact(tmp_path, tail, proposal, tau):
     assert "BYTE_STREAM_SPLIT" in pf.metadata.row_group(0).column(1).encodings  # the fp16 logits
 
 
+@pytest.mark.unit
 def test_lse_and_tail_mass_are_consistent():
     z = _teacher().double()
     for tau in (1.0, 0.7):
@@ -66,6 +69,7 @@ def test_lse_and_tail_mass_are_consistent():
         assert (p_top <= 1.0 + 1e-6).all()
 
 
+@pytest.mark.unit
 def test_ties_are_broken_by_ascending_id_deterministically():
     g = torch.Generator().manual_seed(3)
     z = torch.randint(0, 6, (64, 500), generator=g).float()  # many ties, at the boundary too
@@ -82,6 +86,7 @@ def test_ties_are_broken_by_ascending_id_deterministically():
         tk.topk_ids(torch.tensor([[1.0, float("nan")]]), 1)
 
 
+@pytest.mark.unit
 def test_teacher_proposal_samples_the_tail_softmax():
     n, k, s = 50, 5, 4000
     z = _teacher(rows=2, n=n, seed=4)
@@ -96,6 +101,7 @@ def test_teacher_proposal_samples_the_tail_softmax():
     torch.testing.assert_close(uni.tail_logq, torch.full((2, 16), -float(np.log(n - k))))
 
 
+@pytest.mark.unit
 def test_format_checks():
     assert tk.TopKFormat(20_000, 64).id_bits == 15 and tk.TopKFormat(20_000, 64).id_bytes(64) == 120
     assert tk.TopKFormat(2, 1).id_bits == 1 and tk.TopKFormat(1 << 16, 8).id_bits == 16
@@ -105,6 +111,7 @@ def test_format_checks():
         tk.TopKFormat(100, 0)
 
 
+@pytest.mark.unit
 def test_bytes_per_entry_at_k64_on_next_item_logits(tmp_path):
     """Logits of the synthetic task's true model (a perfect teacher), 20,000 items, zstd."""
     from distkd.data.synth_next_item import Truth

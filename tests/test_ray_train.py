@@ -1,5 +1,5 @@
 """Ray Train on a real Ray cluster of three nodes on this machine: a head and two worker nodes,
-separate `ray start` processes on 127.0.0.1 (tests/ray_cluster.py), each worker node with one CPU
+separate `ray start` processes on 127.0.0.1 (distkd.bench.ray_local), each worker node with one CPU
 and one `distkd_rank` resource, so the two ranks of a TorchTrainer (one `distkd_rank` each) must
 land on different nodes. The same distill job runs under the local launcher for reference:
 same world size, rows and seed, so the DCP/loader design gives the same weights, to the bit
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ray_cluster import ROOT, ray_cluster
-from tests.support import cli
-from tests.test_restarts import assert_same_model
-from tests.test_torchrun import cache  # noqa: F401  (the module's teacher + logit cache fixture)
+from distkd.bench.ray_local import ray_cluster
+from tests.support import ROOT, assert_same_model, cli
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 WORKERS = ({"cpus": 1, "resources": {"distkd_rank": 1}},) * 2
 ON_WORKER_NODES = "launch.resources_per_worker={distkd_rank: 1}"
@@ -30,8 +30,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def distill_job(small_logs, cache, tmp_path_factory):  # noqa: F811
-    cache_dir, sha = cache
+def distill_job(small_logs, kd_cache, tmp_path_factory):
+    cache_dir, sha = kd_cache
     path = tmp_path_factory.mktemp("ray-train-job") / "distill.yaml"
     path.write_text(yaml.safe_dump({
         "logs": str(small_logs), "out": str(path.parent / "unused"), "role": "student", "tensorboard": False,

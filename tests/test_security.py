@@ -8,7 +8,6 @@ import ast
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -28,9 +27,7 @@ from distkd.models.program import ProgramError, check_program
 from distkd.models.teacher import load_teacher
 from distkd.models.teacher_spec import TeacherError, TeacherSpec
 from distkd.data.schema import load_schema
-from tests.support import ROOT, SMALL_MODEL, cli
-from tests.test_cluster import CLUSTER, docs, submit, walk
-from tests.test_storage import BUCKET, s3  # noqa: F401  (the moto S3 server fixture)
+from tests.support import BUCKET, CLUSTER, ROOT, SMALL_MODEL, cli, docs, submit, walk
 
 
 class _Payload:
@@ -43,6 +40,7 @@ class _Payload:
         return (os.system, (f"touch {self.target}",))
 
 
+@pytest.mark.integration
 def test_exports_and_teacher_weights_never_run_pickled_code(kd_world, tmp_path, capsys):
     (t0, _), _ = kd_world["teachers"]
     pwned = tmp_path / "pwned"
@@ -103,6 +101,7 @@ def _crafted_program(path: Path, pwned: Path, member: str, config_flag: str | No
             dst.writestr(info, data)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("member, flag", [("data/sample_inputs/model.pt", None),
                                           ("data/weights/weight_0", "data/weights/model_weights_config.json")])
 def test_a_teacher_program_with_a_crafted_pickle_is_refused_before_torch_loads_it(kd_world, tmp_path, capsys, member,
@@ -158,6 +157,7 @@ def _name(node: ast.AST) -> str:
     return node.id if isinstance(node, ast.Name) else "?"
 
 
+@pytest.mark.unit
 def test_nothing_in_the_package_unpickles_what_a_job_names():
     """Every deserializing call in distkd/ is safe by construction or listed above with why:
     torch.load always with weights_only=True, np.load never with allow_pickle=True, no pickle,
@@ -206,6 +206,7 @@ def rendered_manifests(tmp_path) -> dict[str, list[dict]]:
     return out
 
 
+@pytest.mark.unit
 def test_no_ray_endpoint_on_a_public_service_or_all_interfaces(tmp_path):
     problems = []
     manifests = rendered_manifests(tmp_path)
@@ -263,7 +264,8 @@ def files_with(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
-def test_the_secret_key_never_reaches_a_file(s3, kd_world, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.cluster
+def test_the_secret_key_never_reaches_a_file(s3, kd_world, tmp_path, monkeypatch):
     """A sentinel AWS_SECRET_ACCESS_KEY (moto takes any) through logs, a cache and a distillation
     on S3, the rendered job specs and every command's output: no file written, no object in the
     bucket, no Ray session log holds it."""

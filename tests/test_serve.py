@@ -83,6 +83,7 @@ def _auc(logits, labels, j):
     return binary_auroc(logits[keep, j], labels[keep, j].long()).item()
 
 
+@pytest.mark.integration
 def test_serving_module_is_the_model_on_real_rows(models, small_logs):
     """Raw dense in (transforms inside), plain EmbeddingBags: bit-identical to the trained model."""
     module = ServingModel(*_parts(models["student"]))
@@ -98,6 +99,7 @@ def _parts(export_dir):
     return model.schema, ModelConfig(**meta["model"]), model.state_dict()
 
 
+@pytest.mark.unit
 def test_dense_transforms_match_the_loader():
     """Every transform, with statistics, NaN, negatives, ties and values past the quantiles."""
     dense = [DenseFeature("a"), DenseFeature("b", "log1p"),
@@ -157,6 +159,7 @@ SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_exported_files_run_without_distkd(models, small_logs, tmp_path, capsys):
     out = tmp_path / "serve"
     assert cli_main(["export", str(models["student"]), "--out", str(out), "--format", "torchscript,pt2"]) == 0
@@ -198,6 +201,7 @@ def test_exported_files_run_without_distkd(models, small_logs, tmp_path, capsys)
             assert abs(_auc(got, labels, j) - _auc(want, labels, j)) <= INT8_AUC_TOL, (name, j)
 
 
+@pytest.mark.integration
 def test_onnx(models, small_logs, tmp_path, capsys):
     try:
         import onnx, onnxruntime, onnxscript  # noqa: F401, E401
@@ -219,6 +223,7 @@ def test_onnx(models, small_logs, tmp_path, capsys):
     assert (got - want).abs().max() <= INT8_LOGIT_TOL
 
 
+@pytest.mark.integration
 def test_export_errors_are_one_line(models, tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope: no such export directory" in capsys.readouterr().err
@@ -226,6 +231,7 @@ def test_export_errors_are_one_line(models, tmp_path, capsys):
     assert "--format: ['tflite'] not among" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_latency_is_measured_side_by_side():
     calls: list[tuple[str, int]] = []
 
@@ -243,6 +249,7 @@ def test_latency_is_measured_side_by_side():
     assert r["threads"] == 1 and r["rounds"] == 2 and "torch" in r["machine"]
 
 
+@pytest.mark.integration
 def test_eval_report_has_serving_figures(models, small_logs, tmp_path):
     exports = {TEACHER: [str(models["teacher"])], KD: [str(models["student"])], HARD: [str(models["student"])]}
     result = evaluate_models(small_logs, exports, "test", batch_size=2000, serving_dir=tmp_path / "serving",

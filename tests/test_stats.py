@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from distkd.cli import main as cli_main
 from distkd.config import ConfigError, from_dict, to_dict
 from distkd.data.batch import to_batch
 from distkd.data.hashing import reference_hash
@@ -28,6 +30,7 @@ from distkd.data.sketches import QUANTILE_POINTS, Accumulator
 from distkd.data.stats import compute_stats
 from distkd.data.stats_file import STATS_FILE, read_stats, write_stats
 from distkd.data.validate import validate_logs
+from tests.support import BUCKET
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "DISTKD_NO_PROGRESS": "1"}
@@ -107,6 +110,7 @@ def _finite(col: pa.ChunkedArray) -> np.ndarray:
     return v[np.isfinite(v)]
 
 
+@pytest.mark.unit
 def test_dense_stats_equal_numpy(big):
     root, c = big
     t = train_values(root)
@@ -133,6 +137,7 @@ def test_dense_stats_equal_numpy(big):
     assert c["dense"]["gauss"]["nan"] == c["dense"]["gauss"]["null"] == 0
 
 
+@pytest.mark.unit
 def test_sparse_stats_equal_numpy(big):
     root, c = big
     t = train_values(root)
@@ -150,6 +155,7 @@ def test_sparse_stats_equal_numpy(big):
     assert names["hashed"] and abs(names["distinct"] - truth) <= DISTINCT_ERROR * truth
 
 
+@pytest.mark.unit
 def test_small_split_quantiles_are_exact(tmp_path):
     root = write_logs(tmp_path, schema_for(), 9_000)
     c = compute_stats(str(root), progress=False)
@@ -159,6 +165,7 @@ def test_small_split_quantiles_are_exact(tmp_path):
         assert np.array_equal(c["dense"][name]["quantiles"], want)
 
 
+@pytest.mark.unit
 def test_sketches_merge_and_ignore_row_order(tmp_path):
     """Shards summarized apart and merged give the single pass's result; so does any order."""
     schema = schema_for()
@@ -196,6 +203,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration
 def test_transform_without_stats_is_a_clear_error(logs):
     with pytest.raises(MissingStats, match=r"dense feature 'gauss' \(and 3 more\): transform 'standardize' needs "
                                            r"statistics .*run `distkd data stats"):
@@ -206,6 +214,7 @@ def test_transform_without_stats_is_a_clear_error(logs):
         decode(pq.read_table(logs / "train" / "part-00000.parquet"), load_schema(logs, stats=False), "x")
 
 
+@pytest.mark.integration
 def test_stats_round_trip_into_schema_and_fingerprint(logs):
     r = cli("data", "stats", str(logs))
     assert r.returncode == 0, r.stderr
@@ -241,6 +250,7 @@ def test_stats_round_trip_into_schema_and_fingerprint(logs):
         load_schema(logs)
 
 
+@pytest.mark.integration
 def test_every_decoder_applies_the_same_transform(logs):
     from distkd.models.export import load_export, write_export
     from distkd.models.ranking import ModelConfig, RankingModel
@@ -291,6 +301,7 @@ def test_every_decoder_applies_the_same_transform(logs):
         assert torch.equal(exported(batch.sparse, batch.dense).logits, exported(mine.sparse, mine.dense).logits)
 
 
+@pytest.mark.integration
 def test_standardize_every_column(tmp_path):
     """All dense columns standardized: decode's whole-matrix path gives the per-column formula."""
     logs = write_logs(tmp_path, schema_for(**{n: "standardize" for n in TRANSFORMS}), 3_000, group=1024)
@@ -306,6 +317,7 @@ def test_standardize_every_column(tmp_path):
 # -- validate's warnings ----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_validate_warns_on_raw_scale_and_misfit_tables(tmp_path):
     schema = schema_for()
     schema.sparse += [SparseFeature("huge", num_embeddings=200_000)]
@@ -327,6 +339,7 @@ def test_validate_warns_on_raw_scale_and_misfit_tables(tmp_path):
     # gauss (mean 3, std 2), plain (in [0, 1)), few, multi, names: well fitted, no warning.
 
 
+@pytest.mark.integration
 def test_validate_warns_on_missing_and_stale_stats(logs):
     s = validate_logs(logs)
     assert any("needs statistics" in w and "distkd data stats" in w for w in s["warnings"])
@@ -337,10 +350,12 @@ def test_validate_warns_on_missing_and_stale_stats(logs):
     assert any("computed from other train shards" in w for w in validate_logs(logs)["warnings"])
 
 
+@pytest.mark.unit
 def test_no_warnings_on_well_scaled_synthetic_logs(small_logs):
     assert validate_logs(small_logs)["warnings"] == []
 
 
+@pytest.mark.unit
 def test_string_ids_hash_as_defined(logs):
     """The ids a hashed feature decodes to are the documented function, mod hash_size."""
     schema = load_schema(logs, stats=False)
@@ -350,34 +365,18 @@ def test_string_ids_hash_as_defined(logs):
     assert got.tolist() == [reference_hash(s, 3) % 5000 for s in t.column("names").to_pylist()]
 
 
-def test_stats_on_object_storage(tmp_path, monkeypatch):
-    """stats.json is written to and read back from s3:// (moto's server on 127.0.0.1)."""
-    import boto3
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    from distkd.cli import main as cli_main
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_EC2_METADATA_DISABLED": "true", "DISTKD_NO_PROGRESS": "1"}.items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        boto3.client("s3").create_bucket(Bucket="stats")
-        local = write_logs(tmp_path / "logs", schema_for(**TRANSFORMS), 3_000, group=1024)
-        s3, _ = pafs.FileSystem.from_uri("s3://stats")
-        pafs.copy_files(str(local), "stats/logs", destination_filesystem=s3)
-        uri = "s3://stats/logs"
-        with pytest.raises(MissingStats, match=f"{uri}/stats.json does not exist"):
-            load_schema(uri)
-        assert cli_main(["data", "stats", uri]) == 0
-        assert cli_main(["data", "stats", str(local)]) == 0
-        assert read_stats(uri) == read_stats(local)
-        assert load_schema(uri) == load_schema(local)
-        assert validate_logs(uri)["warnings"] == validate_logs(local)["warnings"]
-    finally:
-        server.stop()
+@pytest.mark.cluster
+def test_stats_on_object_storage(s3, tmp_path, monkeypatch):
+    """stats.json is written to and read back from s3:// (the `s3` fixture: moto on 127.0.0.1)."""
+    monkeypatch.setenv("DISTKD_NO_PROGRESS", "1")
+    local = write_logs(tmp_path / "logs", schema_for(**TRANSFORMS), 3_000, group=1024)
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
+    pafs.copy_files(str(local), f"{BUCKET}/stats/logs", destination_filesystem=fs)
+    uri = f"s3://{BUCKET}/stats/logs"
+    with pytest.raises(MissingStats, match=f"{uri}/stats.json does not exist"):
+        load_schema(uri)
+    assert cli_main(["data", "stats", uri]) == 0
+    assert cli_main(["data", "stats", str(local)]) == 0
+    assert read_stats(uri) == read_stats(local)
+    assert load_schema(uri) == load_schema(local)
+    assert validate_logs(uri)["warnings"] == validate_logs(local)["warnings"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from distkd import storage
+from distkd.bench.faults import clean_rows, kept_rows
 from distkd.cache import CacheError, open_cache, read_manifest
 from distkd.cache.build import CacheJob, build
 from distkd.cache.verify import verify_cache
@@ -28,13 +29,13 @@ from distkd.models.export import write_export
 from distkd.data.loader import LogLoader, split_files
 from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import load_schema
+from tests.support import BUCKET, ROOT, s3_keys
 
-ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "distkd-test"
 
 
 # -- local paths ----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_local_locations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert not storage.is_remote("runs/logs") and not storage.is_remote(tmp_path)
@@ -72,33 +73,7 @@ def test_local_locations(tmp_path, monkeypatch):
 
 # -- an S3 server on 127.0.0.1 --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server in a thread; the endpoint and test credentials in the environment."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        mp.delenv("AWS_PROFILE", raising=False)
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield endpoint
-    server.stop()
-
-
-def _keys(prefix: str) -> list[str]:
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/{prefix}")
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(BUCKET) + 1:] for i in infos if i.type == pafs.FileType.File)
-
-
+@pytest.mark.cluster
 def test_write_atomic_on_s3(s3):
     loc = f"s3://{BUCKET}/atomic/obj.bin"
     storage.write_atomic(loc, lambda fh: fh.write(b"first"))
@@ -113,16 +88,17 @@ def test_write_atomic_on_s3(s3):
     assert storage.read_text(loc) == "first"  # the committed object, untouched
     with pytest.raises(RuntimeError):
         storage.write_atomic(f"s3://{BUCKET}/atomic/new.bin", fail)
-    assert _keys("atomic") == ["atomic/obj.bin"]  # nothing at the new key, no temporary key left
+    assert s3_keys("atomic") == ["atomic/obj.bin"]  # nothing at the new key, no temporary key left
     assert storage.size(f"s3://{BUCKET}/atomic/new.bin") is None
     storage.write_atomic(f"s3://{BUCKET}/atomic/new.bin", lambda fh: fh.write(b"ok"), tag="t1")
-    assert _keys("atomic") == ["atomic/new.bin", "atomic/obj.bin"]
+    assert s3_keys("atomic") == ["atomic/new.bin", "atomic/obj.bin"]
     assert storage.list_files(f"s3://{BUCKET}/atomic", ".bin") == [f"s3://{BUCKET}/atomic/new.bin", loc]
     storage.delete(f"s3://{BUCKET}/atomic/new.bin")
     storage.delete(f"s3://{BUCKET}/atomic/new.bin")
-    assert _keys("atomic") == ["atomic/obj.bin"]
+    assert s3_keys("atomic") == ["atomic/obj.bin"]
 
 
+@pytest.mark.cluster
 def test_synth_writes_logs_to_s3(s3, tmp_path, capsys):
     """The data stage writes straight to a bucket: the same bytes as on a local disk."""
     from distkd.data.synth import generate
@@ -134,7 +110,7 @@ def test_synth_writes_logs_to_s3(s3, tmp_path, capsys):
     assert cli_main(["data", "validate", uri]) == 0  # every shard and row group, read from S3
     assert "3,000 rows checked" in capsys.readouterr().out
     generate(tmp_path / "local", 3000, shards=2, preset="small")
-    keys = _keys("synth")
+    keys = s3_keys("synth")
     assert keys == ["synth/schema.yaml", "synth/test/part-00000.parquet", "synth/train/part-00000.parquet",
                     "synth/train/part-00001.parquet", "synth/valid/part-00000.parquet"]
     for key in keys:
@@ -143,7 +119,7 @@ def test_synth_writes_logs_to_s3(s3, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--force"):
         generate(uri, 3000, shards=2, preset="small")
     generate(uri, 2000, shards=1, preset="small", force=True)  # replaces every object under it
-    assert _keys("synth") == ["synth/schema.yaml", "synth/test/part-00000.parquet",
+    assert s3_keys("synth") == ["synth/schema.yaml", "synth/test/part-00000.parquet",
                               "synth/train/part-00000.parquet", "synth/valid/part-00000.parquet"]
 
 
@@ -154,6 +130,7 @@ def s3_logs(s3, small_logs):
     return uri
 
 
+@pytest.mark.cluster
 def test_loader_streams_s3_logs(s3_logs, small_logs):
     schema = load_schema(s3_logs)
     assert schema == load_schema(small_logs)
@@ -204,7 +181,9 @@ def local_cache(ray_session, small_logs, teacher, tmp_path_factory):
     return out
 
 
-def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_logs, teacher, local_cache, capsys):
+@pytest.mark.cluster
+def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_logs, teacher, local_cache, capsys,
+                                                   rows_lost):
     cache = f"s3://{BUCKET}/cache"
     args = ["cache", "build", "--teacher", teacher[0], "--logs", s3_logs, "--out", cache, "--splits", "train"]
     local = read_manifest(local_cache).shards
@@ -230,8 +209,9 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
     m = read_manifest(cache)
     assert m.complete and m.logs == s3_logs
     assert sorted(m.builds[-1].computed) == sorted(set(local) - done)
-    assert _keys("cache") == ["cache/manifest.json"] + [f"cache/train/part-0000{i}.parquet" for i in range(4)]
+    assert s3_keys("cache") == ["cache/manifest.json"] + [f"cache/train/part-0000{i}.parquet" for i in range(4)]
     # The same bytes as the local build's files: the same logits, row groups and metadata.
+    rows_lost(clean_rows(local), kept_rows(m.shards, local))
     for rel, e in m.shards.items():
         assert e.output.sha256 == local[rel].output.sha256, rel
         assert e.input == local[rel].input, rel
@@ -254,6 +234,7 @@ def test_cache_on_s3_interrupted_resumed_verified(ray_session, s3_logs, small_lo
 
 # -- errors ---------------------------------------------------------------------------------
 
+@pytest.mark.cluster
 def test_readable_errors(s3, s3_logs, teacher, monkeypatch, capsys):
     with pytest.raises(ConfigError, match=f"s3://{BUCKET}/no-logs/schema.yaml: cannot read: no such object"):
         load_schema(f"s3://{BUCKET}/no-logs")

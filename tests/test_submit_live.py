@@ -4,15 +4,14 @@ The head (with its dashboard, which serves the Jobs API) is started here on loop
 in a private temp dir, on ports picked free; the job runs the cache stage through
 `jobs/demo/cache.yaml` with overrides, the way a user submits it, and the cache it wrote is
 checked with `distkd cache verify`. The head is torn down by signalling the `ray start
---block` process this test started, then killing whatever is left of its session by pid.
+--block` process this test started, then killing whatever is left of its session by pid
+(distkd.bench.ray_local.stop).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,56 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from distkd.bench.ray_local import session_pids, stop
 from distkd.cli import main as cli_main
 from distkd.dist import free_port
-from distkd.models.export import write_export
-from distkd.models.ranking import ModelConfig, RankingModel
 from distkd.data.schema import load_schema
+from tests.support import LOOPBACK, ROOT, listening, make_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (the head we started with start_new_session, and its children)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # after "(comm)": state ppid pgrp session
-                pids.append(int(d.name))
-    return pids
-
-
-def listening(pids: list[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every TCP socket these processes listen on (from /proc)."""
-    owner = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:["):
-                    owner[link[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table, width in (("tcp", 4), ("tcp6", 16)):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in owner:  # 0A: LISTEN
-                continue
-            hexaddr, hexport = f[1].split(":")
-            raw = bytes.fromhex(hexaddr)
-            # /proc prints the address as 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
-            addr = socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6, raw)
-            found.append((addr, int(hexport, 16), owner[f[9]]))
-    return found
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -108,31 +65,15 @@ def ray_jobs_head(tmp_path_factory):
             time.sleep(0.5)
         yield f"http://127.0.0.1:{dashboard}", proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes on SIGTERM
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        deadline = time.monotonic() + 10
-        while (left := [p for p in session_pids(proc.pid) if p != os.getpid()]) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:  # stragglers of this head's session only, by pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop([proc])  # the head's session only, by pid
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def teacher(small_logs, tmp_path_factory):
     """An untrained teacher's export (fixed seed): the cache only needs a deterministic forward."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
-    model = RankingModel(load_schema(small_logs), cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
     out = tmp_path_factory.mktemp("teacher") / "export"
-    write_export(out, "teacher", load_schema(small_logs), cfg, model.state_dict())
+    make_teacher(out, load_schema(small_logs), seed=0)
     return out
 
 

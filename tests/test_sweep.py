@@ -21,8 +21,10 @@ import yaml
 from distkd.cache.lock import READERS
 from distkd.evaluate import evaluate_models
 from distkd.models.export import load_export
-from tests.ray_cluster import ROOT, _env, ray_cluster
-from tests.test_torchrun import cache  # noqa: F401  (the module's teacher + logit cache fixture)
+from distkd.bench.ray_local import ray_cluster, ray_env
+from tests.support import ROOT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 KILL_TIMEOUT_S = 400
 
@@ -39,7 +41,7 @@ def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, i
 
 
 def sweep(config: Path, address: str) -> subprocess.Popen:
-    env = {**_env(), "RAY_ADDRESS": address}
+    env = {**ray_env(), "RAY_ADDRESS": address}
     return subprocess.Popen([sys.executable, "-m", "distkd.cli", "sweep", "--config", str(config)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -63,8 +65,8 @@ class Planted:
 
 
 def test_sweep_completes_resumes_after_its_driver_is_killed_and_its_best_export_evaluates(
-        cluster, small_logs, cache, tmp_path):  # noqa: F811
-    cache_dir, sha = cache
+        cluster, small_logs, kd_cache, tmp_path):
+    cache_dir, sha = kd_cache
     job, out = tmp_path / "distill.yaml", tmp_path / "sweep"
     job.write_text(yaml.safe_dump({
         "logs": str(small_logs), "out": str(tmp_path / "unused"), "role": "student", "tensorboard": False,

@@ -12,6 +12,8 @@ from distkd.config import ConfigError
 from distkd.launch.sweep import Study
 from distkd.launch.sweep_state import STATE, StudyState, draw, fingerprint
 
+pytestmark = pytest.mark.unit
+
 SPACE = {"optim.dense_lr": {"loguniform": [0.003, 0.03]}, "objective.losses.mse": {"choice": [0.5, 2.0]},
          "train.seed": {"grid": [0, 1, 2]}, "model.embedding_dim": {"randint": [4, 8]},
          "objective.temperature": {"uniform": [1.0, 3.0]}}

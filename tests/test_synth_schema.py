@@ -13,6 +13,8 @@ from distkd.data.synth import generate
 from distkd.data.schema import load_schema
 from distkd.train.job import TrainJob
 
+pytestmark = pytest.mark.unit
+
 
 def _read(logs, split):
     return pq.ParquetDataset(sorted((logs / split).glob("*.parquet"))).read()

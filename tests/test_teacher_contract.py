@@ -103,6 +103,7 @@ def program_cache(ray_session, small_logs, user, tmp_path_factory):
 
 # -- a teacher of the user's own caches its own forward -------------------------------------
 
+@pytest.mark.integration
 def test_factory_teacher_caches_its_own_forward(factory_cache, small_logs, user):
     out, s, spec = factory_cache
     module, weights, _ = user
@@ -126,6 +127,7 @@ def test_factory_teacher_caches_its_own_forward(factory_cache, small_logs, user)
     verify_cache(out, small_logs, spec)
 
 
+@pytest.mark.integration
 def test_program_teacher_caches_the_same_logits(program_cache, small_logs, user):
     out, s = program_cache
     module, _, program = user
@@ -141,6 +143,7 @@ def test_program_teacher_caches_the_same_logits(program_cache, small_logs, user)
             np.testing.assert_array_equal(_cached(out, rel, dtype=np.float16), want.numpy().astype(np.float16))
 
 
+@pytest.mark.integration
 def test_fingerprint_covers_weights_source_and_kwargs(small_logs, user, tmp_path, monkeypatch):
     _, weights, _ = user
     base = describe(_factory(weights))["sha256"]
@@ -165,6 +168,7 @@ def test_fingerprint_covers_weights_source_and_kwargs(small_logs, user, tmp_path
 
 # -- refusals --------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_wrong_shaped_teacher_is_refused_on_its_first_batch(ray_session, small_logs, user, tmp_path):
     _, weights, _ = user
     state = torch.load(weights, weights_only=True)
@@ -181,6 +185,7 @@ def test_wrong_shaped_teacher_is_refused_on_its_first_batch(ray_session, small_l
     assert read_manifest(tmp_path / "c").shards == {}
 
 
+@pytest.mark.integration
 def test_nan_in_a_later_row_group_stops_the_build(ray_session, small_logs, user, tmp_path):
     _, weights, _ = user
     out = tmp_path / "c"
@@ -198,6 +203,7 @@ def test_nan_in_a_later_row_group_stops_the_build(ray_session, small_logs, user,
         verify_cache(out, small_logs)
 
 
+@pytest.mark.integration
 def test_a_factory_that_fails_on_the_workers_is_one_error(ray_session, small_logs, user, tmp_path):
     _, weights, _ = user
     with pytest.raises(CacheError) as e:
@@ -208,6 +214,7 @@ def test_a_factory_that_fails_on_the_workers_is_one_error(ray_session, small_log
             in str(e.value)), str(e.value)
 
 
+@pytest.mark.integration
 def test_bad_specs_are_one_line_errors(small_logs, user, tmp_path, capsys):
     _, weights, program = user
     rc = cli_main(["cache", "build", "--teacher-factory", "no_such_pkg.mod:build", "--teacher-weights", str(weights),
@@ -224,6 +231,7 @@ def test_bad_specs_are_one_line_errors(small_logs, user, tmp_path, capsys):
         t.check({"scores": torch.zeros(2, 2)}, 2)
 
 
+@pytest.mark.integration
 def test_flags_and_yaml_name_the_same_spec(small_logs, user, tmp_path):
     _, weights, program = user
     args = build_parser().parse_args(["cache", "build", "--teacher-factory", FACTORY, "--teacher-weights", str(weights),
@@ -241,6 +249,7 @@ def test_flags_and_yaml_name_the_same_spec(small_logs, user, tmp_path):
 
 # -- verification that re-runs the teacher -------------------------------------------------
 
+@pytest.mark.integration
 def test_recompute_passes_on_an_intact_cache(factory_cache, program_cache, small_logs, capsys):
     out, _, spec = factory_cache
     with distkd_log() as logs:
@@ -256,6 +265,7 @@ def test_recompute_passes_on_an_intact_cache(factory_cache, program_cache, small
     assert rc == 0 and "recomputed 16 of 16 row groups (fraction 1.0, seed 1" in err and "0 ulp of fp16" in err, err
 
 
+@pytest.mark.integration
 def test_recompute_catches_logits_changed_by_an_ulp(program_cache, small_logs, tmp_path, capsys):
     """One row group's logits moved by one fp16 ulp, the file's sha256 and size fixed in the
     manifest: every other check passes; recomputation does not."""
@@ -291,6 +301,7 @@ def test_recompute_catches_logits_changed_by_an_ulp(program_cache, small_logs, t
     assert rc == 2 and "1 ulp of fp16 apart" in err and "Traceback" not in err, err
 
 
+@pytest.mark.unit
 def test_ulp_distance():
     a = np.array([0.0, -0.0, 1.0, -1.0, 65504.0], np.float16)
     b = np.array([-0.0, np.float16(2**-24), np.nextafter(np.float16(1), np.float16(2)), 1.0, np.inf], np.float16)
@@ -299,6 +310,7 @@ def test_ulp_distance():
 
 # -- online distillation from a teacher of your own -----------------------------------------
 
+@pytest.mark.integration
 def test_online_distillation_with_a_factory_teacher(small_logs, user, tmp_path):
     _, weights, _ = user
     cfg = tmp_path / "distill.yaml"

@@ -11,34 +11,16 @@ import sys
 import uuid
 
 import pytest
-import torch
 import yaml
 
-from distkd.cache.build import CacheJob, build
 from distkd.train.checkpoint import latest
 from distkd.dist import free_port
-from distkd.models.export import write_export
-from distkd.models.ranking import ModelConfig, RankingModel
-from distkd.data.schema import load_schema
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cache(small_logs, tmp_path_factory):
-    """An untrained teacher's export (fixed seed) and its logit cache of the train split,
-    built on an embedded Ray with one worker."""
-    root = tmp_path_factory.mktemp("torchrun-kd")
-    torch.manual_seed(0)
-    schema = load_schema(small_logs)
-    cfg = ModelConfig(embedding_dim=16, dense_arch=[16], cross_layers=1, cross_rank=8, deep_arch=[32, 16])
-    model = RankingModel(schema, cfg, device=torch.device("cpu"), sparse_device=torch.device("cpu"))
-    sha = write_export(root / "teacher", "teacher", schema, cfg, model.state_dict())["sha256"]
-    build(CacheJob(teacher=str(root / "teacher"), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
-                   workers=1, batch_size=8192))
-    return root / "cache", sha
-
-
-def test_distill_on_two_torchrun_nodes(small_logs, cache, tmp_path):
-    cache_dir, sha = cache
+def test_distill_on_two_torchrun_nodes(small_logs, kd_cache, tmp_path):
+    cache_dir, sha = kd_cache
     out = tmp_path / "kd"
     job = tmp_path / "distill.yaml"
     job.write_text(yaml.safe_dump({

@@ -16,6 +16,8 @@ from distkd.train.prepare import prepare
 from tests.support import SMALL_MODEL, cli, job_for, train
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("types", ["table_wise", "data_parallel"])
 def test_two_ranks_loss_falls_with_each_plan(small_logs, tmp_path, types):
     job = job_for(small_logs, tmp_path / types, f"sharding.types={types}", "train.epochs=2")
@@ -48,6 +50,7 @@ def _moves(prepared) -> tuple[float, float]:
     return tables, max(v for k, v in change.items() if ".ebc." not in k)
 
 
+@pytest.mark.integration
 def test_data_parallel_tables_get_the_embedding_optimizer(small_logs, tmp_path):
     """TorchRec leaves data-parallel tables to the dense optimizer; the trainer gives them the
     tables' rowwise Adagrad at embedding_lr, so a table learns the same whatever the plan.
@@ -61,6 +64,7 @@ def test_data_parallel_tables_get_the_embedding_optimizer(small_logs, tmp_path):
     assert tables > 0.0 and dense == 0.0
 
 
+@pytest.mark.integration
 def test_export_reloads_with_identical_predictions(small_logs, tmp_path):
     job = job_for(small_logs, tmp_path / "run", "train.epochs=1")
     s = train(job, 2)
@@ -81,6 +85,7 @@ def test_export_reloads_with_identical_predictions(small_logs, tmp_path):
         assert reloaded[task]["auc"] == pytest.approx(m["auc"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_export_refuses_a_tampered_file(small_logs, tmp_path):
     job = job_for(small_logs, tmp_path / "run", "train.max_steps=2")
     train(job, 1)
@@ -92,6 +97,8 @@ def test_export_refuses_a_tampered_file(small_logs, tmp_path):
         load_export(tmp_path / "run" / "export")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_run_resumes_to_the_same_model(small_logs, tmp_path):
     """Rank 1 is SIGKILLed after step 13 (a test callback); with no restarts left the launch
     fails naming the rank, and `--resume` continues from the step-10 checkpoint to the same
@@ -122,6 +129,7 @@ def test_killed_run_resumes_to_the_same_model(small_logs, tmp_path):
     assert sb["test"] == sa["test"]
 
 
+@pytest.mark.integration
 def test_bad_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "teacher.yaml"
     bad.write_text("model:\n  embeding_dim: 8\n")
@@ -132,6 +140,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "train.batch_size" in r.stderr
 
 
+@pytest.mark.unit
 def test_heads_start_at_the_base_rates(small_logs):
     """The heads' bias starts at the log-odds of each task's rate among labeled rows (first row
     group of each train shard), so an untrained model already predicts the base rate."""
@@ -155,6 +164,7 @@ def test_heads_start_at_the_base_rates(small_logs):
         torch.testing.assert_close(torch.sigmoid(head.bias.detach()), torch.tensor(rates))
 
 
+@pytest.mark.unit
 def test_lr_schedule_through_a_combined_optimizer():
     """Warmup, then linear or cosine decay to zero, set on every group of a CombinedOptimizer
     (what the trainer builds: the fused tables' optimizer reads its group's lr at each step)."""

@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from distkd.data.schema import DenseFeature, Schema, SparseFeature, Task
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SPLITS = {"train": 20_000, "valid": 4_000, "test": 8_000}
 MODEL = ["model.embedding_dim=16", "model.cross_layers=1", "model.cross_rank=8", "model.deep_arch=[64,32]",

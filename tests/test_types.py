@@ -159,6 +159,7 @@ def canonical(tmp_path_factory):
     return root, batches(root)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.__name__[1:] for v in VARIANTS])
 def test_accepted_types_decode_like_canonical_logs(tmp_path, canonical, variant):
     d = _data()
@@ -175,6 +176,7 @@ def test_accepted_types_decode_like_canonical_logs(tmp_path, canonical, variant)
     assert_same(batches(root), want)
 
 
+@pytest.mark.unit
 def test_unsigned_ids_past_int64_fold_modulo_hash_size(tmp_path):
     d = _data()
     big = np.uint64(2**64 - 1) - d["item"].astype(np.uint64)
@@ -187,12 +189,14 @@ def test_unsigned_ids_past_int64_fold_modulo_hash_size(tmp_path):
 # -- hashing ---------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_fnv_part_is_the_standard_fnv1a64():
     assert reference_fnv1a64(b"") == FNV_OFFSET
     assert reference_fnv1a64(b"a") == 0xAF63DC4C8601EC8C
     assert reference_fnv1a64(b"foobar") == 0x85944171F73967E8
 
 
+@pytest.mark.unit
 def test_vectorized_hash_equals_the_pure_python_definition():
     rng = np.random.default_rng(1)
     words = CITIES + ["".join(chr(c) for c in rng.integers(32, 0x2FF, k)) for k in rng.integers(0, 40, 500)]
@@ -210,6 +214,7 @@ def test_vectorized_hash_equals_the_pure_python_definition():
     assert ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 1000
 
 
+@pytest.mark.integration
 def test_hash_is_identical_in_fresh_processes():
     code = ("import sys, pyarrow as pa; from distkd.data.hashing import hash_strings; "
             "print(hash_strings(pa.array(sys.argv[1:]), 7).tolist(), hash(sys.argv[1]))")
@@ -224,6 +229,7 @@ def test_hash_is_identical_in_fresh_processes():
     assert outs[0][1] != outs[1][1]
 
 
+@pytest.mark.unit
 def test_hash_spec_is_part_of_the_fingerprint():
     a = from_dict(Schema, to_dict(STRINGS), "a")
     assert a.fingerprint() == STRINGS.fingerprint() != CANONICAL.fingerprint()
@@ -267,6 +273,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change, column, message", REFUSED, ids=[f"{i}-{r[1]}" for i, r in enumerate(REFUSED)])
 def test_refused_types_and_values_name_file_column_and_row(tmp_path, change, column, message):
     d = _data()

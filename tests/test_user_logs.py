@@ -23,6 +23,8 @@ from distkd.cache.lock import BuildLock
 from distkd.cache.reader import open_cache
 from tests.support import cli
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 DAYS = [f"2026-11-0{d}" for d in range(1, 7)]  # days 1-5 at first, day 6 arrives later
 ROWS_PER_DAY = 3000
 SCHEMA = """\

@@ -80,6 +80,7 @@ def _setrow(name: str, row: int, value):
     return fn
 
 
+@pytest.mark.unit
 def test_clean_logs_pass_with_summary(logs):
     s = validate_logs(logs)
     assert s["rows"] == 300
@@ -176,6 +177,7 @@ BREAKS = [_break_missing_column, _break_dtype, _break_negative_id, _break_out_of
           _break_corrupt_page, _break_empty_split, _break_missing_split]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("breaker", BREAKS, ids=[b.__name__[len("_break_"):] for b in BREAKS])
 def test_bad_logs_are_clear_errors(logs, breaker):
     where, problem = breaker(logs)
@@ -191,12 +193,14 @@ def test_bad_logs_are_clear_errors(logs, breaker):
     assert str(logs / where) in r.stderr and str(e.value) in r.stderr
 
 
+@pytest.mark.unit
 def test_missing_schema_is_a_config_error(logs):
     (logs / "schema.yaml").unlink()
     with pytest.raises(ConfigError, match="schema.yaml"):
         validate_logs(logs)
 
 
+@pytest.mark.integration
 def test_cli_prints_summary(logs):
     r = subprocess.run([sys.executable, "-m", "distkd.cli", "data", "validate", str(logs)],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -6,11 +6,21 @@ Runs the pytest node ids of `CASES` (from a checkout: the tests are not in the w
 JUnit report, then prints the Reliability table of docs/reliability.md with this run's result and
 seconds per row. That table is `readme_table()` (tests/test_bad_input.py checks they agree), so the
 table says what the tests assert, and this command shows they still do.
+
+Its "rows lost" column is this run's: each fault test that can lose rows records the rows a clean
+run ends with and those its faulted run ended with (the `rows_lost` fixture, tests/conftest.py),
+one JSON line per run into the folder named by $DISTKD_FAULT_RESULTS; the table prints expected
+less kept, summed over a test's parameters. A row whose test records nothing (a refused input:
+nothing is written to lose; a security check) prints "–"; the claim README makes is the
+"claimed" column, and a run whose rows lost differ from the claim exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +28,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+RESULTS_ENV = "DISTKD_FAULT_RESULTS"
 
 # (fault or bad input, what distkd did, rows lost, the pytest node id that reproduces it)
 CASES: list[tuple[str, str, str, str]] = [
@@ -115,6 +126,38 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
+def results_file(folder: str | Path, nodeid: str) -> Path:
+    """Where a fault test's rows go: one file per node id, its parameters together."""
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.split("[")[0]) + ".jsonl")
+
+
+def rows_lost(folder: Path, node: str) -> int | None:
+    """Expected less kept rows over every run of `node` recorded in `folder`; None if none was."""
+    path = results_file(folder, node)
+    if not path.is_file():
+        return None
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r["expected"] - r["kept"] for r in runs)
+
+
+def kept_rows(shards: dict, clean: dict) -> int:
+    """Rows of a faulted cache's `shards` (a manifest's) kept: those of each shard whose logits file
+    and ids are the clean build's, byte for byte. Rows lost = the clean build's rows less these."""
+    return sum(e.output.rows for rel, e in shards.items()
+               if rel in clean and e.output.sha256 == clean[rel].output.sha256 and e.input.ids == clean[rel].input.ids)
+
+
+def clean_rows(clean: dict, split: str = "") -> int:
+    """Rows of the clean build's shards (of `split` only, when named)."""
+    return sum(e.output.rows for rel, e in clean.items() if rel.startswith(split))
+
+
+def claimed(lost: str) -> int | None:
+    """The number a claim such as "0" or "0 (refused)" states; None for "–"."""
+    m = re.match(r"\d+", lost)
+    return int(m.group()) if m else None
+
+
 def results(junit: Path) -> dict[str, tuple[str, float]]:
     """Per node id of `CASES`: (passed | failed | skipped | not run, seconds), its parameters together."""
     out: dict[str, list] = {}
@@ -139,18 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if args.k is None or args.k in c[3]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    junit = out / "junit.xml"
+    junit, rows = out / "junit.xml", out / "rows"
+    for old in rows.glob("*.jsonl") if rows.is_dir() else ():
+        old.unlink()  # this run's counts only
+    rows.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     nodes = list(dict.fromkeys(c[3] for c in cases))
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                          *nodes], cwd=ROOT)
+                          *nodes], cwd=ROOT, env={**os.environ, RESULTS_ENV: str(rows.resolve())})
     got = results(junit) if junit.is_file() else {}
     print(f"\n## Reliability: {len(cases)} faults and bad inputs, {time.perf_counter() - t0:.0f}s\n")
-    print("| fault or bad input | what distkd did | rows lost | this run | seconds | reproduce |")
-    print("|---|---|---|---|---|---|")
+    print("| fault or bad input | what distkd did | rows lost | claimed | this run | seconds | reproduce |")
+    print("|---|---|---|---|---|---|---|")
     for case, did, lost, node in cases:
         state, secs = got.get(node, ("not run", 0.0))
-        print(f"| {case} | {did} | {lost} | {state} | {secs:.1f} | `pytest {node}` |")
+        measured = rows_lost(rows, node)
+        if measured is not None and measured != claimed(lost):
+            rc = rc or 1  # the table would say something the run did not see
+        print(f"| {case} | {did} | {'–' if measured is None else f'{measured:,}'} | {lost} | {state} | {secs:.1f} "
+              f"| `pytest {node}` |")
     return rc
 
 

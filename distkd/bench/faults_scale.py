@@ -5,7 +5,7 @@ distillation's rank faults on the cache it built (distkd.bench.faults_scale_trai
                                         [--out runs/bench-faults/scale]
 
 From a checkout (the faults are the tests' seams, tests/faults/). One generated dataset and one
-untrained teacher export; a Ray head of its own on 127.0.0.1 (tests/ray_cluster.py), so that a
+untrained teacher export; a Ray head of its own on 127.0.0.1 (distkd.bench.ray_local), so that a
 SIGKILLed driver takes no Ray process with it. Each build runs `distkd cache build` in a process
 of its own:
 
@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 from distkd import log
+from distkd.bench.faults import kept_rows
+from distkd.bench.ray_local import kill_head_once_committed, ray_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def _cmd(teacher: Path, logs: Path, out: Path, address: str, faults: list[str], 
 
 
 def child_env() -> dict[str, str]:
-    # as tests/ray_cluster.py's own processes: the checkout on the path, 127.0.0.1 taken as given
+    # as distkd.bench.ray_local's own processes: the checkout on the path, 127.0.0.1 taken as given
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTKD_NO_PROGRESS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     return env
@@ -83,8 +85,7 @@ def compare(out: Path, clean: dict, logs: Path) -> dict:
     from distkd.cache.verify import verify_cache
 
     m = read_manifest(out)
-    kept = sum(e.output.rows for rel, e in m.shards.items()
-               if e.output.sha256 == clean[rel].output.sha256 and e.input.ids == clean[rel].input.ids)
+    kept = kept_rows(m.shards, clean)
     try:
         with log.silenced("distkd.cache"):  # the verdict is the figure, not its per-shard lines
             verify_cache(out, logs)
@@ -131,7 +132,6 @@ def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) 
     within EXIT_BOUND_S, the manifest name only whole shards, and a rerun on a new head compute
     the rest."""
     from distkd.cache.contract import read_manifest
-    from tests.ray_cluster import kill_head_once_committed, ray_cluster
 
     out, err_path = work / "head", work / "head.err"
     fault = "the Ray head (a separate cluster) SIGKILLed mid-build, rerun on a new head"
@@ -273,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     from distkd.cache.contract import read_manifest
     from distkd.data.synth import generate
     from distkd.models.ranking import ModelConfig
-    from tests.ray_cluster import ray_cluster
 
     work = Path(a.out)
     logs, teacher = work / "logs", work / "teacher"

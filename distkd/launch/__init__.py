@@ -18,13 +18,10 @@ from distkd.dist import under_launcher
 from distkd.train.job import TrainJob
 from distkd.train.prepare import prepare, run_rank
 
-# Test seam: callbacks (fn(trainer) after each step) that a test's wrapper around the CLI
-# installs before calling it; run_job passes them to every rank. Production code adds none.
-INSTALLED_CALLBACKS: list = []
-
 
 def run_job(job: TrainJob, *, resume: bool = False, where: str = "config", callbacks: Sequence = ()) -> dict[str, Any]:
-    """Preflight `job`, run its ranks, return rank 0's summary."""
+    """Preflight `job`, run its ranks, return rank 0's summary. `callbacks` (fn(trainer), after
+    each step) go to every rank's trainer."""
     from distkd.launch import ray_train
     from distkd.launch.local import launch
 
@@ -32,7 +29,7 @@ def run_job(job: TrainJob, *, resume: bool = False, where: str = "config", callb
     if use_ray:
         job = ray_train.absolute(job)  # Ray workers do not start in this folder
     prepared = prepare(job, where)
-    callbacks = [*callbacks, *INSTALLED_CALLBACKS]
+    callbacks = list(callbacks)
     if under_launcher():
         return run_rank(prepared, resume, callbacks)
     if use_ray:
@@ -56,5 +53,7 @@ def run(args) -> int:
         job.launch.max_restarts = args.max_restarts
     if getattr(args, "ray_address", None):
         job.launch.ray_address = args.ray_address
-    summary = run_job(job, resume=args.resume, where=where)
+    # `callbacks`: set by distkd.cli.main's caller (a program embedding the CLI, or the tests' fault
+    # wrappers); the parser never sets it
+    summary = run_job(job, resume=args.resume, where=where, callbacks=getattr(args, "callbacks", ()))
     return 0 if summary else 1

@@ -3,9 +3,10 @@
     python -m tests.faults.train --kill RANK:STEP[:GENERATION] [--hang RANK:STEP] [--kill-during-save STEP[:GENERATION]]
         -- <distkd CLI arguments>
 
-runs `distkd.cli.main` with a callback that SIGKILLs rank RANK right after its optimizer
-step STEP, in launcher restart generation GENERATION (default 0, the first start; see
-TORCHELASTIC_RESTART_COUNT), so a restarted run is not killed again. Under torchrun the
+runs `distkd.cli.main` with a callback (passed as its `callbacks` argument: no module state
+is changed) that SIGKILLs rank RANK right after its optimizer step STEP, in launcher restart
+generation GENERATION (default 0, the first start; see TORCHELASTIC_RESTART_COUNT), so a
+restarted run is not killed again. Under torchrun the
 wrapper is the script each rank runs; with --nproc the callback travels to the ranks.
 """
 
@@ -16,6 +17,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+
+from distkd.cli import main as cli_main
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,7 @@ def main(argv: list[str]) -> int:
     split = argv.index("--") if "--" in argv else -1
     flags = {"--kill": KillRank, "--hang": HangRank, "--kill-during-save": KillDuringSave}
     faults = [_spec(flags[a], argv[i + 1]) for i, a in enumerate(argv[:max(split, 0)]) if a in flags]
-    from distkd import launch
-    from distkd.cli import main as cli_main
-
-    launch.INSTALLED_CALLBACKS.extend(faults)
-    return cli_main(argv[split + 1:])
+    return cli_main(argv[split + 1:], callbacks=faults)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""A real Ray cluster on this machine for the tests: a head and worker nodes, each its own
+"""A real multi-node Ray cluster on this machine: a head and worker nodes, each its own
 `ray start --block` process on 127.0.0.1 with its own CPUs and custom resources, in a private
 temp dir, every port picked free. Torn down by signalling the processes started here, then
-killing what is left of their sessions by pid (never by name)."""
+killing what is left of their sessions by pid (never by name).
+
+Used by `make bench-faults` (distkd.bench.faults_scale: a head to SIGKILL mid-build) and by the
+cluster tests (Ray Train across nodes, sweeps, the head-kill fault). Loopback only: nothing it
+starts listens beyond 127.0.0.1.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from distkd.dist import free_port
-from tests.test_submit_live import session_pids
 
-ROOT = Path(__file__).resolve().parents[1]
+# The folder holding this distkd: put on the Ray processes' path, so that workers started by the
+# raylets import this copy (and, from a checkout, the tests' fault seams next to it).
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120
 # `ray start`, kept on loopback. Ray rewrites --node-ip-address 127.0.0.1 to the machine's outside
 # address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with it 0 refuses to start worker nodes.
@@ -30,12 +36,27 @@ RAY_START = ("import sys; import ray._private.ray_constants as c, ray._private.s
              "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
 
 
-def _env() -> dict[str, str]:
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (a process started with start_new_session, and its children)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # after "(comm)": state ppid pgrp session
+                pids.append(int(d.name))
+    return pids
+
+
+def ray_env() -> dict[str, str]:
+    """The environment of the cluster's processes and of drivers that join it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                             "MASTER_ADDR", "MASTER_PORT")}
-    # Ray workers are started by the raylets: this checkout's distkd (and tests.faults) on their path
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1", "DISTKD_NO_PROGRESS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1", "DISTKD_NO_PROGRESS": "1",
+                "RAY_USAGE_STATS_ENABLED": "0",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     return env
 
@@ -58,7 +79,9 @@ def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return proc
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Stop `ray start --block` processes started with start_new_session (the last first): SIGTERM
+    each, then SIGKILL what is left of their sessions, by pid."""
     for proc in reversed(procs):  # workers first, the head last
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
         try:
@@ -124,9 +147,9 @@ def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()
     """Yields the GCS address (127.0.0.1:PORT) of a head with `head_cpus` CPUs and one worker
     node per entry of `workers` ({"cpus": n, "resources": {...}}); a dashboard only on the head
     (127.0.0.1, for the Jobs API), yielded as `cluster.dashboard` (None with dashboard=False:
-    one process fewer to start on a loaded machine, for tests that need no Jobs API)."""
+    one process fewer to start on a loaded machine, for runs that need no Jobs API)."""
     temp_dir = tempfile.mkdtemp(prefix="dkr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env, port, dash_port = _env(), free_port(), free_port()
+    env, port, dash_port = ray_env(), free_port(), free_port()
     procs: list[subprocess.Popen] = []
     try:
         head = [sys.executable, "-c", RAY_START, "start", "--head", "--block", f"--num-cpus={head_cpus}",
@@ -142,12 +165,15 @@ def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()
         yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None,
                       [p.pid for p in procs])
     finally:
-        _stop(procs)
+        stop(procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class Cluster(str):
-    def __new__(cls, address: str, dashboard: str, sids: list[int]):
+    """The GCS address, with the dashboard's URL and the session ids of the `ray start` processes
+    (the head's first)."""
+
+    def __new__(cls, address: str, dashboard: str | None, sids: list[int]):
         obj = super().__new__(cls, address)
         obj.dashboard, obj.sids = dashboard, sids
         return obj
