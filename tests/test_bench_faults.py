@@ -4,6 +4,8 @@ shards byte-identical to the clean build's."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from distkd.bench import faults
@@ -12,8 +14,9 @@ from distkd.bench.faults import RESULTS_ENV, claimed, clean_rows, kept_rows, res
 pytestmark = pytest.mark.unit
 
 
-def _shard(rows: int, sha: str, ids: str = "i") -> dict:
-    return {"output": {"rows": rows, "sha256": sha}, "input": {"ids": ids}}
+def _shard(rows: int, sha: str, ids: str = "i") -> SimpleNamespace:
+    """The fields of a manifest's shard entry (distkd.cache.contract.ShardEntry) kept_rows reads."""
+    return SimpleNamespace(output=SimpleNamespace(rows=rows, sha256=sha), input=SimpleNamespace(ids=ids))
 
 
 def test_the_fixture_records_what_the_table_reads(rows_lost, request, tmp_path, monkeypatch):
