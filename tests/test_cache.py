@@ -234,6 +234,7 @@ def test_worker_killed_mid_shard_costs_one_retry(built, teachers, small_logs, tm
         assert e.input.ids == clean[rel].input.ids, rel
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_one_worker_killed_on_every_shard_still_builds_every_row_once(built, teachers, small_logs, tmp_path, rows_lost):
     """One worker, SIGKILLed on the first attempt of each of the 4 shards: more deaths than

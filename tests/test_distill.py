@@ -81,7 +81,6 @@ def test_aux_head_with_two_weighted_teachers(small_logs, teacher_and_cache, tmp_
     assert "aux_head.weight" in state
 
 
-@pytest.mark.slow  # two-rank trainings
 def test_teacher_only_student_learns_from_unlabeled_rows_too(small_logs, teacher_and_cache, tmp_path):
     """No hard-label term: the student learns from the teacher alone, on every row."""
     _, cache, _ = teacher_and_cache

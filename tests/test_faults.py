@@ -60,6 +60,7 @@ def read_all(cache: Path, logs: Path, schema) -> torch.Tensor:
                                                                      aligned=[aligned])])
 
 
+@pytest.mark.slow
 def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_path, rows_lost):
     """A cache of two train shards; the logs gain two more. Build A extends the cache; build B,
     started while A runs, is refused naming the lock's holder and writes nothing; a reader of the
@@ -134,6 +135,7 @@ def test_two_builds_race_while_a_reader_reads_the_growing_cache(kd_world, tmp_pa
     verify_cache(cache, logs, t0)
 
 
+@pytest.mark.slow
 def test_the_disk_filling_while_a_cache_file_is_written(kd_world, tmp_path, rows_lost):
     """48 KiB: the lock, the manifest and one 26 KB cache file fit, a second does not. The build
     stops naming the file, publishes nothing of it, and leaves a valid manifest whose files are whole."""

@@ -264,6 +264,7 @@ def files_with(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_the_secret_key_never_reaches_a_file(s3, kd_world, tmp_path, monkeypatch):
     """A sentinel AWS_SECRET_ACCESS_KEY (moto takes any) through logs, a cache and a distillation

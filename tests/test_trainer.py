@@ -16,7 +16,6 @@ from distkd.train.prepare import prepare
 from tests.support import SMALL_MODEL, cli, job_for, train
 
 
-@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("types", ["table_wise", "data_parallel"])
 def test_two_ranks_loss_falls_with_each_plan(small_logs, tmp_path, types):
