@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from distkd.data import synth_next_item as sn
+from distkd.data.synth_layout import SPLIT_SHARE
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +33,7 @@ def logs(tmp_path_factory):
 
 def test_layout_schema_and_ranges(logs):
     p = sn.PRESETS["small"]
-    tables = {s: _read(logs, s) for s in sn.SPLIT_SHARE}
+    tables = {s: _read(logs, s) for s in SPLIT_SHARE}
     assert [t.num_rows for t in tables.values()] == [4_800, 600, 600]
     assert all(t.schema.equals(sn.arrow_schema()) for t in tables.values())
     ids = np.concatenate([t.column("example_id").to_numpy() for t in tables.values()])
