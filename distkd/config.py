@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from distkd import storage
 
 T = TypeVar("T")
 
@@ -139,7 +140,6 @@ def from_dict(cls: type[T], data: dict, where: str) -> T:
 
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from a local path or a storage URI (s3://…, see distkd.storage)."""
-    from distkd import storage
 
     path = path if storage.is_remote(path) else Path(path)
     try:

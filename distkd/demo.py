@@ -19,8 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from distkd.config import ConfigError, load, to_dict
+from distkd.config import ConfigError, load, read_yaml, to_dict
 from distkd.data.schema import SCHEMA_FILE, SPLITS
+from distkd.launch import run_job
+from distkd.models.export import read_meta
+from distkd.train.job import TrainJob
+from distkd.cache.build import CacheJob, build
+from distkd.evaluate import EvalJob, evaluate_models
+from distkd.report import format_comparison, write_report
+from distkd.data import synth, synth_next_item
+from distkd.data.movielens import convert
+from distkd.data.movielens_next import convert_next
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +82,9 @@ def make_logs(job: DataJob) -> None:
     stamp = out / "data-job.json"
     want = {k: v for k, v in to_dict(job).items() if k != "workers"}  # the logs don't depend on it
     if job.source in ("synth", "synth_next_item"):
-        if job.source == "synth":
-            from distkd.data.synth import PRESETS
-        else:
-            from distkd.data.synth_next_item import PRESETS
-
-        if job.preset in PRESETS:  # the truth's parameters live in code: a change there means new logs
-            want["truth"] = repr(PRESETS[job.preset])
+        presets = synth.PRESETS if job.source == "synth" else synth_next_item.PRESETS
+        if job.preset in presets:  # the truth's parameters live in code: a change there means new logs
+            want["truth"] = repr(presets[job.preset])
     if (out / SCHEMA_FILE).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         say(f"logs: reusing {out} (same parameters)")
         return
@@ -87,33 +92,22 @@ def make_logs(job: DataJob) -> None:
     if job.source in ("movielens", "movielens_next") and not (job.path and Path(job.path).is_dir()):
         raise ConfigError(f"data.path: MovieLens directory {job.path!r} not found")
     if job.source == "movielens":
-        from distkd.data.movielens import convert
-
         convert(job.path, out, shards=job.shards, row_group_rows=job.row_group_rows, force=True)
     elif job.source == "movielens_next":
-        from distkd.data.movielens_next import convert_next
-
         convert_next(job.path, out, job.history, shards=job.shards, row_group_rows=job.row_group_rows, force=True)
     elif job.source == "synth_next_item":
-        from distkd.data.synth_next_item import generate as generate_next
-
-        generate_next(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset, num_items=job.num_items,
+        synth_next_item.generate(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset, num_items=job.num_items,
                       unlabeled_fraction=job.unlabeled_fraction, workers=job.workers or 2, force=True)
     else:
-        from distkd.data.synth import generate, summarize
-
-        schema = generate(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset,
+        schema = synth.generate(out, job.rows, job.shards, job.seed, job.row_group_rows, job.preset,
                           max_cardinality=job.max_cardinality, unlabeled_fraction=job.unlabeled_fraction,
                           workers=job.workers or 2, force=True, progress=True)
-        logger.info(summarize(out, schema))
+        logger.info(synth.summarize(out, schema))
     stamp.write_text(json.dumps(want, indent=2))
 
 
 def train_stage(config: Path, overrides: list[str], logs_fp: str, label: str) -> dict[str, Any]:
     """Train (or reuse) one model; returns its export metadata."""
-    from distkd.launch import run_job
-    from distkd.models.export import read_meta
-    from distkd.train.job import TrainJob
 
     job = load(TrainJob, config, overrides)
     out = Path(job.out)
@@ -131,7 +125,6 @@ def train_stage(config: Path, overrides: list[str], logs_fp: str, label: str) ->
 def teacher_and_cache(jobs: Path) -> tuple[DataJob, str, dict[str, Any], Any]:
     """A suite's logs, teacher export and logit cache, each reused while still valid.
     Returns the data job, the logs' fingerprint, the teacher's export metadata and the cache job."""
-    from distkd.cache.build import CacheJob, build
 
     data = load(DataJob, jobs / "data.yaml")
     make_logs(data)
@@ -146,8 +139,6 @@ def teacher_and_cache(jobs: Path) -> tuple[DataJob, str, dict[str, Any], Any]:
 
 
 def run_suite(suite: Suite) -> dict[str, Any]:
-    from distkd.evaluate import EvalJob, evaluate_models
-    from distkd.report import format_comparison, write_report
 
     jobs = suite.jobs
     _, fp, teacher, cache_job = teacher_and_cache(jobs)
@@ -179,7 +170,6 @@ def run_suite(suite: Suite) -> dict[str, Any]:
 
 
 def load_out(config: Path) -> str:
-    from distkd.config import read_yaml
 
     out = read_yaml(config).get("out")
     if not out:

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import logging
+import warnings
+
 from distkd.errors import ProcessGroupError
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -54,8 +57,6 @@ def restart_generation() -> int:
 
 def quiet() -> None:
     """Silence the planner's and DDP's routine warnings; errors still surface."""
-    import logging
-    import warnings
 
     for name in ("", "torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
         logging.getLogger(name).setLevel(logging.ERROR)

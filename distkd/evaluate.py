@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,8 @@ from distkd.data.schema import LogsError, Schema, load_schema
 from distkd.eval_stats import (CURVE_BINS, GAP_METRICS, HARD, KD, MIN_GAP, ORACLE, TEACHER,  # noqa: F401 (re-exported)
                                _by_seed, calibration_curve, gap_recovered, gap_report, paired_differences, seed_pairs,
                                spread, t_interval)
+from distkd.metrics_retrieval import RetrievalMetrics
+from distkd.serve.figures import serving_figures
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,6 @@ def oracle_metrics(files: list[str], schema: Schema) -> Optional[dict[str, dict[
 
 
 def _next_item_oracle(files: list[str], schema: Schema) -> Optional[dict[str, dict[str, float]]]:
-    from distkd.metrics_retrieval import RetrievalMetrics
 
     if "oracle_rank" not in schema.eval_columns or len(schema.classes) != 1:
         return None
@@ -309,8 +309,6 @@ def evaluate_models(logs: str | Path, models: dict[str, list[str]], split: str =
             del probs, pooled_p, pooled_y
         serving = None
         if serving_dir is not None and TEACHER in dirs and KD in dirs and not schema.classes:  # ranking models only
-            from distkd.serve.figures import serving_figures
-
             serving = serving_figures({TEACHER: dirs[TEACHER][0], KD: dirs[KD][0]}, loader, files, serving_dir,
                                       {n: out[n]["exports"][0]["metrics"] for n in (TEACHER, KD)},
                                       calls=serving_calls)
@@ -376,9 +374,3 @@ def run(args) -> int:
     print(format_comparison(result))
     print(f"\nreport: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    from distkd.cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
+from distkd.metrics_retrieval import RetrievalMetrics
 
 METRICS = ("auc", "logloss", "ne", "calibration", "accuracy", "precision", "recall", "f1", "rows")
 
@@ -106,7 +107,6 @@ class SchemaMetrics:
     RetrievalMetrics for a multiclass one (on the catalog logits and the batch's class ids)."""
 
     def __init__(self, schema):
-        from distkd.metrics_retrieval import RetrievalMetrics
 
         self.binary = TaskMetrics(schema.binary_names) if schema.binary else None
         self.classes = [(t.name, RetrievalMetrics(t.num_classes)) for t in schema.classes]

@@ -30,7 +30,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from distkd.config import ConfigError, apply_overrides, read_yaml
+import asyncio
+
+from distkd.config import ConfigError, apply_overrides, load, read_yaml
+from distkd import objectives
+from distkd.train.job import TrainJob
+from distkd.cache.build import CacheJob
+from distkd.daily import DailyJob
+from distkd.demo import DataJob
+from distkd.evaluate import EvalJob
+
+# Ray's job-submission client is imported only for `--to ray`: Ray's import costs seconds.
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +64,21 @@ def load_job(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> o
     the objective's teachers and losses), so that a typo fails here with exit 2, not
     on the cluster after the job waited in a queue. Paths are not checked: they are the
     cluster's."""
-    from distkd.config import load
 
     overrides = list(overrides)
     if stage == "data":
-        from distkd.demo import DataJob
-
         return load(DataJob, config, overrides)
     if stage == "cache":
-        from distkd.cache.build import CacheJob
-
         return load(CacheJob, config, overrides)
     if stage == "daily":
-        from distkd.daily import DailyJob
-
         return load(DailyJob, config, overrides)
     if stage == "eval":
-        from distkd.evaluate import EvalJob
-
         job = load(EvalJob, config, overrides)
         try:
             job.check()
         except ConfigError as e:
             raise ConfigError(f"{config}: {e}") from None
         return job
-    from distkd import objectives
-    from distkd.train.job import TrainJob
 
     job = load(TrainJob, config, [f"role={'teacher' if stage == 'teacher' else 'student'}", *overrides])
     if stage == "distill":
@@ -212,7 +211,6 @@ def _submit_ray(args, entrypoint: str) -> int:
 def wait(client, job_id: str, address: str, poll_s: float = 1.0) -> int:
     """Stream the job's logs until it ends. Returns 0 if it succeeded, else the entrypoint's
     exit status (2: an error the job file can fix), or 1 (stopped, or failed before it ran)."""
-    import asyncio
 
     from ray.job_submission import JobStatus
 

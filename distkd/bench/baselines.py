@@ -25,7 +25,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distkd import log
+import pyarrow.parquet as pq
+from torchrec.streamable import Pipelineable
+import itertools
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+import torch
+import numpy as np
+import pyarrow as pa
+
+from distkd import dist, log
+from distkd.data.schema import load_schema
+from distkd.train.trainer import Trainer
+from distkd.config import load
+from distkd.dist import quiet
+from distkd.launch.local import launch
+from distkd.train.job import TrainJob
+from distkd.train.prepare import prepare
+from distkd.models.teacher import load_teacher
+from distkd.data.batch import to_batch
+from distkd.data.rows import decode
+
+# Ray is imported by the Ray Data baseline alone: its import costs seconds.
 
 
 # -- (1) Ray Data batch inference ------------------------------------------------------------
@@ -34,10 +54,7 @@ class TeacherPredictor:
     """The callable class Ray Data's `map_batches` instantiates once per actor."""
 
     def __init__(self, export: str, threads: int):
-        import torch
 
-        from distkd.dist import quiet
-        from distkd.models.teacher import load_teacher
 
         quiet()
         torch.set_num_threads(threads)
@@ -46,12 +63,7 @@ class TeacherPredictor:
         self.keys = [f.name for f in self.schema.sparse]
 
     def __call__(self, table):
-        import numpy as np
-        import pyarrow as pa
-        import torch
 
-        from distkd.data.batch import to_batch
-        from distkd.data.rows import decode
 
         batch = to_batch(decode(table, self.schema, "ray-data block"), self.keys)
         with torch.inference_mode():
@@ -65,10 +77,8 @@ def ray_data_build(export: str, files: list[str], out: str, workers: int, thread
                    batch_size: int = 8192) -> dict[str, Any]:
     """Run the Ray Data pipeline on an already started Ray; returns rows and seconds (from
     building the dataset to the last file written: actor start-up included, as in distkd's)."""
-    import pyarrow.parquet as pq
     import ray
 
-    from distkd.data.schema import load_schema
 
     schema = load_schema(Path(files[0]).parent.parent)
     ctx = ray.data.DataContext.get_current()
@@ -89,7 +99,6 @@ def ray_data_build(export: str, files: list[str], out: str, workers: int, thread
 
 def _pipelineable():
     """distkd's Batch behind TorchRec's Pipelineable interface (what the pipeline asserts)."""
-    from torchrec.streamable import Pipelineable
 
     class PipelineBatch(Pipelineable):
         def __init__(self, batch):
@@ -129,12 +138,8 @@ def _timed(step, it, warmup: int) -> tuple[float, int]:
 
 def train_rank(prepared, steps: int, reps: int) -> dict[str, Any]:
     """One rank: `reps` rounds of distkd's loop then the pipeline, `steps` batches each."""
-    import itertools
 
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from distkd import dist
-    from distkd.train.trainer import Trainer
 
     log.setup()  # a spawned rank starts with logging unconfigured; the level comes from the environment
     env = dist.init()
@@ -169,11 +174,6 @@ def train_rank(prepared, steps: int, reps: int) -> dict[str, Any]:
 
 
 def _train_main(args) -> int:
-    from distkd.config import load
-    from distkd.dist import quiet
-    from distkd.launch.local import launch
-    from distkd.train.job import TrainJob
-    from distkd.train.prepare import prepare
 
     quiet()
     job = load(TrainJob, args.config, [*args.overrides, "tensorboard=false", "train.shuffle=false"])

@@ -25,18 +25,27 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from distkd import log
 from distkd.bench import cpu_model
+from distkd.data.schema import SCHEMA_FILE, load_schema
+from distkd.data.synth import generate
+from distkd.models.export import META_FILE, load_export, read_meta, write_export
+from distkd.models.ranking import ModelConfig, RankingModel
+from distkd.data.loader import LogLoader, split_files
+from distkd.cache.build import CacheJob, build
+from distkd.cache.pool import connect, plan_pool
+
+# Ray is imported by the baseline that starts it: its import costs seconds.
 
 logger = logging.getLogger(__name__)
 
 
 def ensure_logs(logs: Path, rows: int) -> None:
-    from distkd.data.schema import SCHEMA_FILE
 
     if (logs / SCHEMA_FILE).exists():
         return
-    from distkd.data.synth import generate
 
     logger.info(f"generating {rows:,} rows of criteo-preset logs into {logs} ...")
     generate(logs, rows, shards=4, seed=0, row_group_rows=16_384, preset="criteo", max_cardinality=100_000,
@@ -45,18 +54,12 @@ def ensure_logs(logs: Path, rows: int) -> None:
 
 def ensure_teacher(export: Path, logs: Path, cfg=None) -> None:
     """An untrained teacher export for `logs` (`cfg`: a ModelConfig, default its defaults)."""
-    from distkd.models.export import META_FILE, write_export
-    from distkd.data.schema import load_schema
 
     schema = load_schema(logs)
     if (export / META_FILE).exists():
-        from distkd.models.export import read_meta
-
         if read_meta(export).get("schema_fingerprint") == schema.fingerprint():
             return
-    import torch
 
-    from distkd.models.ranking import ModelConfig, RankingModel
 
     logger.info(f"writing an untrained teacher export to {export} ...")
     torch.manual_seed(0)
@@ -68,8 +71,6 @@ def ensure_teacher(export: Path, logs: Path, cfg=None) -> None:
 def decoded_batches(logs: Path, splits: list[str], batch_size: int) -> list:
     """Every row of the splits as Batches in memory, per shard like the workers (no batch spans
     two shards)."""
-    from distkd.data.loader import LogLoader, split_files
-    from distkd.data.schema import load_schema
 
     schema = load_schema(logs)
     batches = []
@@ -81,7 +82,6 @@ def decoded_batches(logs: Path, splits: list[str], batch_size: int) -> list:
 def time_forward(model, batches: list, threads: int) -> float:
     """rows/s of one forward pass of `model` over `batches` with `threads` torch threads
     (the process's thread count is restored afterwards)."""
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -97,7 +97,6 @@ def time_forward(model, batches: list, threads: int) -> float:
 
 def forward_rate(export: Path, logs: Path, splits: list[str], batch_size: int, threads: int, passes: int) -> tuple[float, int]:
     """(rows/s, rows): best of `passes` forward passes over pre-decoded batches."""
-    from distkd.models.export import load_export
 
     model, _ = load_export(export)
     batches = decoded_batches(logs, splits, batch_size)
@@ -124,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_teacher(args.teacher, args.logs)
 
     import ray
-    import torch
 
-    from distkd.cache.build import CacheJob, build
-    from distkd.cache.pool import connect, plan_pool
 
     t = time.perf_counter()
     connect(None)  # cluster start-up: not part of either figure

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from distkd import log
 from distkd.bench import cli_summary, cpu_model
 from distkd.data.loader import split_files
+from distkd.demo import teacher_and_cache
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of a and of b each (c runs once)")
     a = p.parse_args(argv)
     log.setup()
-    from distkd.demo import teacher_and_cache
 
     jobs = Path(a.jobs)
     data, _, teacher, cache = teacher_and_cache(jobs)

@@ -41,6 +41,15 @@ from pathlib import Path
 from distkd import log
 from distkd.bench.faults import kept_rows
 from distkd.bench.ray_local import kill_head_once_committed, ray_cluster
+from distkd.cache.contract import read_manifest
+from distkd.cache.verify import verify_cache
+from distkd.cache.build import MANIFEST_EVERY_S, CacheJob
+from distkd.cache.manifest import temp_files
+from distkd.bench.cache import ensure_teacher
+from distkd.bench.faults_scale_train import train_faults
+from distkd.bench.suite import TEACHER
+from distkd.data.synth import generate
+from distkd.models.ranking import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +90,6 @@ def _last(err: str) -> str:
 
 def compare(out: Path, clean: dict, logs: Path) -> dict:
     """Rows kept (shard bytes and ids as the clean build's), shards retried, and verify's verdict."""
-    from distkd.cache.contract import read_manifest
-    from distkd.cache.verify import verify_cache
 
     m = read_manifest(out)
     kept = kept_rows(m.shards, clean)
@@ -109,8 +116,6 @@ def workers_killed(teacher: Path, logs: Path, work: Path, address: str, clean: d
 
 
 def driver_killed(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total: int) -> Row:
-    from distkd.cache.build import MANIFEST_EVERY_S
-    from distkd.cache.contract import read_manifest
 
     n = max(1, len(clean) // 3)
     fault = f"cache driver SIGKILLed after {n} shard(s) finished, rerun"
@@ -131,7 +136,6 @@ def head_killed(teacher: Path, logs: Path, work: Path, clean: dict, total: int) 
     head SIGKILLed once the first shard commits: the driver must exit 2 naming the lost cluster
     within EXIT_BOUND_S, the manifest name only whole shards, and a rerun on a new head compute
     the rest."""
-    from distkd.cache.contract import read_manifest
 
     out, err_path = work / "head", work / "head.err"
     fault = "the Ray head (a separate cluster) SIGKILLed mid-build, rerun on a new head"
@@ -170,7 +174,6 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
     """Build A runs; B, on the same directory once A holds the lock, must be refused; a reader
     polls the manifest every 0.5 s meanwhile: each manifest whole, each file it names whole and
     the clean build's, the shard count never falling."""
-    from distkd.cache.contract import read_manifest
 
     out, a_err = work / "race", work / "race-a.err"
     seen: list[int] = []
@@ -235,8 +238,6 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
 def nan_in_last_shard(teacher: Path, logs: Path, work: Path, address: str, clean: dict) -> Row:
     """The build must stop naming shard, row group and row, publish nothing of that shard, and
     leave a valid manifest whose committed shards are the clean build's."""
-    from distkd.cache.build import CacheJob
-    from distkd.cache.contract import read_manifest, temp_files
 
     last = sorted(clean)[-1]
     out = work / "nan"
@@ -267,12 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-faults/scale")
     a = p.parse_args(argv)
     log.setup()
-    from distkd.bench.cache import ensure_teacher
-    from distkd.bench.faults_scale_train import train_faults
-    from distkd.bench.suite import TEACHER
-    from distkd.cache.contract import read_manifest
-    from distkd.data.synth import generate
-    from distkd.models.ranking import ModelConfig
 
     work = Path(a.out)
     logs, teacher = work / "logs", work / "teacher"

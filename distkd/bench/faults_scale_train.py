@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from distkd.bench.faults_scale import ROOT, child_env
+from distkd.bench.ray_local import ROOT, ray_env
+from distkd.cache.contract import read_manifest
+from distkd.models.export import read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,7 @@ def _torchrun(out: Path, logs: Path, cache: Path, sha: str, batch: int, every: i
            f"objective.teachers.0.cache={cache}", f"objective.teachers.0.sha256={sha}", "tensorboard=false",
            "train.eval_every=null", f"train.batch_size={batch}", f"train.checkpoint_every={every}",
            f"train.max_steps={4 * every}"]
-    env = {**child_env(), "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # torchrun sets its own
-        env.pop(k, None)
+    env = ray_env()  # the checkout on the path, one thread, no rank variables (torchrun sets its own)
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -64,8 +64,6 @@ def _differing(a: Path, b: Path) -> int:
 
 def train_faults(work: Path, logs: Path, cache: Path, teacher: Path, batch: int) -> list[tuple[str, str, str, str]]:
     """The table rows (fault, what distkd did, rows lost, seconds) of the three runs."""
-    from distkd.cache.contract import read_manifest
-    from distkd.models.export import read_meta
 
     train_rows = sum(e.output.rows for e in read_manifest(cache).shards.values())
     every = train_rows // (NPROC * batch) // 5

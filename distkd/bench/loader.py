@@ -24,15 +24,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import torch
+
 from distkd import log
 from distkd.bench import cpu_model
+from distkd.data.loader import LogLoader, split_files
+from distkd.data.schema import SCHEMA_FILE, load_schema
+from distkd.data.synth import generate
 
 logger = logging.getLogger(__name__)
 
 
 def pin_one_core() -> int:
     """Pin this process (and torch / pyarrow pools) to one core; return that core."""
-    import torch
 
     cpu = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpu})
@@ -61,7 +65,6 @@ def raw_pass(files: list[str], columns: list[str]) -> int:
 
 
 def loader_pass(files: list[str], schema, batch_size: int, workers: int = 1) -> int:
-    from distkd.data.loader import LogLoader
 
     rows = 0
     for batch in LogLoader(files, schema, batch_size, check=True, workers=workers):
@@ -71,7 +74,6 @@ def loader_pass(files: list[str], schema, batch_size: int, workers: int = 1) -> 
 
 def unpin(cpus: set[int], threads: int) -> None:
     """Undo `pin_one_core` (for callers that go on with other work in this process)."""
-    import torch
 
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(threads)
@@ -82,7 +84,6 @@ def unpin(cpus: set[int], threads: int) -> None:
 def rates(files: list[str], schema, batch_size: int, reps: int) -> dict[str, list[float]]:
     """rows/s of (a) pyarrow and (b) LogLoader, `reps` interleaved passes each, on one core;
     the process's affinity and thread counts are restored afterwards."""
-    import torch
 
     cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
     cols = schema.training_columns()
@@ -117,11 +118,9 @@ def spread(xs: list[float]) -> str:
 
 
 def ensure_logs(logs: Path, rows: int) -> None:
-    from distkd.data.schema import SCHEMA_FILE
 
     if (logs / SCHEMA_FILE).exists() and any((logs / "train").glob("*.parquet")):
         return
-    from distkd.data.synth import generate
 
     logger.info(f"generating {rows:,} rows of synthetic logs into {logs} ...")
     generate(logs, rows, shards=4, seed=0, row_group_rows=65536, preset="criteo", force=True)
@@ -137,12 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setup()
 
     ensure_logs(args.logs, args.rows)
-    from distkd.data.loader import split_files
-    from distkd.data.schema import load_schema
 
     schema = load_schema(args.logs)
     files = split_files(args.logs, "train")
-    import torch
 
     cols = schema.training_columns()
     print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores usable; "

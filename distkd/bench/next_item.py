@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from torchrec import KeyedJaggedTensor
+
 from distkd import log
 from distkd.cache import topk as tk
 from distkd.data import synth_next_item as sn
@@ -65,7 +67,6 @@ def load_split(logs: str, split: str, max_rows: int | None = None) -> dict[str, 
 
 
 def kjt(d: dict, a: int, b: int):
-    from torchrec import KeyedJaggedTensor
 
     ho = d["ho"]
     lengths = np.concatenate([np.diff(ho[a:b + 1]), np.ones(b - a, np.int64)]).astype(np.int32)

@@ -30,6 +30,10 @@ from pathlib import Path
 from distkd import log
 from distkd.bench import scaled_jobs
 from distkd.config import read_yaml
+from distkd.cache.contract import read_manifest, to_json_value
+from distkd.demo import load_out, teacher_and_cache, train_stage
+from distkd.eval_stats import gap_recovered
+from distkd.evaluate import evaluate_models
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +50,6 @@ def cli(*args: str) -> None:
 
 
 def main(argv=None) -> int:
-    from distkd.cache.contract import read_manifest, to_json_value
-    from distkd.demo import load_out, teacher_and_cache, train_stage
-    from distkd.eval_stats import gap_recovered
-    from distkd.evaluate import evaluate_models
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", default="jobs/next-item")

@@ -35,9 +35,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+import cProfile
+import pstats
+
 from distkd import log
 from distkd.bench import cli_summary
 from distkd.bench.suite_report import SWEEP  # the sweep's scales
+from distkd.data.schema import SCHEMA_FILE, load_schema
+from distkd.data.synth import generate
+from distkd.bench.loader import rates
+from distkd.data.loader import LogLoader, split_files
+from distkd.cache.build import CacheJob, build
+from distkd.bench.baselines import ray_data_build
+from distkd.bench.cache import decoded_batches, ensure_teacher, time_forward
+from distkd.cache.pool import plan_pool
+from distkd.models.export import load_export, read_meta
+from distkd.bench.distill import interleaved
+from distkd.cache.reader import open_cache
+from distkd.bench.suite_report import machine, write_markdown
+from distkd.dist import quiet
+from distkd.models.ranking import ModelConfig
+
+# Ray and psutil are imported by the steps that use them: Ray's import costs seconds.
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +138,6 @@ def cli_measured(args: list[str], steps: int) -> tuple[dict, float, int]:
 
 def make_data(work: Path, rows: int, quick: bool) -> dict[int, Path]:
     """The dataset and its sweep subsets; returns {train shards: logs dir}."""
-    from distkd.data.schema import SCHEMA_FILE
-    from distkd.data.synth import generate
 
     logs = work / "logs"
     stamp = logs / "bench-rows.json"
@@ -141,7 +159,6 @@ def make_data(work: Path, rows: int, quick: bool) -> dict[int, Path]:
 
 
 def train_rows(logs: Path) -> int:
-    import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((logs / "train").glob("*.parquet")))
 
@@ -149,9 +166,6 @@ def train_rows(logs: Path) -> int:
 # -- stages ----------------------------------------------------------------------------------
 
 def stage_loader(R: dict, subsets: dict[int, Path], reps: int, progress: Progress) -> None:
-    from distkd.bench.loader import rates
-    from distkd.data.loader import split_files
-    from distkd.data.schema import load_schema
 
     logs = subsets[SWEEP[-1]]
     r = rates(split_files(logs, "train"), load_schema(logs), 8192, reps)
@@ -168,7 +182,6 @@ def _ray(num_cpus: int):
 
 
 def _build(teacher: Path, logs: Path, out: Path, plan) -> dict:
-    from distkd.cache.build import CacheJob, build
 
     shutil.rmtree(out, ignore_errors=True)
     job = CacheJob(teacher=str(teacher), logs=str(logs), out=str(out), splits=["train"], workers=plan.workers,
@@ -184,11 +197,6 @@ def stage_cache(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, re
     """Interleaved rounds: raw forward (1 thread, all cores) | Ray on every core: distkd build
     (its pool takes every CPU), the sweep's smaller builds | Ray with one CPU more: Ray Data with
     the same pool (its read tasks need a CPU beside the actors, or the pipeline never starts)."""
-    from distkd.bench.baselines import ray_data_build
-    from distkd.bench.cache import decoded_batches, time_forward
-    from distkd.cache.pool import plan_pool
-    from distkd.data.loader import split_files
-    from distkd.models.export import load_export
 
     cores = len(os.sched_getaffinity(0))
     full = subsets[SWEEP[-1]]
@@ -225,7 +233,6 @@ def stage_cache(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, re
 
 
 def _students(logs: Path, cache: Path, teacher: Path, nproc: int) -> dict[str, list[str]]:
-    from distkd.models.export import read_meta
 
     sha = read_meta(teacher)["sha256"]
     fixed = [f"logs={logs}", "train.eval_every=null", f"nproc={nproc}"]
@@ -239,7 +246,6 @@ def _students(logs: Path, cache: Path, teacher: Path, nproc: int) -> dict[str, l
 
 def stage_distill(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, reps: int, steps: int,
                   progress: Progress) -> None:
-    from distkd.bench.distill import interleaved
 
     nproc = 1 if steps < 10 else 2  # --quick: one rank, in the CLI's own process (no spawn)
     D = R["distill"] = {"hard": [], "cache": [], "online": [], "sweep": {k: [] for k in SWEEP}, "steps": steps,
@@ -265,13 +271,7 @@ def stage_distill(R: dict, work: Path, subsets: dict[int, Path], teacher: Path, 
 def profile_join(logs: Path, cache: Path, teacher: Path, top: int = 12) -> dict:
     """One pass of the student's loader (batch 1024, no prefetch thread: all work in this
     thread) with and without the cache join, timed, then the joined pass under cProfile."""
-    import cProfile
-    import pstats
 
-    from distkd.cache.reader import open_cache
-    from distkd.data.loader import LogLoader, split_files
-    from distkd.data.schema import load_schema
-    from distkd.models.export import read_meta
 
     schema, files = load_schema(logs), split_files(logs, "train")
     cols = open_cache(cache, logs, "train", read_meta(teacher)["sha256"])
@@ -299,7 +299,6 @@ def profile_join(logs: Path, cache: Path, teacher: Path, top: int = 12) -> dict:
 def stage_train(R: dict, work: Path, logs: Path, reps: int, steps: int, quick: bool, progress: Progress) -> None:
     """Launches of 1 and 2 ranks in the order 1 2 2 1 ...; each launch runs distkd's loop and
     the pipeline alternately."""
-    from distkd.bench.distill import interleaved
 
     config = "jobs/demo/student.yaml" if quick else "jobs/demo/teacher.yaml"
     T = R["train"] = {"config": config, "steps": steps, 1: {"distkd": [], "pipeline": []},
@@ -323,10 +322,6 @@ def stage_train(R: dict, work: Path, logs: Path, reps: int, steps: int, quick: b
 # -- the driver ------------------------------------------------------------------------------
 
 def run(scale: int, reps: int, out: Path, work: Path, quick: bool) -> dict:
-    from distkd.bench.cache import ensure_teacher
-    from distkd.bench.suite_report import machine, write_markdown
-    from distkd.dist import quiet
-    from distkd.models.ranking import ModelConfig
 
     quiet()
     start = time.perf_counter()
@@ -342,7 +337,6 @@ def run(scale: int, reps: int, out: Path, work: Path, quick: bool) -> dict:
     progress("data generated", 1, scale)
     teacher = work / "teacher"
     ensure_teacher(teacher, subsets[SWEEP[-1]], ModelConfig(**TEACHER))
-    from distkd.models.export import read_meta
 
     R["teacher"] = {**TEACHER, "parameters": read_meta(teacher).get("parameters")}
     stage_loader(R, subsets, reps, progress)
@@ -370,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     log.setup()
     if a.from_json:
-        from distkd.bench.suite_report import write_markdown
-
         write_markdown(json.loads(a.from_json.read_text()), a.out)
         return 0
     scale = a.scale or (QUICK_SCALE if a.quick else DEFAULT_SCALE)

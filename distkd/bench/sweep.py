@@ -24,6 +24,7 @@ import yaml
 
 from distkd import log
 from distkd.bench import cpu_model
+from distkd.demo import teacher_and_cache
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student")
     a = p.parse_args(argv)
     log.setup()
-    from distkd.demo import teacher_and_cache
 
     jobs = Path(a.jobs)
     _, _, teacher, cache = teacher_and_cache(jobs)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from distkd import log
 from distkd.bench import cli_summary, cpu_model
+from distkd.data.synth import generate
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,6 @@ logger = logging.getLogger(__name__)
 def ensure_logs(path: Path, rows: int) -> None:
     if (path / "schema.yaml").is_file():
         return
-    from distkd.data.synth import generate
 
     logger.info(f"generating {rows:,} rows of synthetic logs in {path} …")
     generate(path, rows=rows, shards=4, seed=0, max_cardinality=100_000, force=True, workers=2)

@@ -36,11 +36,12 @@ from distkd.cache.manifest import cache_file, input_fingerprint, remove_temp_fil
 from distkd.cache.reconcile import Plan, reconcile
 from distkd.cache.topk import TopKFormat
 from distkd.cache.worker import CacheWorker, ShardTask
-from distkd.config import ConfigError, to_dict
+from distkd.config import ConfigError, load, to_dict
 from distkd.data.layout import PartitionRange, split_files
 from distkd.data.schema import SPLITS, load_schema
 from distkd.models.teacher import TeacherRef, describe
-from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec, ensemble
+from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec, ensemble, spec_from_args
+from distkd.cache.pool import WorkerPool, connect, plan_pool
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,6 @@ def _compute(job: CacheJob, out: str, manifest: Manifest, run: BuildRun, todo: l
     """Run `todo` on the Ray pool, committing each shard to the manifest; (ray start s, compute s)."""
     import ray  # deferred: a build with nothing to compute, and every reader, never start Ray
 
-    from distkd.cache.pool import WorkerPool, connect, plan_pool
 
     t0 = time.perf_counter()
     started_ray = connect(job.ray_address)
@@ -334,9 +334,7 @@ def format_summary(s: dict[str, Any], size: str) -> str:
 
 def job_from_args(args) -> CacheJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
-    from distkd.config import load
 
-    from distkd.models.teacher_spec import spec_from_args
 
     job = load(CacheJob, args.config, list(args.overrides))
     spec = spec_from_args(args)

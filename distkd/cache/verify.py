@@ -31,7 +31,7 @@ from distkd.config import ConfigError
 from distkd.models.export import sha256_file
 from distkd.data.schema import LogsError, load_schema
 from distkd.models.teacher import describe
-from distkd.models.teacher_spec import TeacherSpec, as_spec
+from distkd.models.teacher_spec import TeacherSpec, as_spec, spec_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,6 @@ def verify_cache(cache_dir: str | Path, logs_dir: str | Path, teacher: "str | Pa
 
 def run(args) -> int:
     """`distkd cache verify`."""
-    from distkd.models.teacher_spec import spec_from_args
 
     if args.tolerance < 0:
         raise ConfigError(f"--tolerance: ulps must be >= 0, got {args.tolerance}")

@@ -42,8 +42,9 @@ from distkd.data.batch import Batch, to_batch
 from distkd.data.checks import check_row_group
 from distkd.data.rows import decode
 from distkd.data.schema import Schema
-from distkd.models.teacher import Teacher, TeacherRef
+from distkd.models.teacher import Teacher, TeacherRef, load_teacher
 from distkd.models.teacher_spec import TeacherError, TeacherSpec
+from distkd.dist import quiet
 
 
 @dataclass
@@ -253,7 +254,6 @@ class CacheWorker:
         self.load(teacher)
 
     def setup(self, device: str, threads: int) -> None:
-        from distkd.dist import quiet
 
         quiet()
         log.setup()  # its level from DISTKD_LOG_LEVEL (pool.actor_env): its lines reach the driver's stderr
@@ -262,7 +262,6 @@ class CacheWorker:
 
     def load(self, teacher: TeacherRef | TeacherSpec | str, parallel: Callable | None = None) -> None:
         """The teacher, on this process alone or (`parallel`, collective) sharded over a group."""
-        from distkd.models.teacher import load_teacher
 
         t0 = time.perf_counter()
         ref = teacher if isinstance(teacher, TeacherRef) else None

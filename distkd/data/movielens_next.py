@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import yaml
+
 from distkd.config import ConfigError
 from distkd.data.movielens import MOVIES, RATINGS, SPLIT_FRACTIONS, _cut, _dense_index, _prepare_out, _read_csv, _write_atomic
 from distkd.data.schema import SCHEMA_FILE, SPLITS, LogsError
@@ -74,7 +76,6 @@ def convert_next(src_dir: str | Path, out_dir: str | Path, history: int = 20, mi
                  shards: int = 4, row_group_rows: int = 65_536, force: bool = False) -> dict:
     """Write next-movie logs of the MovieLens release in `src_dir` into `out_dir`; returns the schema dict
     (with a `summary`)."""
-    import yaml
 
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():

@@ -42,8 +42,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 
+import yaml
+
 from distkd.config import ConfigError, from_dict, read_yaml, to_dict
 from distkd.data.stats_file import param_fields, read_stats, stats_location
+from distkd import storage
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "schema.yaml"
@@ -268,9 +271,7 @@ class Schema:
         """Write the schema YAML atomically, to a path or a storage URI (see distkd.storage).
         Parameters attached from stats.json are written too (then pinned): save a schema as
         built, not as loaded, to keep them derived."""
-        import yaml
 
-        from distkd import storage
 
         text = yaml.safe_dump(self.spec(), sort_keys=False)
         storage.write_atomic(path, lambda fh: fh.write(text.encode()))
@@ -287,7 +288,6 @@ def load_schema(path: str | Path, stats: bool = True) -> Schema:
     With `stats`, dense features whose transform needs statistics get their parameters from
     `stats.json` beside the YAML (unless schema.yaml pins them); MissingStats if there are none.
     """
-    from distkd import storage
 
     if storage.is_remote(path):
         if not storage.basename(path).endswith((".yaml", ".yml")):

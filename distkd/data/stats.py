@@ -41,6 +41,8 @@ from distkd import storage
 from distkd.data.schema import check_arrow_schema, load_schema
 from distkd.data.stats_file import stats_location, write_stats
 from distkd.data.sketches import QUANTILE_POINTS, SKETCHES, Accumulator
+from distkd.config import to_dict
+from distkd.data.layout import PartitionRange, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ class Progress:
 def compute_stats(logs: str, split: str = "train", progress: bool = True, partitions=None) -> dict:
     """One pass over `split` of `logs` (its folder, or its range of `partitions`): the content
     of stats.json."""
-    from distkd.config import to_dict
-    from distkd.data.layout import split_files
 
     logs = str(logs)
     schema = load_schema(logs, stats=False)
@@ -141,7 +141,6 @@ def format_summary(c: dict) -> str:
 
 
 def run(args) -> int:
-    from distkd.data.layout import PartitionRange
 
     t0 = time.perf_counter()
     partitions = None

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
 from distkd import storage
 from distkd.config import ConfigError
 from distkd.data.schema import Schema
@@ -53,8 +56,6 @@ def check_days(rows: int, shards: int, days: int, start: str, drift: float) -> N
 def summarize(out: str | Path, schema: Schema, days: bool = False) -> str:
     """A per-split (or, with `days`, per-partition) table of rows, shards, size on disk, label
     rates and oracle AUC."""
-    import torch
-    from torchmetrics.functional.classification import binary_auroc
 
     lines = [f"logs {out}: {len(schema.sparse)} sparse, {len(schema.dense)} dense, tasks {schema.task_names}"]
     groups = list(SPLIT_SHARE)

@@ -44,6 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import yaml
+import time
+
 from distkd import storage
 from distkd.data.synth_layout import plan_shards
 
@@ -291,7 +294,6 @@ def generate(out, rows: int, shards: int = 4, seed: int = 0, row_group_rows: int
              preset: Preset | str = "default", num_items: int | None = None, unlabeled_fraction: float = 0.1,
              workers: int = 1, force: bool = False) -> dict:
     """Write `rows` rows (schema.yaml + train/valid/test shards) into `out`; returns the schema dict."""
-    import yaml
 
     out = os.fspath(out)
     p = resolve_preset(preset, num_items=num_items)
@@ -329,7 +331,6 @@ def generate(out, rows: int, shards: int = 4, seed: int = 0, row_group_rows: int
 
 def load_truth(logs) -> Truth:
     """The true model of a logs directory written by `generate` (from its generator.yaml)."""
-    import yaml
 
     params = yaml.safe_load(storage.read_text(storage.join(os.fspath(logs), GENERATOR_FILE)))
     preset = params["preset"]
@@ -346,7 +347,6 @@ def iter_row_groups(path: str, columns: list[str] | None = None):
 
 def run(args) -> int:
     """`distkd data synth-next-item`."""
-    import time
 
     t0 = time.perf_counter()
     schema = generate(args.out, args.rows, args.shards, args.seed, args.row_group_rows, args.preset,

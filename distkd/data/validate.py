@@ -33,6 +33,8 @@ from distkd.data.checks import check_row_group
 from distkd.data.rows import _floats
 from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, check_arrow_schema, load_schema
 from distkd.data.sketches import Accumulator
+from distkd.config import from_dict
+from distkd.data.layout import PartitionRange, all_shards, is_partitioned, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +149,6 @@ def _stale_stats(logs_dir: str) -> list[str]:
     doc = read_stats(logs_dir)
     if doc is None:
         return []
-    from distkd.config import from_dict
-    from distkd.data.layout import PartitionRange, split_files
 
     rng = doc["content"].get("partition")
     partitions = {"train": from_dict(PartitionRange, rng, "stats.partition")} if rng else None
@@ -165,7 +165,6 @@ def _stale_stats(logs_dir: str) -> list[str]:
 def _groups(logs_dir: str) -> dict[str, list[str]]:
     """Split folders {train, valid, test: shards}, or for partitioned logs one group per
     top-level partition folder (dt=2026-11-30: shards)."""
-    from distkd.data.layout import all_shards, is_partitioned
 
     if not is_partitioned(logs_dir):
         return {split: shard_paths(storage.join(logs_dir, split)) for split in SPLITS}

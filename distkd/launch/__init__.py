@@ -17,13 +17,15 @@ from typing import Any, Sequence
 from distkd.dist import under_launcher
 from distkd.train.job import TrainJob
 from distkd.train.prepare import prepare, run_rank
+from distkd.launch import ray_train
+from distkd.launch.local import launch
+from distkd import objectives
+from distkd.config import load
 
 
 def run_job(job: TrainJob, *, resume: bool = False, where: str = "config", callbacks: Sequence = ()) -> dict[str, Any]:
     """Preflight `job`, run its ranks, return rank 0's summary. `callbacks` (fn(trainer), after
     each step) go to every rank's trainer."""
-    from distkd.launch import ray_train
-    from distkd.launch.local import launch
 
     use_ray = not under_launcher() and ray_train.selected(job)
     if use_ray:
@@ -40,8 +42,6 @@ def run_job(job: TrainJob, *, resume: bool = False, where: str = "config", callb
 
 def run(args) -> int:
     """`distkd teacher train`, `distkd student train`, `distkd distill`."""
-    from distkd import objectives
-    from distkd.config import load
 
     where = args.config or "config"
     job = load(TrainJob, args.config, [f"role={args.role}"] + list(args.overrides))

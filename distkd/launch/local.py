@@ -13,6 +13,9 @@ import os
 import uuid
 from typing import Any, Callable
 
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
 from distkd.dist import DEFAULT_TIMEOUT_S, under_launcher
 from distkd.errors import RankFailure
 
@@ -26,7 +29,6 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, max_restarts: int = 0
     """
     if under_launcher() or (nproc <= 1 and max_restarts == 0):
         return [fn(*args)]
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
         min_nodes=1,
@@ -44,7 +46,6 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, max_restarts: int = 0
     # inherit the environment, so set it for the launch only.
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         results = elastic_launch(config, entrypoint=fn)(*args)

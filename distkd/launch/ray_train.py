@@ -39,9 +39,16 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from distkd import log, storage
+import torch.distributed as tdist
+
+from distkd import dist, log, storage
 from distkd.errors import RankFailure
 from distkd.train.job import TrainJob
+import distkd
+from distkd.train.trainer import Trainer
+
+# Ray (Train) is imported inside the functions that join or start a cluster: its import costs seconds and
+# every other launcher never needs it.
 
 POINTER = "distkd-checkpoint.json"
 REPORTED = ("auc", "logloss", "ne", "calibration")
@@ -150,7 +157,6 @@ class Report:
 
 def start_generation(run_dir: Path, is_main: bool) -> int:
     """Collective: how many worker groups of this run started before this one."""
-    import torch.distributed as tdist
 
     got = [0]
     if is_main:
@@ -165,7 +171,6 @@ def start_generation(run_dir: Path, is_main: bool) -> int:
 def placement() -> dict[str, Any]:
     import ray
 
-    import distkd
 
     return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
             "distkd": str(Path(distkd.__file__).resolve().parent)}
@@ -173,10 +178,7 @@ def placement() -> dict[str, Any]:
 
 def worker(config: dict) -> None:
     """One Ray Train worker = one rank: `run_rank`, in a process group Ray Train built."""
-    import torch.distributed as tdist
 
-    from distkd import dist
-    from distkd.train.trainer import Trainer
 
     prepared, resume, callbacks = config["prepared"], config["resume"], list(config["callbacks"])
     # a Ray worker starts with logging unconfigured, perhaps on another node: the driver's level travels

@@ -38,12 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from distkd import log
+from distkd import dist, log, storage
 from distkd.config import ConfigError, apply_overrides, from_dict, load, read_yaml
 from distkd.evaluate import HARD, KD, TEACHER, evaluate_models
 from distkd.launch.sweep_report import Record, best_of_studies, exports, final, rows, write_table
 from distkd.launch.sweep_state import StudyState, draw, fingerprint
 from distkd.report import format_comparison, write_report
+from distkd.train.job import TrainJob
+from distkd.launch.ray_train import Report, connect, valid_scalars
+from distkd.train.checkpoint import latest
+from distkd.train.prepare import prepare
+from distkd.train.trainer import Trainer
+from distkd.launch import ray_train
+
+# Ray Tune's schedulers/searchers and optuna (optional) are imported where trials run: a finished study needs neither.
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +122,6 @@ class SweepConfig:
 
 
 def _abs(path):
-    from distkd import storage
 
     return path if path is None or storage.is_remote(path) else str(Path(path).resolve())
 
@@ -143,7 +150,6 @@ def overrides_of(params: dict[str, Any]) -> list[str]:
 
 
 def trial_job(data: dict, params: dict[str, Any], out: Path, where: str):
-    from distkd.train.job import TrainJob
 
     job = from_dict(TrainJob, apply_overrides(data, overrides_of(params) + [f"out={out}", "tensorboard=false"], where),
                     where)
@@ -173,11 +179,6 @@ def trainable(config: dict, meta: dict) -> None:
     """One trial: the base job with this trial's parameters, trained and reported to Tune."""
     from ray import tune
 
-    from distkd import dist
-    from distkd.launch.ray_train import Report, valid_scalars
-    from distkd.train.checkpoint import latest
-    from distkd.train.prepare import prepare
-    from distkd.train.trainer import Trainer
 
     log.setup(meta["log_level"])  # a trial's Ray worker starts with logging unconfigured, perhaps on another node
     out = Path(meta["trials"]) / (config.get("__trial") or tune.get_context().get_trial_id())
@@ -201,8 +202,6 @@ def trainable(config: dict, meta: dict) -> None:
 def _on_ray_train(job, resume: bool, meta: dict) -> dict:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distkd.launch import ray_train
-    from distkd.train.prepare import prepare
 
     la = dataclasses.replace(job.launch, launcher="ray", workers=meta["ranks"], cpus_per_worker=meta["cpus"],
                              gpus_per_worker=meta["gpus"])
@@ -315,7 +314,6 @@ def _fit(cfg: SweepConfig, state: StudyState, per_trial: dict, meta: dict, space
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from distkd.launch.ray_train import connect
 
     connect(cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # only when trials run: a finished study needs no Ray
     run = f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(_RUNS)}"

@@ -26,6 +26,8 @@ from ray import tune
 from distkd.launch.sweep_state import StudyState
 from distkd.storage import atomic_write_bytes
 
+# matplotlib is imported where a plot is drawn (~0.5 s).
+
 SHOWN = ("auc", "logloss")
 
 logger = logging.getLogger(__name__)

@@ -16,12 +16,14 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+import pyarrow.compute as pc
+
 from distkd.config import ConfigError
 from distkd.data.schema import Schema
-from distkd.models.next_item import NextItemConfig, NextItemModel
-from distkd.models.next_item import count_parameters as _count_next_item
-from distkd.models.ranking import ModelConfig, RankingModel
-from distkd.models.ranking import count_parameters as _count_ranking
+from distkd.models.next_item import NextItemConfig, NextItemModel, count_parameters as _count_next_item
+from distkd.models.ranking import ModelConfig, RankingModel, count_parameters as _count_ranking
+from distkd import storage
+from distkd.data.rows import column_floats
 
 ModelSpec = Union[ModelConfig, NextItemConfig]  # `kind:` picks one (ranking is the default)
 
@@ -64,7 +66,6 @@ def count(schema: Schema, cfg: ModelSpec) -> dict[str, int]:
 
 
 def _first_row_groups(schema: Schema, files: list[str], columns: list[str], max_files: int = 8):
-    from distkd import storage
 
     for path in files[:max_files]:
         with storage.open_parquet(path) as pf:
@@ -74,7 +75,6 @@ def _first_row_groups(schema: Schema, files: list[str], columns: list[str], max_
 def label_rates(schema: Schema, files: list[str], max_files: int = 8) -> list[float]:
     """Each binary task's positive rate in the first row group of up to `max_files` shards (cheap
     at any scale; labels that are null or NaN, unlabeled rows, are left out)."""
-    from distkd.data.rows import column_floats
 
     pos, n = np.zeros(len(schema.binary)), np.zeros(len(schema.binary))
     for table in _first_row_groups(schema, files, schema.binary_labels, max_files):
@@ -98,7 +98,6 @@ def set_prior(model: RankingModel, rates: list[float]) -> None:
 
 def item_log_prior(schema: Schema, files: list[str], max_files: int = 8) -> torch.Tensor:
     """log of each item's (add-one smoothed) frequency as a label in the first row groups."""
-    import pyarrow.compute as pc
 
     task = schema.classes[0]
     counts = np.ones(task.num_classes)

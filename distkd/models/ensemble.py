@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from distkd.config import to_dict
 from distkd.data.schema import Schema
-from distkd.models import teacher as contract
 from distkd.models.teacher_spec import EnsembleSpec, TeacherError
 
 _EPS = 1e-7  # probabilities are kept in [eps, 1 - eps] before the logit
@@ -36,13 +35,14 @@ def fingerprint(combine: str, members: list[str]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def describe(spec: EnsembleSpec, schema: Optional[Schema] = None) -> dict[str, Any]:
-    """The manifest's teacher record of an ensemble: every member described (and so checked
-    against the logs), the combined fingerprint, `combine` and the members."""
+def describe(spec: EnsembleSpec, schema: Optional[Schema], describe_member: Callable) -> dict[str, Any]:
+    """The manifest's teacher record of an ensemble: every member described by `describe_member`
+    (distkd.models.teacher.describe, which checks it against the logs), the combined fingerprint,
+    `combine` and the members."""
     spec = spec.resolved()
     if schema is None:
         raise TeacherError(f"teacher {spec.name}: describing an ensemble needs the logs' schema")
-    members = [contract.describe(m, schema) for m in spec.members]
+    members = [describe_member(m, schema) for m in spec.members]
     sha = fingerprint(spec.combine, [m["sha256"] for m in members])
     return {"form": spec.form, "name": spec.name, "spec": to_dict(spec), "input": spec.input, "sha256": sha,
             "combine": spec.combine,
@@ -78,17 +78,19 @@ class Combined(nn.Module):
         return torch.log(p) - torch.log1p(-p)
 
 
-def load(spec: EnsembleSpec, schema: Optional[Schema], device: Any = "cpu",
-         expect_sha256: Optional[str] = None) -> "contract.Teacher":
-    """Every member loaded (each checked against the logs' schema), as one Teacher of `schema`."""
+def load(spec: EnsembleSpec, schema: Optional[Schema], load_member: Callable, device: Any = "cpu",
+         expect_sha256: Optional[str] = None) -> tuple[nn.Module, str]:
+    """Every member loaded by `load_member` (distkd.models.teacher.load_teacher, which checks each
+    against the logs' schema); the combined module and its fingerprint. The members are handed in
+    rather than imported: teacher.py dispatches an EnsembleSpec here, so this module stays below it."""
     spec = spec.resolved()
     if schema is None:
         raise TeacherError(f"teacher {spec.name}: loading an ensemble needs the logs' schema")
-    members = [contract.load_teacher(m, schema, device) for m in spec.members]
+    members = [load_member(m, schema, device) for m in spec.members]
     sha = fingerprint(spec.combine, [m.sha256 for m in members])
     if expect_sha256 is not None and sha != expect_sha256:
         raise TeacherError(f"teacher {spec.name}: its fingerprint here is {sha[:12]}…, expected {expect_sha256[:12]}…: "
                            "a member differs from the one the cache was built with")
     module = Combined(members, spec.combine, [f.name for f in schema.sparse], [f.name for f in schema.dense],
                       multiclass=not schema.binary)
-    return contract.Teacher(module, spec, sha, schema, None)
+    return module, sha

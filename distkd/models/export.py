@@ -30,8 +30,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from distkd.config import ConfigError, coerce, from_dict, to_dict
 from distkd.data.roles import view_fingerprint
 from distkd.data.schema import Schema
-from distkd.models import ModelSpec, build_model
-from distkd.models import sharded_export as sharded
+from distkd.models import ModelSpec, build_model, sharded_export as sharded
 from distkd.storage import atomic_write_bytes, replace_dir, sha256_file
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.mlp import MLP
 
+from distkd.config import ConfigError
+
 
 @dataclass
 class NextItemConfig:
@@ -46,8 +48,6 @@ class NextItemConfig:
 
     def validate(self) -> None:
         if self.embedding_dim <= 0 or any(w <= 0 for w in self.tower):
-            from distkd.config import ConfigError
-
             raise ConfigError("embedding_dim and tower widths must be positive")
 
 

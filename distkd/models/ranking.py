@@ -28,6 +28,7 @@ from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 
 from distkd.data.schema import Schema
+from distkd.config import ConfigError
 
 
 @dataclass
@@ -53,7 +54,6 @@ class ModelConfig:
         return math.sqrt(3.0) * math.sqrt(0.3 / math.sqrt(self.embedding_dim))
 
     def validate(self) -> None:
-        from distkd.config import ConfigError
 
         if self.embedding_dim <= 0 or any(d <= 0 for d in self.dense_arch + self.deep_arch):
             raise ConfigError("layer sizes must be positive")

@@ -66,12 +66,15 @@ from distkd.config import ConfigError, to_dict
 from distkd.data.schema import Schema
 from distkd.models import ensemble
 from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec
+from distkd.models.program import ProgramError, check_program, load_program
+from distkd.models.export import (
+    check_loadable, load_export, read_meta, schema_mismatch, unpickling_refusal, verify_export
+)
 
 # -- fingerprints -----------------------------------------------------------------------
 
 def _check_program(data: bytes, spec: TeacherSpec, load: bool = False):
     """distkd.models.program's check (and load), its refusal as a TeacherError."""
-    from distkd.models.program import ProgramError, check_program, load_program
 
     try:
         return load_program(data) if load else check_program(data)
@@ -122,10 +125,9 @@ def describe(spec: "TeacherSpec | EnsembleSpec", schema: Optional[Schema] = None
     """The manifest's teacher record: `sha256` (the fingerprint) and what it was computed
     from, `spec` (to load it again: `cache verify --recompute`) and `hidden_dim`. Checks an
     export's sha256, and its schema against `schema`."""
-    from distkd.models.export import check_loadable, read_meta, schema_mismatch, verify_export
 
     if isinstance(spec, EnsembleSpec):
-        return ensemble.describe(spec, schema)
+        return ensemble.describe(spec, schema, describe)
     spec = spec.resolved()
     rec: dict[str, Any] = {"form": spec.form, "name": spec.name, "spec": to_dict(spec), "input": spec.input}
     if spec.export:
@@ -269,8 +271,6 @@ def _state_dict(data: bytes, spec: TeacherSpec, device) -> dict:
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
     except Exception as e:  # unpickling refused (not weights only) or not a torch file
-        from distkd.models.export import unpickling_refusal
-
         raise TeacherError(f"teacher {spec.name}: weights {spec.weights} do not load with "
                            f"torch.load(weights_only=True): {unpickling_refusal(e)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -287,11 +287,11 @@ def load_teacher(spec: "str | TeacherSpec | EnsembleSpec", schema: Optional[Sche
     hash to that fingerprint (another copy of the package on this worker, a replaced file)
     is refused. An export (file or sharded) loads unsharded on this process, or with `parallel`
     (collective: every rank of a group) into a DistributedModelParallel (see load_export)."""
-    from distkd.models.export import load_export, schema_mismatch
 
     spec = as_spec(spec).resolved()
     if isinstance(spec, EnsembleSpec):
-        return ensemble.load(spec, schema, device, expect_sha256)
+        module, sha = ensemble.load(spec, schema, load_teacher, device, expect_sha256)
+        return Teacher(module, spec, sha, schema, None)
     device = torch.device(device)
     if spec.export:
         try:

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
+
 from distkd.config import ConfigError
+from distkd import storage
 
 FORMS = ("export", "factory", "program")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -117,7 +120,6 @@ def as_spec(teacher: "str | TeacherSpec | EnsembleSpec", where: str = "teacher")
         spec.validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    from distkd import storage
 
     for k in ("export", "weights", "program"):
         v = getattr(spec, k)
@@ -131,7 +133,6 @@ def as_spec(teacher: "str | TeacherSpec | EnsembleSpec", where: str = "teacher")
 
 def spec_from_args(args) -> Optional[TeacherSpec]:
     """The spec the teacher flags name (distkd.cli adds them), None when none is given."""
-    import yaml
 
     g = lambda name: getattr(args, name, None)  # noqa: E731
     if not any(g(n) for n in ("teacher", "teacher_factory", "teacher_program")):

@@ -19,6 +19,7 @@ from distkd.objectives.base import Objective, ObjectiveContext, StepOutput
 from distkd.objectives.ctr_kd import CtrKDConfig
 from distkd.objectives.hard import HardConfig
 from distkd.objectives.next_item_kd import NextItemKDConfig
+from distkd.config import ConfigError
 
 ObjectiveConfig = Union[HardConfig, CtrKDConfig, NextItemKDConfig]  # `kind:` picks one (hard is the default)
 _BUILDERS = {HardConfig: hard.build, CtrKDConfig: ctr_kd.build, NextItemKDConfig: next_item_kd.build}
@@ -36,7 +37,6 @@ def distills(cfg: ObjectiveConfig) -> bool:
 
 
 def require_distilling(cfg: ObjectiveConfig, where: str) -> None:
-    from distkd.config import ConfigError
 
     if not distills(cfg):
         raise ConfigError(f"{where}: `distkd distill` needs an objective that learns from a teacher "

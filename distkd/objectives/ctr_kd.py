@@ -39,6 +39,7 @@ from distkd.models.teacher import describe, load_teacher
 from distkd.models.teacher_spec import TeacherSpec
 from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
+from distkd.cache.reader import open_cache
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,6 @@ class CtrKD:
 
 def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
     """Open (and so check) every teacher's cache against the logs, or its export, once."""
-    from distkd.cache.reader import open_cache
 
     if cfg.losses.listwise and ctx.schema.request_id is None:
         raise ConfigError(f"{ctx.where}: objective.losses.listwise needs logs with a request_id column")

@@ -19,6 +19,9 @@ from distkd.dist import Env
 from distkd.objectives.base import ObjectiveContext, StepOutput
 from distkd.objectives.losses import masked_bce
 from distkd.objectives.next_item_losses import hard_ce, sampled_softmax_ce
+from distkd.config import ConfigError
+from distkd.data.layout import split_files
+from distkd.models import item_log_prior
 
 
 @dataclass
@@ -27,7 +30,6 @@ class HardConfig:
     sampled_negatives: Optional[int] = None  # next item only: sampled softmax instead of the full one
 
     def validate(self) -> None:
-        from distkd.config import ConfigError
 
         if self.sampled_negatives is not None and self.sampled_negatives < 1:
             raise ConfigError(f"sampled_negatives: must be >= 1, got {self.sampled_negatives}")
@@ -87,9 +89,6 @@ def build(cfg: HardConfig, ctx: ObjectiveContext) -> HardLabel:
         return HardLabel(ctx.task_weights)
     proposal = None
     if cfg.sampled_negatives:
-        from distkd.data.layout import split_files
-        from distkd.models import item_log_prior
-
         # word2vec's unigram^0.75: the popular items a softmax must push down, not only them
         proposal = (0.75 * item_log_prior(ctx.schema, split_files(ctx.logs, "train", ctx.partitions))).exp()
     return HardLabel(ctx.task_weights, True, cfg.sampled_negatives, proposal)

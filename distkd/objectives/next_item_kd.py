@@ -28,6 +28,8 @@ from distkd.dist import Env
 from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.ctr_kd import TeacherSource
 from distkd.objectives.next_item_losses import hard_ce, ranking_distillation, sampled_tail_kl, topk_kl
+from distkd.cache.contract import CacheError
+from distkd.cache.reader import open_cache
 
 
 @dataclass
@@ -100,8 +102,6 @@ class NextItemKD:
 
 def build(cfg: NextItemKDConfig, ctx: ObjectiveContext) -> NextItemKD:
     """Open (and so check) the teacher's top-k cache against the logs and this objective, once."""
-    from distkd.cache.contract import CacheError
-    from distkd.cache.reader import open_cache
 
     if len(ctx.schema.classes) != 1 or ctx.schema.binary:
         raise ConfigError(f"{ctx.where}: objective.kind next_item_kd needs logs with one multiclass task; "

@@ -27,10 +27,14 @@ from typing import Any, Optional
 
 import torch
 
+from torch.export import Dim
+
 from distkd.config import ConfigError
 from distkd.models.export import resolve_export
 from distkd.serve.contract import CONTRACT_FILE, contract, example_inputs, file_entry
 from distkd.serve.module import ServingModel, check_against, from_export
+
+# onnx, onnxscript and onnxruntime are optional (not in requirements.txt): imported where --format onnx asks.
 
 FORMATS = {"torchscript": ".ts", "pt2": ".pt2", "onnx": ".onnx"}
 CHECK_BATCHES = (1, 64)
@@ -52,7 +56,6 @@ def _size_oblivious():
 
 
 def dynamic_shapes(module: ServingModel) -> dict[str, Any]:
-    from torch.export import Dim
 
     batch = Dim("batch", min=1, max=MAX_BATCH)
     return {"sparse": {name: ({0: Dim(f"ids_{i}", min=0, max=MAX_IDS)}, {0: batch + 1})

@@ -23,6 +23,8 @@ from distkd.metrics import TaskMetrics
 from distkd.models.teacher import kjt_to_dict
 from distkd.serve import latency
 from distkd.serve.contract import raw_schema, rows_to_inputs
+from distkd.serve.export import load, write
+from distkd.serve.module import from_export
 
 QUANT = "int8"
 
@@ -55,7 +57,6 @@ def serving_figures(exports: dict[str, Path], loader, files: list[str], out_dir:
                     calls: Optional[dict[int, int]] = None) -> dict[str, Any]:
     """`exports`: {"teacher": dir, "student-KD": dir}; the last one is also served int8.
     `float_metrics[name]`: that model's per-task metrics from the evaluation (for the AUC cost)."""
-    from distkd.serve.export import load, write
 
     out = Path(out_dir)
     names = list(exports)
@@ -77,7 +78,6 @@ def serving_figures(exports: dict[str, Path], loader, files: list[str], out_dir:
     for name in entries:
         entries[name]["latency"] = timing["models"][name]
     q = f"{student} {QUANT}"
-    from distkd.serve.module import from_export
 
     module = from_export(exports[student], QUANT)[0]
     qm = quantized_metrics(module, loader)

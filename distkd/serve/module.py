@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchrec import KeyedJaggedTensor
+
 from distkd.data.schema import STANDARDIZED, Schema
+from distkd.config import from_dict
+from distkd.models.export import load_export
+from distkd.models.ranking import ModelConfig
 
 QUANTIZATIONS = ("int8",)
 
@@ -236,9 +241,6 @@ class ServingModel(nn.Module):
 def from_export(export_dir, quantize: Optional[str] = None, portable: bool = False):
     """(ServingModel, the RankingModel it mirrors, export metadata) of a distkd export
     (sha256-verified)."""
-    from distkd.config import from_dict
-    from distkd.models.export import load_export
-    from distkd.models.ranking import ModelConfig
 
     model, meta = load_export(export_dir)
     cfg = from_dict(ModelConfig, meta["model"], f"{export_dir}:model")
@@ -249,7 +251,6 @@ def from_export(export_dir, quantize: Optional[str] = None, portable: bool = Fal
 def check_against(module: ServingModel, model, sparse: Dict[str, Tuple[Tensor, Tensor]], dense: Tensor) -> float:
     """The largest |logit difference| between the serving module and the distkd model on one
     batch (raw dense in; the model gets it transformed): 0.0 for a float module."""
-    from torchrec import KeyedJaggedTensor
 
     keys = module.features
     kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([sparse[k][0] for k in keys]),

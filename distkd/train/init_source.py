@@ -26,8 +26,7 @@ from distkd.config import ConfigError, from_dict
 from distkd.data.schema import Schema
 from distkd.dcp_reader import SafeReader
 from distkd.errors import CheckpointError
-from distkd.models import export as exports
-from distkd.models import sharded_export as sharded
+from distkd.models import export as exports, sharded_export as sharded
 from distkd.train.checkpoint import MARKER, latest, read_marker
 
 PREFIX = "model."  # the model's keys inside the train module's state dict (and its export)

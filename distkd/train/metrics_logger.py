@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from tqdm import tqdm
+
+# TensorBoard is imported where a job asks for it (tensorboard: true): its import alone takes ~0.45 s.
 
 LOSS_LOG = "losses.jsonl"
 
@@ -41,8 +44,6 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out / "tensorboard"))
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                             mininterval=0.5 if sys.stderr.isatty() else 15,
                             disable=os.environ.get("DISTKD_NO_PROGRESS") == "1")

@@ -19,6 +19,7 @@ from distkd.data.schema import Schema, load_schema
 from distkd.objectives.base import Objective, ObjectiveContext
 from distkd.train.init import plan_init
 from distkd.train.job import TrainJob
+from distkd.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ def prepare(job: TrainJob, where: str = "config") -> Prepared:
 
 def run_rank(prepared: Prepared, resume: bool = False, callbacks: Sequence = ()) -> dict[str, Any]:
     """One rank: join the process group, train, leave. Returns the summary."""
-    from distkd.train.trainer import Trainer
 
     job = prepared.job
     log.setup()  # a spawned rank starts with logging unconfigured; the level comes from the environment

@@ -24,6 +24,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import torch.distributed as tdist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
 from distkd import dist
 from distkd.config import to_dict
 from distkd.data.batch import transfer_for
@@ -31,8 +34,7 @@ from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
 from distkd.models.export import export_form, gather_state_dict, write_export, write_sharded_export
-from distkd.models import build_model, initialize
-from distkd.models import count as count_params
+from distkd.models import build_model, count as count_params, initialize
 from distkd.objectives.base import Objective, StepOutput
 from distkd.train.checkpoint import Checkpointer, latest, optimizer_tensors
 from distkd.train.init import load_init, plan_init
@@ -263,8 +265,6 @@ class Trainer:
 def replica_drift(dmp) -> float:
     """Collective: the largest difference between ranks of any replicated (dense or
     data-parallel) parameter. DDP keeps it at 0; anything else is a bug worth failing on."""
-    import torch.distributed as tdist
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
         return 0.0
