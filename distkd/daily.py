@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from distkd import storage
 from distkd.cache.build import CacheJob, build
@@ -145,8 +145,8 @@ def _teacher_sha(job: DailyJob) -> str:
 class Day:
     """One day's run: its state and the steps, in order."""
 
-    def __init__(self, job: DailyJob, day: str, nproc: Optional[int] = None) -> None:
-        self.job, self.day, self.nproc = job, day, nproc
+    def __init__(self, job: DailyJob, day: str, nproc: Optional[int] = None, callbacks: Sequence = ()) -> None:
+        self.job, self.day, self.nproc, self.callbacks = job, day, nproc, list(callbacks)
         self.out = Path(job.out)
         self.state = DayState(self.out, day)
         self.student = self.out / "days" / day / "student"
@@ -210,7 +210,7 @@ class Day:
             job.nproc = self.nproc
         logger.info(f"daily {self.day}: distill {'resumes' if resume else 'starts'} in {job.out}, "
                     f"{'from ' + init if init else 'from scratch'}")
-        run_job(job, resume=resume, where=f"daily {self.day}")
+        run_job(job, resume=resume, where=f"daily {self.day}", callbacks=self.callbacks)
         export = resolve_export(self.student)
         meta = read_meta(export)
         check_export(export, meta["sha256"])
@@ -269,9 +269,9 @@ class Day:
         self.state.step("promote").update(promoted=decided["promote"])
 
 
-def run_day(job: DailyJob, day: str, nproc: Optional[int] = None) -> int:
+def run_day(job: DailyJob, day: str, nproc: Optional[int] = None, callbacks: Sequence = ()) -> int:
     """Day `day` of `job`: the days before it that wait for it to be judged first, then its own
-    remaining steps. The exit status."""
+    remaining steps. The exit status. `callbacks` go to the distill step's ranks (as cli.main's)."""
     _date(day)
     if _day_files(job, day) is None:
         raise LogsError(f"{job.logs}: no partition {job.key}={day}")
@@ -284,12 +284,12 @@ def run_day(job: DailyJob, day: str, nproc: Optional[int] = None) -> int:
         for earlier in days_recorded(out):
             if earlier < day and DayState(out, earlier).status == "waiting" and _next_day(earlier) == day:
                 logger.info(f"daily {day}: day {earlier} waited for {day} to be judged on: finishing it first")
-                Day(job, earlier, nproc).run()
+                Day(job, earlier, nproc, callbacks).run()
         cur = read_current(out)
         if cur is not None and cur["day"] >= day:
             raise ConfigError(f"{out}: the promoted student is day {cur['day']}'s; day {day} is not after it "
                               "(a daily job moves forward: run a later day, or another out directory)")
-        this = Day(job, day, nproc)
+        this = Day(job, day, nproc, callbacks)
         if this.state.status == "stopped":
             logger.info(f"daily {day}: stopped at {this.state.doc.get('ended_at')} by a check: running its checks again")
             this.state.restart()
@@ -312,6 +312,6 @@ def summary_line(job: DailyJob, day: str, rc: int) -> str:
 def run(args) -> int:
     """`distkd daily`."""
     job = load(DailyJob, args.config, list(args.overrides))
-    rc = run_day(job, args.date, nproc=args.nproc)
+    rc = run_day(job, args.date, nproc=args.nproc, callbacks=getattr(args, "callbacks", ()))
     print(summary_line(job, args.date, rc))
     return rc

@@ -62,7 +62,7 @@ def kd_cache(small_logs, tmp_path_factory):
     root = tmp_path_factory.mktemp("kd-cache")
     sha = make_teacher(root / "teacher", load_schema(small_logs), seed=0)
     build(CacheJob(teacher=str(root / "teacher"), logs=str(small_logs), out=str(root / "cache"), splits=["train"],
-                   workers=1, batch_size=8192), log=lambda m: None)
+                   workers=1, batch_size=8192))
     return root / "cache", sha
 
 

@@ -213,6 +213,6 @@ def test_the_object_store_failing_an_upload_publishes_nothing_half(s3, kd_world,
     m = read_manifest(cache)
     assert m.complete and m.builds[-1].computed == SHARDS[2:]
     assert_whole(cache, clean, m)
-    rows_lost(clean_rows(clean), kept_rows(m["shards"], clean))
+    rows_lost(clean_rows(clean), kept_rows(m.shards, clean))
     assert s3_keys(prefix) == [f"{prefix}/manifest.json"] + [f"{prefix}/{s}" for s in SHARDS]
     assert verify_cache(cache, small, t0)["rows"] == 32_000  # what `distkd cache verify` runs
