@@ -31,7 +31,7 @@ from distkd.cache.contract import (
     MANIFEST, BuildRun, CacheError, Content, Manifest, SchemaRef, ShardEntry, Teacher, Totals, to_json_value,
     write_manifest,
 )
-from distkd.cache.lock import BuildLock
+from distkd.cache.lock import writing
 from distkd.cache.manifest import cache_file, input_fingerprint, remove_temp_files
 from distkd.cache.reconcile import Plan, reconcile
 from distkd.cache.topk import TopKFormat
@@ -205,12 +205,7 @@ def build(job: CacheJob, on_commit: Callable[[str, int], None] | None = None,
     started = time.perf_counter()
     header, schema = _header(job)
     out = storage.join(job.out, header.teacher.sha256[:12]) if job.by_teacher else job.out
-    storage.ensure_writable_dir(out, "cache directory")
-    if storage.is_remote(out):
-        logger.info(f"cache: {out}: object storage has no build lock; run one build of this cache at a time")
-    with BuildLock(out):
-        for p in remove_temp_files(out):
-            logger.info(f"cache: removed {p} (left by an interrupted build)")
+    with writing(out, "cache", "build"):
         current = {s: [input_fingerprint(job.logs, p) for p in split_files(job.logs, s, job.partitions)]
                    for s in job.splits}
         plan = reconcile(out, job.logs, header, current)

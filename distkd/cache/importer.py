@@ -45,8 +45,8 @@ from distkd.cache.contract import (
     Timings, read_manifest, to_json_value,
 )
 from distkd.cache.join import Joined, Ordered, Shard, join, plan
-from distkd.cache.lock import BuildLock
-from distkd.cache.manifest import cache_file, combine_checksums, ids_checksum, input_fingerprint, remove_temp_files
+from distkd.cache.lock import writing
+from distkd.cache.manifest import cache_file, combine_checksums, ids_checksum, input_fingerprint
 from distkd.cache.predictions import count_rows, find_files
 from distkd.cache.reconcile import reconcile
 from distkd.cache.worker import ShardTask, _commit, _HashingSink, _Tally, check_unchanged
@@ -139,12 +139,7 @@ def import_predictions(job: ImportJob) -> dict[str, Any]:
     job.validate()
     new = header(job)
     out = job.out
-    storage.ensure_writable_dir(out, "cache directory")
-    if storage.is_remote(out):
-        logger.info(f"cache import: {out}: object storage has no build lock; run one import of this cache at a time")
-    with BuildLock(out):
-        for p in remove_temp_files(out):
-            logger.info(f"cache import: removed {p} (left by an interrupted run)")
+    with writing(out, "cache import", "import"):
         _remove_leftovers(out)
         _check_imported(out, new)
         current = {s: [input_fingerprint(job.logs, p) for p in split_files(job.logs, s)] for s in job.splits}

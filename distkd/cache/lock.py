@@ -15,12 +15,18 @@ each other's work and the last manifest written wins.)
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from distkd import storage
 from distkd.cache.contract import LOCK, CacheError
+from distkd.cache.manifest import remove_temp_files
+
+logger = logging.getLogger(__name__)
 
 
 class BuildLock:
@@ -100,3 +106,17 @@ class ReaderLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+@contextmanager
+def writing(out: str, who: str, run: str) -> Iterator[None]:
+    """The cache at `out` opened for writing by one `who` (a build, an import): the folder writable,
+    the build lock held (object storage has none: said once), and the temporary files an
+    interrupted `run` left removed."""
+    storage.ensure_writable_dir(out, "cache directory")
+    if storage.is_remote(out):
+        logger.info(f"{who}: {out}: object storage has no build lock; run one {run} of this cache at a time")
+    with BuildLock(out):
+        for p in remove_temp_files(out):
+            logger.info(f"{who}: removed {p} (left by an interrupted {run})")
+        yield
