@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def test_two_ranks_write_shards_and_one_process_loads_them_unsharded(teacher):
     meta = json.loads((export / "export.json").read_text())
     assert meta["form"] == "sharded" and meta["world_size"] == 2 and teacher["summary"]["export"]["sha256"] == meta["sha256"]
     names = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
-    assert names == ["dense.pt", "export.json", "tables/.metadata", "tables/__0_0.distcp", "tables/__1_0.distcp"]
+    assert names[:3] == ["dense.pt", "export.json", "tables/.metadata"]
+    shards = names[3:]  # one file per table shard (distkd.dcp_writer), from both ranks
+    assert all(re.fullmatch(r"tables/__[01]_\d+_0\.distcp", n) for n in shards), shards
+    assert {n.split("_")[2] for n in shards} == {"0", "1"}
     assert sorted(meta["files"]) == [n for n in names if n != "export.json"]
     assert not list(export.parent.glob(".export*"))  # the partial folder was renamed, nothing left
     assert verify_export(export) == meta["sha256"] == fingerprint(meta)
@@ -140,19 +144,19 @@ def test_loads_into_a_distributed_model_parallel_of_any_world_size(teacher, worl
 def test_a_tampered_shard_is_refused_naming_the_file(teacher, tmp_path):
     export = tmp_path / "export"
     shutil.copytree(teacher["export"], export)
-    shard = export / "tables" / "__1_0.distcp"
+    shard = export / "tables" / "__1_0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="tables/__1_0.distcp has sha256 .*export.json says"):
+    with pytest.raises(ConfigError, match="tables/__1_0_0.distcp has sha256 .*export.json says"):
         verify_export(export)
-    with pytest.raises(ConfigError, match="tables/__1_0.distcp has sha256"):
+    with pytest.raises(ConfigError, match="tables/__1_0_0.distcp has sha256"):
         load_export(export)
-    with pytest.raises(TeacherError, match="tables/__1_0.distcp has sha256"):  # the cache build's check
+    with pytest.raises(TeacherError, match="tables/__1_0_0.distcp has sha256"):  # the cache build's check
         describe(TeacherSpec(export=str(export)))
-    shutil.copy(teacher["export"] / "tables" / "__1_0.distcp", shard)  # restored; now a file not listed
-    (export / "tables" / "__2_0.distcp").write_bytes(b"extra")
-    with pytest.raises(ConfigError, match=r"tables/__2_0.distcp: not listed in export.json"):
+    shutil.copy(teacher["export"] / "tables" / "__1_0_0.distcp", shard)  # restored; now a file not listed
+    (export / "tables" / "__2_0_0.distcp").write_bytes(b"extra")
+    with pytest.raises(ConfigError, match=r"tables/__2_0_0.distcp: not listed in export.json"):
         verify_export(export)
 
 

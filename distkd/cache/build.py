@@ -302,7 +302,8 @@ def _compute(job: CacheJob, out: str, manifest: Manifest, run: BuildRun, todo: l
         progress = Progress(sum(fp.rows for fp in todo), len(todo))
         pool.run(tasks, _Committer(out, manifest, run, progress, on_commit))
         run.workers_start_s = round(pool.first_ready - pool.created, 3) if pool.first_ready else None
-        run.workers = list(pool.info.values())
+        memory = pool.memory()
+        run.workers = [{**info, **({"memory": memory[i]} if i in memory else {})} for i, info in pool.info.items()]
     finally:
         if pool is not None:
             pool.close()

@@ -229,6 +229,9 @@ class GroupSlot:
     def submit(self, task: ShardTask) -> list[Any]:
         return [m.build.remote(task) for m in self.members]
 
+    def actors(self) -> list[Any]:
+        return list(self.members)
+
     def retry_start(self, e: RayError) -> bool:
         """After a start that failed: start again? Not after the group's own error (a teacher
         that does not fit the plan, a wrong fingerprint), nor after max_starts in a row."""

@@ -47,6 +47,7 @@ from distkd.storage import StorageError
 READY_TIMEOUT_S = 900.0
 POLL_S = 2.0  # the longest the driver waits on Ray before it looks at the cluster again
 CLUSTER_LOST_S = 6.0  # the GCS refusing or not answering this long: the cluster is gone
+MEMORY_TIMEOUT_S = 30.0  # the end-of-build memory figures: asked of live actors, never a reason to wait long
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ class ActorSlot:
 
     def wake(self) -> list[Any]:
         return [self.actor.ready.remote()]
+
+    def actors(self) -> list[Any]:
+        return [self.actor]
 
     def submit(self, task: ShardTask) -> list[Any]:
         return [self.actor.build.remote(task)]
@@ -333,6 +337,20 @@ class WorkerPool:
                 continue
             on_result(w.task, w.values[w.refs[0]])
             committed += 1
+
+    def memory(self) -> dict[int, list[dict[str, Any]]]:
+        """Each live slot's actors' peak RSS (distkd.memory), in rank order: a figure, so a slot that
+        does not answer within MEMORY_TIMEOUT_S is left out, never waited on or failed for."""
+        import ray
+
+        refs = {i: [a.memory.remote() for a in slot.actors()] for i, slot in enumerate(self.slots)}
+        out = {}
+        for i, rs in refs.items():
+            try:
+                out[i] = ray.get(rs, timeout=MEMORY_TIMEOUT_S)
+            except Exception as e:  # a figure only: the build's result stands
+                logger.warning(f"cache: no memory figures from {self.slots[i].name}: {_last_line(e)}")
+        return out
 
     def _wait_on(self, i: int, refs: list[Any], task: ShardTask | None = None) -> None:
         self.work[i] = _Work(refs, task)

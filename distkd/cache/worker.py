@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distkd import log, storage
+from distkd import log, memory, storage
 from distkd.cache.content import ContentCodec, codec_for, score
 from distkd.cache.contract import (
     FILE_META_KEY, FORMAT, CacheError, Content, InputFingerprint, Output, ShardEntry, Timings, to_json_value,
@@ -259,6 +259,8 @@ class CacheWorker:
         log.setup()  # its level from DISTKD_LOG_LEVEL (pool.actor_env): its lines reach the driver's stderr
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
+        self.stages = memory.Stages()  # this actor's peak RSS: start-up, teacher load, building
+        self.stages.mark("start")
 
     def load(self, teacher: TeacherRef | TeacherSpec | str, parallel: Callable | None = None) -> None:
         """The teacher, on this process alone or (`parallel`, collective) sharded over a group."""
@@ -275,9 +277,15 @@ class CacheWorker:
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
                      "threads": torch.get_num_threads(), "teacher_load_s": round(time.perf_counter() - t0, 3),
                      "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}  # set by the pool (pool.actor_env)
+        self.stages.mark("load")
 
     def ready(self) -> dict[str, Any]:
         return self.info
+
+    def memory(self) -> dict[str, Any]:
+        """Peak RSS of loading the teacher and of building since (what `teacher_ranks` divides)."""
+        self.stages.mark("build")
+        return self.stages.record()
 
     def build(self, task: ShardTask) -> ShardEntry:
         self.check_teacher(task)

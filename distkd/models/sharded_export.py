@@ -37,10 +37,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 
 from distkd.config import ConfigError
 from distkd.dcp_reader import METADATA_FILE, SafeReader
+from distkd.dcp_writer import TensorAtATimeWriter
 from distkd.errors import CheckpointError
 from distkd.storage import sha256_file
 
@@ -69,9 +69,10 @@ def split_state_dict(state_dict: dict[str, Any], prefix: str = "") -> tuple[dict
     return tables, dense
 
 
-class _Writer(FileSystemWriter):
+class _Writer(TensorAtATimeWriter):
     """DCP's file writer without storage metadata (a random save id and the temporary folder's
-    path), so `.metadata` is a function of the tables and the plan alone."""
+    path), so `.metadata` is a function of the tables and the plan alone; a tensor at a time, so
+    no rank holds its shards twice (distkd.dcp_writer)."""
 
     def storage_meta(self) -> None:
         return None

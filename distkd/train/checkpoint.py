@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+
 
 from distkd.dcp_reader import SafeReader
+from distkd.dcp_writer import TensorAtATimeWriter
 from distkd.errors import CheckpointError
 from distkd.models.sharded_export import is_table
 from distkd.storage import atomic_write_bytes, replace_dir
@@ -159,7 +160,7 @@ class Checkpointer:
             partial.mkdir(parents=True)
         self._barrier()
         try:
-            dcp.save(tensors, storage_writer=FileSystemWriter(partial, sync_files=True))
+            dcp.save(tensors, storage_writer=TensorAtATimeWriter(partial, sync_files=True))  # never the shards twice
             atomic_write_bytes(partial / f"rank-{self.rank:05d}.json",
                                lambda fh: fh.write(json.dumps(rng_state()).encode()))
             self._barrier()

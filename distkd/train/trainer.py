@@ -27,7 +27,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from distkd import dist
+from distkd import dist, memory
 from distkd.config import to_dict
 from distkd.data.batch import transfer_for
 from distkd.data.loader import LogLoader, split_files
@@ -71,6 +71,7 @@ class Trainer:
         self.job, self.schema, self.env, self.callbacks = job, schema, env, list(callbacks)
         self.resume = resume
         self.out = Path(job.out)
+        self.memory = memory.Stages()  # this rank's peak RSS per stage: build, train, evaluate, export
         torch.manual_seed(job.train.seed)
         self.transfer = transfer_for(env.device)  # CUDA: pinned batches, non_blocking copies
         self.model_cfg = objective.model_config(job.model)
@@ -86,6 +87,7 @@ class Trainer:
         self.state = TrainState()
         self.metrics_log: MetricsLogger | None = None
         self.schedule = LRSchedule(self.optimizer, job.optim, self.total_steps())
+        self.memory.mark("build")
 
     def _loader(self, split: str, batch_size: int, aligned=(), keep_requests: bool = False) -> LogLoader:
         train = split == "train"
@@ -152,6 +154,7 @@ class Trainer:
             stop = stop or self.state.step >= total
             self.save()
         metrics_log.close()
+        self.memory.mark("train")
         return self.finish(metrics_log)
 
     def validate(self, metrics_log: MetricsLogger) -> bool:
@@ -241,7 +244,10 @@ class Trainer:
             "test": test,
             "replica_drift": replica_drift(self.dmp),
         }
+        self.memory.mark("evaluate")
         export = self.export({"test": test, "job": to_dict(job)})
+        self.memory.mark("export")
+        summary["memory"] = gather_objects(self.memory.record(), env)
         if env.is_main:
             summary["export"] = export
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -260,6 +266,15 @@ class Trainer:
                                         prefix="model.", extra=extra)
         state_dict = gather_state_dict(self.dmp, env.rank, prefix="model.")
         return write_export(out, job.role, self.schema, self.model_cfg, state_dict, extra) if env.is_main else None
+
+
+def gather_objects(obj: Any, env: dist.Env) -> list[Any]:
+    """Collective: every rank's `obj`, in rank order (on every rank)."""
+    if not tdist.is_initialized() or env.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def replica_drift(dmp) -> float:
