@@ -30,6 +30,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from distkd import dist
 from distkd.config import to_dict
 from distkd.data.batch import transfer_for
+from distkd.data.layout import window_of
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
@@ -241,7 +242,8 @@ class Trainer:
             "test": test,
             "replica_drift": replica_drift(self.dmp),
         }
-        export = self.export({"test": test, "job": to_dict(job)})
+        window = window_of(job.logs, "train", job.partitions)  # a cache of this export records it: teacher age
+        export = self.export({"test": test, "job": to_dict(job), **({"window": window} if window else {})})
         if env.is_main:
             summary["export"] = export
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
