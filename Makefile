@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily clean
+.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily bench-staleness clean
 
 $(STAMP): requirements.txt scripts/stacks/$(STACK).txt pyproject.toml scripts/install.sh
 	STACK=$(STACK) VENV=$(VENV) bash scripts/install.sh
@@ -70,6 +70,11 @@ bench-topk: $(STAMP)
 # ten synthetic days through `distkd daily`, warm-started against from scratch (docs/daily.md)
 bench-daily: $(STAMP)
 	$(PY) -m distkd.bench.daily
+
+# students of a 1-, 7- and 14-day-old teacher on drifting days: KD, KD+age, KD+adapter against hard
+# (docs/daily.md#a-stale-teacher); the table in runs/bench/staleness/table.md
+bench-staleness: $(STAMP)
+	$(PY) -m distkd.bench.staleness
 
 # every fault and bad input of docs/reliability.md's table, run now, with each row's result;
 # then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)

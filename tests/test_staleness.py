@@ -102,7 +102,7 @@ def adapter_term(tm, batch) -> torch.Tensor:
 @pytest.mark.unit
 @pytest.mark.parametrize("kind,age", [("affine", False), ("affine", True), ("mlp", True)])
 def test_the_adapter_starts_as_the_identity_and_learns_from_the_labels_only(kind, age):
-    model, tm, batch = _module(adapter={"kind": kind, "age": age, "weight": 2.0}, losses={"hard": 1.0, "soft": 1.0})
+    model, tm, batch = _module(adapter={"form": kind, "age": age, "weight": 2.0}, losses={"hard": 1.0, "soft": 1.0})
     batch.extras["teacher0.age"] = torch.arange(len(batch), dtype=torch.float32) % 5
     z = batch.extras["teacher0.logits"]
     torch.testing.assert_close(tm.adapter(z, batch.extras["teacher0.age"]), z)
@@ -125,7 +125,7 @@ def test_the_adapter_starts_as_the_identity_and_learns_from_the_labels_only(kind
 
 @pytest.mark.unit
 def test_the_affine_adapters_gradient_is_the_bce_gradient_in_closed_form():
-    cfg = AdapterConfig(kind="affine", age=True, weight=1.0)
+    cfg = AdapterConfig(form="affine", age=True, weight=1.0)
     adapter = Adapter(cfg, 2, CPU).double()
     g = torch.Generator().manual_seed(3)
     z, age = torch.randn(40, 2, generator=g, dtype=torch.float64), torch.randint(0, 15, (40,), generator=g).double()
@@ -151,7 +151,7 @@ def test_the_options_are_checked():
         kd({"cache": "a"}, age_weighting={"half_life_days": 0})
     with pytest.raises(ConfigError, match="from its cache"):
         kd({"export": "x"}, adapter={"age": True})
-    kd({"export": "x"}, adapter={"kind": "mlp"})  # no age: an online teacher will do
+    kd({"export": "x"}, adapter={"form": "mlp"})  # no age: an online teacher will do
 
 
 @pytest.mark.unit

@@ -17,7 +17,7 @@ its tables sharded over the training ranks (`online.sharding`; forward only, no 
       unlabeled: true        # rows without labels learn from the teacher alone
       online: {sharding: auto}  # an online export: auto | replicated | sharded over the ranks
       age_weighting: {half_life_days: 7}  # a stale teacher: KD terms x 0.5 ** (age / 7) (distkd.objectives.staleness)
-      adapter: {kind: affine, age: true}  # a stale teacher: distill its logits corrected on the labels
+      adapter: {form: affine, age: true}  # a stale teacher: distill its logits corrected on the labels
 """
 
 from __future__ import annotations
@@ -118,10 +118,9 @@ class CtrKDConfig:
     # softmax of a gate on the student's hidden layer (it learns from the labels, gate_weight)
     gating: Literal["fixed", "learned"] = "fixed"
     gate_weight: float = 1.0  # weight of the gate's own loss (BCE of the gated target on the labels)
-    # A teacher days old on the rows (its cache records its age, distkd.cache.age): weight the
-    # distillation terms by age, and/or distill from its logits corrected by a small adapter.
-    age_weighting: Optional[AgeWeighting] = None
-    adapter: Optional[AdapterConfig] = None
+    # A stale teacher (its cache records its age on each row, distkd.cache.age; see distkd.objectives.staleness)
+    age_weighting: Optional[AgeWeighting] = None  # the distillation terms of a row x 0.5 ** (age / half life)
+    adapter: Optional[AdapterConfig] = None  # distill the teacher's logits corrected by a small module trained on labels
 
     @property
     def needs_age(self) -> bool:

@@ -5,7 +5,7 @@ A teacher trained once and cached is days old on the rows a student distills fro
 training partition). Two remedies, as ExFM (Meta, 2025) describes, each a `ctr_kd` option:
 
     age_weighting: {half_life_days: 7}   # the distillation terms of a row x 0.5 ** (age / 7)
-    adapter: {kind: affine, age: true}   # the soft target is the teacher corrected on the labels
+    adapter: {form: affine, age: true}   # the soft target is the teacher corrected on the labels
 
 Age weighting: a row's distillation terms (soft, mse, listwise, hint) are multiplied by
 0.5 ** (max(age, 0) / half_life_days): 1 on the days the teacher trained on, 1/2 at one half
@@ -13,7 +13,7 @@ life, 0 in the limit; the hard-label term is never weighted. The terms stay mean
 distilling rows (the weights are not renormalised), so an old teacher's pull really shrinks.
 
 Adapter: a small module on the teacher's logits z (per task; with `age: true` also the age in
-weeks), started at the identity: `affine` z' = a z + b (+ c age), `mlp` z' = z + MLP([z, age]).
+weeks), started at the identity: form `affine` z' = a z + b (+ c age), `mlp` z' = z + MLP([z, age]).
 It learns from the labels alone (BCE of z' on the labelled rows, x `weight`), and the student
 distills from z' detached: the student's terms must not pull the adapter towards what the
 student already predicts, or the target would stop correcting the teacher.
@@ -43,7 +43,7 @@ class AgeWeighting:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["affine", "mlp"] = "affine"  # affine: z' = a z + b (+ c age); mlp: z' = z + MLP([z, age])
+    form: Literal["affine", "mlp"] = "affine"  # affine: z' = a z + b (+ c age); mlp: z' = z + MLP([z, age])
     age: bool = False  # the teacher's age (from the cache) as an input too
     weight: float = 1.0  # of its BCE on the labels
     hidden: int = 8  # the mlp's width
@@ -65,9 +65,9 @@ class Adapter(nn.Module):
 
     def __init__(self, cfg: AdapterConfig, tasks: int, device: torch.device):
         super().__init__()
-        self.kind, self.use_age = cfg.kind, cfg.age
+        self.form, self.use_age = cfg.form, cfg.age
         inputs = 2 if cfg.age else 1
-        if cfg.kind == "affine":
+        if cfg.form == "affine":
             self.coef = nn.Parameter(torch.zeros(tasks, inputs, device=device))  # on [z, age]; z's starts at 1
             with torch.no_grad():
                 self.coef[:, 0] = 1.0
@@ -82,7 +82,7 @@ class Adapter(nn.Module):
         x = z.unsqueeze(-1)  # [B, T, 1]
         if self.use_age:
             x = torch.cat([x, (age.to(z.dtype) / WEEK)[:, None, None].expand_as(x)], -1)
-        if self.kind == "affine":
+        if self.form == "affine":
             return (x * self.coef).sum(-1) + self.bias
         h = torch.relu(torch.einsum("bti,tih->bth", x, self.w1) + self.b1)
         return z + (h * self.w2).sum(-1) + self.b2
