@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from distkd.bench.staleness import table
 from distkd.cache import open_cache, read_manifest
 from distkd.cache.age import ages
 from distkd.cache.build import CacheJob, build
@@ -28,6 +29,7 @@ from distkd.data.layout import PartitionRange, split_files, window_of
 from distkd.data.loader import LogLoader
 from distkd.data.schema import load_schema
 from distkd.data.synth import generate
+from distkd.eval_stats import t_interval
 from distkd.models.ranking import RankingModel
 from distkd.objectives.ctr_kd import CtrKDTrain
 from distkd.objectives.losses import masked_bce, soft_bce
@@ -211,3 +213,16 @@ def test_a_teacher_trained_on_days_records_its_window_and_the_student_reads_its_
     assert math.isfinite(s["loss"]["last"]["adapter"])
     exported = torch.load(tmp_path / "student" / "export" / "model.pt", weights_only=True)
     assert not any("adapter" in k for k in exported["state_dict"])
+
+
+@pytest.mark.unit
+def test_the_bench_table_pairs_each_student_with_the_same_seeds_hard_and_kd():
+    hard, kd = [0.60, 0.62, 0.61], [0.61, 0.64, 0.615]
+    result = {"teachers": {"7": {"auc": 0.65}},
+              "students": {"hard": hard, "KD@7": kd, "KD+age@7": [0.62, 0.65, 0.63], "KD+adapter@7": kd}}
+    rows = {line.split(" | ")[2]: line for line in table(result).splitlines()[2:]}
+    want = t_interval([a - b for a, b in zip(kd, hard)])
+    assert f"| {want['mean']:+.4f} [{want['low']:+.4f}, {want['high']:+.4f}] | – |" in rows["KD"]
+    age = t_interval([0.01, 0.01, 0.015])
+    assert rows["KD+age"].endswith(f"| {age['mean']:+.4f} [{age['low']:+.4f}, {age['high']:+.4f}] |")
+    assert rows["KD+adapter"].endswith("| +0.0000 [+0.0000, +0.0000] |")

@@ -14,8 +14,8 @@ the `--student-days` days before T (jobs/staleness/student.yaml) and report thei
 
 Each KD student is paired with the hard student of the same seed: the table gives the mean AUC
 difference and its 95% t interval over the seeds (distkd.eval_stats.t_interval), for the first
-task (click). The seed is the students' (initialisation and row order); logs and teachers are
-one draw.
+task (click), and KD+age and KD+adapter also with plain KD of the same seed. The seed is the
+students' (initialisation and row order); logs and teachers are one draw.
 
     python -m distkd.bench.staleness [--days 20] [--rows-per-day 20000] [--seeds 5] [--out FILE]
 """
@@ -79,17 +79,19 @@ def fmt(ci: dict) -> str:
 
 
 def table(result: dict) -> str:
-    """Markdown: per teacher age, each variant's mean AUC and its paired difference vs hard."""
+    """Markdown: per teacher age, each variant's mean AUC and its paired differences (same seed)
+    against the hard-label student and, for KD+age and KD+adapter, against plain KD."""
     hard = result["students"]["hard"]
     lines = [f"| teacher age (days) | teacher AUC on T | student | AUC on T (mean ± sd, {len(hard)} seeds) | "
-             "− hard, mean [95% t interval] |", "|---|---|---|---|---|"]
-    h = t_interval(hard)
-    lines.append(f"| – | – | hard | {h['mean']:.4f} ± {_sd(hard):.4f} | – |")
+             "− hard, mean [95% t interval] | − KD, mean [95% t interval] |", "|---|---|---|---|---|---|"]
+    lines.append(f"| – | – | hard | {t_interval(hard)['mean']:.4f} ± {_sd(hard):.4f} | – | – |")
     for age, t in result["teachers"].items():
+        kd = result["students"][f"KD@{age}"]
         for v in VARIANTS:
             aucs = result["students"][f"{v}@{age}"]
+            vs_kd = "–" if v == "KD" else fmt(t_interval([a - b for a, b in zip(aucs, kd)]))
             lines.append(f"| {age} | {t['auc']:.4f} | {v} | {t_interval(aucs)['mean']:.4f} ± {_sd(aucs):.4f} | "
-                         f"{fmt(t_interval([a - b for a, b in zip(aucs, hard)]))} |")
+                         f"{fmt(t_interval([a - b for a, b in zip(aucs, hard)]))} | {vs_kd} |")
     return "\n".join(lines)
 
 
