@@ -3,9 +3,9 @@ truth drifts by day, with and without age weighting and the adapter, against the
 
 Everything goes through the CLI's entry points (`distkd.cli.main`): `data synth` writes N daily
 partitions whose truth turns by `--drift` radians a day; for each age a, a teacher trains on the
-`--teacher-days` days ending a days before the test day T (jobs/staleness/teacher.yaml) and
+`--teacher-days` days ending a days before the test day T (jobs/daily/staleness/teacher.yaml) and
 `cache build` caches its logits of the student's days; then for each seed the students train on
-the `--student-days` days before T (jobs/staleness/student.yaml) and report their AUC on T:
+the `--student-days` days before T (jobs/daily/staleness/student.yaml) and report their AUC on T:
 
     hard        the hard-label student (objective.kind=hard)
     KD          hard + soft-label KD from the teacher's cache
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--half-life", dest="half_life", type=float, default=7.0, help="KD+age: days")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--task", default="click")
-    p.add_argument("--jobs", default="jobs/staleness")
+    p.add_argument("--jobs", default="jobs/daily/staleness")
     p.add_argument("--work", default="runs/bench/staleness", help="emptied first")
     p.add_argument("--out", default=None, help="the table's file (markdown; default WORK/table.md)")
     a = p.parse_args(argv)
