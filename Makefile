@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily bench-large-teacher clean
+.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily bench-large-teacher bench-staleness clean
 
 $(STAMP): requirements.txt scripts/stacks/$(STACK).txt pyproject.toml scripts/install.sh
 	STACK=$(STACK) VENV=$(VENV) bash scripts/install.sh
@@ -74,6 +74,11 @@ bench-daily: $(STAMP)
 # A 4.3 GiB teacher: sharded vs gathered export, K = 1 vs K = 2 cache builds (peak RSS, rows/s); ~25 min, 14 GiB
 bench-large-teacher: $(STAMP)
 	$(PY) -m distkd.bench.large_teacher
+
+# students of a 1-, 7- and 14-day-old teacher on drifting days: KD, KD+age, KD+adapter against hard
+# (docs/daily.md#a-stale-teacher); the table in runs/bench/staleness/table.md
+bench-staleness: $(STAMP)
+	$(PY) -m distkd.bench.staleness
 
 # every fault and bad input of docs/reliability.md's table, run now, with each row's result;
 # then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)

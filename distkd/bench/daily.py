@@ -4,9 +4,9 @@ Synthetic logs in daily partitions whose truth drifts (`--drift` rad/day), a tea
 once on the first two days (jobs/daily/teacher.yaml), then days 3..N through `run_day` twice
 over one cache: the job as written (each day's student warm-started from the promoted one)
 and with `warm_start: false` (each day from scratch, the same steps). Per day: the candidate's
-AUC of the first task on day D+1, whether it was promoted, and the day's seconds; the last day
-waits for a day D+1 that never comes (its candidate is not judged). The first run of a day
-also builds the cache for it; the from-scratch run finds it built.
+AUC of the first task on day D+1, whether it was promoted, the distill step's seconds and the
+day's; the last day waits for a day D+1 that never comes (its candidate is not judged). The
+first run of a day also builds the cache for it; the from-scratch run finds it built.
 
     python -m distkd.bench.daily [--days 10] [--rows-per-day 50000] [--work runs/bench/daily]
 """
@@ -50,7 +50,8 @@ def one_run(job: DailyJob, days: list[str]) -> list[dict]:
         ev = state.step("eval")
         rows.append({"day": day, "rc": rc, "status": state.status, "seconds": time.perf_counter() - t0,
                      "auc": ev.get("candidate"), "current_auc": ev.get("current"),
-                     "promoted": state.step("promote").get("promoted")})
+                     "promoted": state.step("promote").get("promoted"),
+                     "distill_s": state.step("distill").get("seconds"), "cache_s": state.step("cache").get("seconds")})
         cur = read_current(Path(job.out))
         logger.info(f"bench-daily: {job.out} {day}: {rows[-1]['status']}, current {cur and cur['day']}")
     return rows
@@ -64,11 +65,14 @@ def table(warm: list[dict], scratch: list[dict]) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    lines = ["| day | warm: AUC on D+1 | promoted | s (with the cache build) | from scratch: AUC on D+1 | promoted | s |",
-             "|---|---|---|---|---|---|---|"]
+    def sec(x) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    lines = ["| day | warm: AUC on D+1 | promoted | distill s | day s (with the cache build) | "
+             "from scratch: AUC on D+1 | promoted | distill s | day s |", "|---|---|---|---|---|---|---|---|---|"]
     for w, s in zip(warm, scratch):
-        lines.append(f"| {w['day']} | {f(w['auc'])} | {verdict(w)} | {w['seconds']:.0f} | {f(s['auc'])} | "
-                     f"{verdict(s)} | {s['seconds']:.0f} |")
+        lines.append(f"| {w['day']} | {f(w['auc'])} | {verdict(w)} | {sec(w.get('distill_s'))} | {w['seconds']:.0f} | "
+                     f"{f(s['auc'])} | {verdict(s)} | {sec(s.get('distill_s'))} | {s['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from distkd.cache.reconcile import Plan, reconcile
 from distkd.cache.topk import TopKFormat
 from distkd.cache.worker import CacheWorker, ShardTask
 from distkd.config import ConfigError, load, to_dict
-from distkd.data.layout import PartitionRange, split_files
+from distkd.data.layout import PartitionRange, partition_values, split_files
 from distkd.data.schema import SPLITS, load_schema
 from distkd.models.teacher import TeacherRef, describe
 from distkd.models.teacher_spec import EnsembleSpec, TeacherError, TeacherSpec, as_spec, ensemble, spec_from_args
@@ -264,7 +264,8 @@ class _Committer:
 
     def __call__(self, task: ShardTask, entry: ShardEntry) -> None:
         rel = task.expected.path
-        entry = ShardEntry(task.expected.with_ids(entry.input.ids), entry.output, entry.timings)
+        entry = ShardEntry(task.expected.with_ids(entry.input.ids), entry.output, entry.timings,
+                           partition_values(rel) or None)
         self.manifest.shards[rel] = entry
         self.run.computed.append(rel)
         self.run.rows_computed += entry.output.rows

@@ -163,13 +163,19 @@ class ShardEntry:
     input: InputFingerprint
     output: Output
     timings: Timings
+    # The log shard's partition folders ({"dt": "2026-11-03"}): with the teacher's `window`,
+    # the teacher's age on its rows. Absent for split folders and in manifests written before.
+    partition: Optional[dict[str, str]] = optional()
 
     @classmethod
     def from_json(cls, doc: Any, where: str, path: str) -> "ShardEntry":
         d = _fields(cls, doc, where, path)
+        part = d.get("partition")
+        if part is not None and not (isinstance(part, dict) and all(isinstance(v, str) for v in part.values())):
+            raise CacheError(f"{where}: '{path}.partition' is {part!r}, expected an object of partition values")
         return cls(InputFingerprint.from_json(d["input"], where, f"{path}.input"),
                    Output(**_fields(Output, d["output"], where, f"{path}.output")),
-                   Timings(**_fields(Timings, d["timings"], where, f"{path}.timings")))
+                   Timings(**_fields(Timings, d["timings"], where, f"{path}.timings")), part)
 
 
 @dataclass
@@ -192,7 +198,8 @@ class BuildRun:
 # What distkd.models.teacher.describe records (it owns the layout; the cache reads sha256,
 # spec, export and name). Kept as the mapping it is so that its keys keep their order.
 TEACHER_FIELDS = ("form", "name", "spec", "input", "sha256", "role", "model", "parameters", "bytes", "export",
-                  "weights_sha256", "source", "combine", "members")  # an ensemble: how, and of which teachers
+                  "weights_sha256", "source", "combine", "members",  # an ensemble: how, and of which teachers
+                  "window")  # the partitions an export was trained on: {key, start, end} (distkd.cache.age)
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,11 @@ class Teacher:
     @property
     def export(self) -> Optional[str]:
         return self.record.get("export")
+
+    @property
+    def window(self) -> Optional[dict[str, str]]:
+        """{key, start, end}: the first and last partition the teacher trained on (None: unknown)."""
+        return self.record.get("window")
 
     def describe(self) -> str:
         return f"teacher {self.sha256[:12]}… ({self.export or self.record.get('name', '?')})"

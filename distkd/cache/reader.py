@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from distkd import storage
 from distkd.cache import manifest as mf
+from distkd.cache.age import ages as shard_ages
 from distkd.cache.content import ContentCodec, check_schema, codec_for
 from distkd.cache.contract import MANIFEST, CacheError, Manifest, read_manifest
 from distkd.cache.lock import ReaderLock
@@ -128,12 +129,17 @@ class CacheColumns(Aligned):
     hidden_dim: Optional[int] = None
     check_columns: Sequence[str] = ()
     topk: Optional[TopKFormat] = None  # a next-item cache: what it keeps of each row's softmax
+    ages: Optional[dict[str, int]] = None  # cache file -> the teacher's age on it, days (open_cache(age=True))
 
     def decode(self, table: pa.Table, source: str) -> dict[str, np.ndarray]:
         """Per-task logits `{name}.logits` (and `.hidden`) float32, or a top-k cache's columns
         unpacked (`{name}.topk_ids` int64 [B, k], `.topk_logits`, `.lse`, with a tail `.tail_ids`,
-        `.tail_logits`, `.tail_logq`)."""
-        return self.codec.decode(table, self.name, self.columns, source)
+        `.tail_logits`, `.tail_logq`); with ages, `{name}.age` float32 [B], the teacher's age in
+        days on each row (one value per shard, so a row's age travels with its logits)."""
+        out = self.codec.decode(table, self.name, self.columns, source)
+        if self.ages is not None:
+            out[f"{self.name}.age"] = np.full(table.num_rows, self.ages[source], np.float32)
+        return out
 
     def pin(self):
         """Hold the cache against `distkd cache gc` while this process reads it."""
@@ -181,10 +187,11 @@ def caches_under(root: str | Path) -> list[str]:
 
 
 def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_sha256: str | None = None,
-               hidden: bool = False, name: str = "teacher", partitions=None) -> CacheColumns:
+               hidden: bool = False, name: str = "teacher", partitions=None, age: bool = False) -> CacheColumns:
     """Validate the cache of `split` against the logs (and teacher) and return the columns
-    LogLoader joins: extras `{name}.logits` float32 [B, T] and, with `hidden`, `{name}.hidden`
-    float32 [B, H]. Raises CacheError (a LogsError) on any mismatch."""
+    LogLoader joins: extras `{name}.logits` float32 [B, T], with `hidden` `{name}.hidden`
+    float32 [B, H], with `age` `{name}.age` float32 [B] (the teacher's age in days, distkd.cache.age).
+    Raises CacheError (a LogsError) on any mismatch."""
     cache_dir = resolve_cache(cache_dir, teacher_sha256)
     manifest = load_manifest(cache_dir)
     check_identity(cache_dir, manifest, logs_dir, teacher_sha256)
@@ -193,11 +200,14 @@ def open_cache(cache_dir: str | Path, logs_dir: str | Path, split: str, teacher_
     codec = codec_for(manifest.content)
     side: dict[str, str] = {}
     expected: dict[str, list[str]] = {}
-    for log_path, rel in check_split(cache_dir, manifest, logs_dir, split, partitions):
+    pairs = check_split(cache_dir, manifest, logs_dir, split, partitions)
+    for log_path, rel in pairs:
         key = storage.absolute(log_path)
         expected[key] = check_file(cache_dir, manifest, rel)
         side[key] = mf.cache_file(cache_dir, rel)
+    by_rel = shard_ages(manifest, [rel for _, rel in pairs], str(cache_dir)) if age else None
     return CacheColumns(name=name, cache_dir=str(cache_dir), split=split, columns=codec.read_columns(hidden),
                         side=side, expected=expected, id_column=manifest.schema.id_column,
                         teacher_sha256=manifest.teacher.sha256, codec=codec,
-                        hidden_dim=int(manifest.content.hidden_dim) if hidden else None, topk=manifest.content.topk)
+                        hidden_dim=int(manifest.content.hidden_dim) if hidden else None, topk=manifest.content.topk,
+                        ages={mf.cache_file(cache_dir, rel): a for rel, a in by_rel.items()} if age else None)

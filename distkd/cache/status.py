@@ -11,6 +11,7 @@ from typing import Any
 
 from distkd import storage
 from distkd.cache import manifest as mf
+from distkd.cache.age import age_on
 from distkd.cache.contract import InputFingerprint, Manifest
 from distkd.cache.reader import load_manifest, resolve_cache
 from distkd.data.layout import PartitionRange, all_shards, is_partitioned, partition_values, split_files
@@ -42,10 +43,14 @@ def status(cache_dir: str, logs: str, teacher_sha256: str | None = None, key: st
                 groups[split] = split_files(logs, split)
             except ValueError:
                 continue
-    out: dict[str, Any] = {"cache": cache_dir, "teacher": manifest.teacher.sha256, "groups": {}}
+    window = manifest.teacher.window
+    out: dict[str, Any] = {"cache": cache_dir, "teacher": manifest.teacher.sha256, "window": window, "groups": {}}
     seen = set()
     for name, files in groups.items():
-        g = {"cached": 0, "missing": 0, "stale": 0, "rows": 0, "rows_cached": 0, "first_missing": None}
+        g = {"cached": 0, "missing": 0, "stale": 0, "rows": 0, "rows_cached": 0, "first_missing": None, "age": None}
+        k, _, value = name.partition("=")
+        if window and k == window["key"]:  # days since the teacher's last training partition
+            g["age"] = age_on(window, value, cache_dir)
         for f in files:
             rel = mf.rel_path(logs, f)
             seen.add(rel)
@@ -67,11 +72,15 @@ def status(cache_dir: str, logs: str, teacher_sha256: str | None = None, key: st
 
 def format_status(s: dict[str, Any]) -> str:
     w = max([6, *(len(k) for k in s["groups"])])
-    lines = [f"cache {s['cache']} (teacher {s['teacher'][:12]}…)",
-             f"  {'split':<{w}} {'cached':>7} {'missing':>8} {'stale':>6} {'rows cached':>14}  first missing"]
+    win = s.get("window")
+    trained = f", trained on {win['key']} {win['start']} .. {win['end']}" if win else ""
+    lines = [f"cache {s['cache']} (teacher {s['teacher'][:12]}…{trained})",
+             f"  {'split':<{w}} {'cached':>7} {'missing':>8} {'stale':>6} {'rows cached':>14}  "
+             f"{'teacher age (days)  ' if win else ''}first missing"]
     for name, g in s["groups"].items():
+        age = f"{'-' if g.get('age') is None else g['age']:>18}  " if win else ""
         lines.append(f"  {name:<{w}} {g['cached']:>7} {g['missing']:>8} {g['stale']:>6} "
-                     f"{g['rows_cached']:>7,}/{g['rows']:<7,} {g['first_missing'] or ''}")
+                     f"{g['rows_cached']:>7,}/{g['rows']:<7,} {age}{g['first_missing'] or ''}")
     if s["gone"]:
         lines.append(f"  committed shards whose log shard is gone (the next build drops them): {s['gone'][:5]}")
     if s["dropped"]:

@@ -94,3 +94,13 @@ def split_files(logs: str, split: str, partitions: Partitions | None = None) -> 
 
 def partition_of(logs: str, path: str, key: str) -> str | None:
     return partition_values(storage.relative(logs, path) or "").get(key)
+
+
+def window_of(logs: str, split: str, partitions: Partitions | None) -> dict[str, str] | None:
+    """{key, start, end}: the first and last partition value of a split's shards (None for a
+    split folder). A model's training window: how old it is on a later partition."""
+    rng = (partitions or {}).get(split)
+    if rng is None:
+        return None
+    values = sorted(v for f in split_files(logs, split, partitions) if (v := partition_of(logs, f, rng.key)))
+    return {"key": rng.key, "start": values[0], "end": values[-1]} if values else None

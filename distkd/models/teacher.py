@@ -141,6 +141,8 @@ def describe(spec: "TeacherSpec | EnsembleSpec", schema: Optional[Schema] = None
             raise TeacherError(f"{spec.export}: the teacher was {why}")
         rec.update({k: meta.get(k) for k in ("sha256", "role", "model", "parameters", "bytes")})
         rec.update(export=spec.export, hidden_dim=int(meta["model"]["deep_arch"][-1]) if "deep_arch" in meta["model"] else None)
+        if meta.get("window"):  # the partitions it trained on: the cache tells each shard's teacher age
+            rec["window"] = meta["window"]
         return rec
     if spec.program:
         data = _read(spec.program, "program", spec)

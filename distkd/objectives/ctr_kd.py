@@ -16,6 +16,8 @@ its tables sharded over the training ranks (`online.sharding`; forward only, no 
       gating: fixed          # fixed: the teachers' `weight`s; learned: a gate picks them per example
       unlabeled: true        # rows without labels learn from the teacher alone
       online: {sharding: auto}  # an online export: auto | replicated | sharded over the ranks
+      age_weighting: {half_life_days: 7}  # a stale teacher: KD terms x 0.5 ** (age / 7) (distkd.objectives.staleness)
+      adapter: {form: affine, age: true}  # a stale teacher: distill its logits corrected on the labels
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from distkd.models.teacher import describe, load_teacher
 from distkd.models.teacher_spec import TeacherSpec
 from distkd.objectives.base import ObjectiveContext, StepOutput, check_loss_weights, detached
 from distkd.objectives.losses import hint_mse, listwise_kl, logit_mse, masked_bce, soft_bce
+from distkd.objectives.staleness import Adapter, AdapterConfig, AgeWeighting, age_weights, check as check_staleness
 from distkd.cache.reader import open_cache
 
 logger = logging.getLogger(__name__)
@@ -115,8 +118,16 @@ class CtrKDConfig:
     # softmax of a gate on the student's hidden layer (it learns from the labels, gate_weight)
     gating: Literal["fixed", "learned"] = "fixed"
     gate_weight: float = 1.0  # weight of the gate's own loss (BCE of the gated target on the labels)
+    # A stale teacher (its cache records its age on each row, distkd.cache.age; see distkd.objectives.staleness)
+    age_weighting: Optional[AgeWeighting] = None  # the distillation terms of a row x 0.5 ** (age / half life)
+    adapter: Optional[AdapterConfig] = None  # distill the teacher's logits corrected by a small module trained on labels
+
+    @property
+    def needs_age(self) -> bool:
+        return bool(self.age_weighting or (self.adapter and self.adapter.age))
 
     def validate(self) -> None:
+        check_staleness(self.age_weighting, self.adapter, self.teachers, self.gating)
         if self.online.sharding == "sharded" and any(t.factory or t.program for t in self.teachers):
             raise ConfigError("online.sharding: sharded is for distkd exports; a factory or program teacher "
                               "loads whole on every rank (replicated or auto)")
@@ -147,6 +158,7 @@ class CtrKDTrain(nn.Module):
         # Online teachers stay outside the module tree: DMP must not shard or train them.
         self._online = online
         self.gate = Gate(model.hidden_dim, self.mix, model.head.weight.device) if cfg.gating == "learned" else None
+        self.adapter = Adapter(cfg.adapter, len(task_weights), model.head.weight.device) if cfg.adapter else None
 
     def teacher_logits(self, batch) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """Each teacher's logits [B, T], and teacher 0's hidden layer."""
@@ -175,19 +187,25 @@ class CtrKDTrain(nn.Module):
             gated = self.gate(out.hidden, torch.stack(logits, -1))
             terms["gate"] = cfg.gate_weight * (masked_bce(gated, batch.labels) * w).sum()
             target = gated.detach()
-        # Rows that distill: all of them, or only the labelled ones.
+        age = batch.extras.get("teacher0.age") if cfg.needs_age else None
+        if self.adapter is not None:  # learns from the labels only; the student distills its output detached
+            corrected = self.adapter(target, age)
+            terms["adapter"] = cfg.adapter.weight * (masked_bce(corrected, batch.labels) * w).sum()
+            target = corrected.detach()
+        # Rows that distill: all of them, or only the labelled ones; weighted by the teacher's age.
         rows = None if cfg.unlabeled else ~torch.isnan(batch.labels).all(1)
+        rw = age_weights(age, cfg.age_weighting) if cfg.age_weighting else None
         kd_head = out.aux_logits if cfg.aux_head else out.logits
         if lw.hard:
             terms["hard"] = lw.hard * (masked_bce(out.logits, batch.labels) * w).sum()
         if lw.soft:
-            terms["soft"] = lw.soft * (soft_bce(kd_head, target, tau, rows) * w).sum()
+            terms["soft"] = lw.soft * (soft_bce(kd_head, target, tau, rows, rw) * w).sum()
         if lw.mse:
-            terms["mse"] = lw.mse * (logit_mse(kd_head, target, rows) * w).sum()
+            terms["mse"] = lw.mse * (logit_mse(kd_head, target, rows, rw) * w).sum()
         if lw.listwise:
-            terms["listwise"] = lw.listwise * (listwise_kl(kd_head, target, batch.request_id, tau, rows) * w).sum()
+            terms["listwise"] = lw.listwise * (listwise_kl(kd_head, target, batch.request_id, tau, rows, rw) * w).sum()
         if lw.hint:
-            terms["hint"] = lw.hint * hint_mse(out.hint, teacher_hidden, rows)
+            terms["hint"] = lw.hint * hint_mse(out.hint, teacher_hidden, rows, rw)
         return StepOutput(torch.stack(list(terms.values())).sum(), detached(terms))
 
 
@@ -262,7 +280,7 @@ def build(cfg: CtrKDConfig, ctx: ObjectiveContext) -> CtrKD:
         hidden = i == 0 and bool(cfg.losses.hint)
         if t.cache is not None:
             view = open_cache(t.cache, ctx.logs, "train", teacher_sha256=t.sha256, hidden=hidden, name=f"teacher{i}",
-                              partitions=ctx.partitions)
+                              partitions=ctx.partitions, age=i == 0 and cfg.needs_age)
             aligned.append(view)
             fingerprints.append(None)
             forms.append(None)

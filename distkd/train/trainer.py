@@ -30,6 +30,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from distkd import dist, memory
 from distkd.config import to_dict
 from distkd.data.batch import transfer_for
+from distkd.data.layout import window_of
 from distkd.data.loader import LogLoader, split_files
 from distkd.data.schema import Schema
 from distkd.metrics import format_table
@@ -245,7 +246,8 @@ class Trainer:
             "replica_drift": replica_drift(self.dmp),
         }
         self.memory.mark("evaluate")
-        export = self.export({"test": test, "job": to_dict(job)})
+        window = window_of(job.logs, "train", job.partitions)  # a cache of this export records it: teacher age
+        export = self.export({"test": test, "job": to_dict(job), **({"window": window} if window else {})})
         self.memory.mark("export")
         summary["memory"] = gather_objects(self.memory.record(), env)
         if env.is_main:
