@@ -204,3 +204,28 @@ def test_corrupting_instacart_privileged_columns_changes_nothing_for_a_student(i
     assert s0["test"] == s1["test"] and s0["valid"] == s1["valid"] and s0["loss"] == s1["loss"]
     assert all(torch.equal(p0["state_dict"][k], p1["state_dict"][k]) for k in p0["state_dict"])
     assert load_schema(clean).fingerprint() == load_schema(dirty).fingerprint()
+
+
+# --- the study's own pieces (distkd.bench.realdata) -----------------------------------------
+
+
+@pytest.mark.unit
+def test_every_study_searches_the_same_drawn_shared_settings(tmp_path):
+    from distkd.bench import realdata as rd
+
+    shared = rd.draws(rd.SHARED, 6, 0)
+    assert shared == rd.draws(rd.SHARED, 6, 0) and len({str(p) for p in shared}) == 6
+    assert shared[:3] == rd.draws(rd.SHARED, 3, 0)  # a smaller budget is a prefix of the larger one
+    for p in shared:
+        for key, spec in rd.SHARED.items():
+            kind, v = next(iter(spec.items()))
+            assert p[key] in v if kind == "choice" else v[0] <= p[key] <= v[1]
+    assert not set(rd.KD_ONLY) & set(rd.SHARED)  # a KD trial adds its loss weight, changes nothing shared
+    doc = tmp_path / "realdata.md"
+    doc.write_text(f"# Real data\n\nbefore\n\n{rd.BEGIN}\nold table\n{rd.END}\n\nafter\n")
+    rd.write_doc(doc, "| new |", "python -m distkd.bench.realdata")
+    text = doc.read_text()
+    assert "old table" not in text and "| new |" in text and "before" in text and "after" in text
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        rd.write_doc(doc, "| new |", "cmd")
