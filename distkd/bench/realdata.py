@@ -197,7 +197,8 @@ def markdown(results: list[dict], seconds: float) -> str:
     per_seed = "; ".join(f"{r['set']} {k}: " + ", ".join(_f(d, sign=True) for d in v["paired"]["auc"]["per_seed"])
                          for r in results for k, v in r["kinds"].items())
     lines += ["", f"Per-seed KD − hard test AUC: {per_seed}.", "",
-              f"One run: {seconds / 60:.1f} min (2-core shared CPU, nice 10)."]
+              f"This invocation: {seconds / 60:.1f} min (2-core shared CPU, nice 10; logs, teachers, caches "
+              "and finished trials are reused)."]
     return "\n".join(lines)
 
 
