@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DISTKD := $(VENV)/bin/distkd
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily bench-large-teacher bench-staleness clean
+.PHONY: install demo test test-fast docs gpu-pack bench bench-quick bench-stages bench-loader bench-train bench-cache bench-distill bench-sweep bench-faults bench-vs bench-topk bench-daily bench-large-teacher bench-staleness bench-realdata clean
 
 $(STAMP): requirements.txt scripts/stacks/$(STACK).txt pyproject.toml scripts/install.sh
 	STACK=$(STACK) VENV=$(VENV) bash scripts/install.sh
@@ -79,6 +79,11 @@ bench-large-teacher: $(STAMP)
 # (docs/daily.md#a-stale-teacher); the table in runs/bench/staleness/table.md
 bench-staleness: $(STAMP)
 	$(PY) -m distkd.bench.staleness
+
+# ml-latest-small (privileged) and the Instacart sample: each teacher kind's KD student against the
+# hard one, searched alike (fifo), 5 seeds on test, paired intervals, into docs/realdata.md
+bench-realdata: $(STAMP)
+	$(PY) -m distkd.bench.realdata $(if $(REALDATA_SAMPLES),--samples $(REALDATA_SAMPLES))
 
 # every fault and bad input of docs/reliability.md's table, run now, with each row's result;
 # then the cache build's process faults at scale (FAULT_ROWS rows, default 1,000,000; 16 shards)

@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="logs directory to write")
     p.add_argument("--shards", type=int, default=4, help="train shards")
     p.add_argument("--row-group-rows", type=int, default=65_536)
+    p.add_argument("--privileged", action="store_true",
+                   help="also the teacher-only hindsight features (later like rates, the user's tags on the movie)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
+
+    p = _cmd(data, "instacart", "distkd.data.instacart:run",
+             "convert Instacart order lines (the sample's CSV) to sharded Parquet, split by each user's time")
+    p.add_argument("path", help="order_products_sample.csv, or the directory holding it")
+    p.add_argument("--out", required=True, help="logs directory to write")
+    p.add_argument("--shards", type=int, default=4, help="train shards")
+    p.add_argument("--row-group-rows", type=int, default=16_384)
+    p.add_argument("--holdout", type=int, default=2, help="each user's last N orders are test, the N before valid")
     p.add_argument("--force", action="store_true", help="overwrite an existing logs directory")
 
     p = _cmd(data, "synth-next-item", "distkd.data.synth_next_item:run",

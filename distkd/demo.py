@@ -27,7 +27,7 @@ from distkd.train.job import TrainJob
 from distkd.cache.build import CacheJob, build
 from distkd.evaluate import EvalJob, evaluate_models
 from distkd.report import format_comparison, write_report
-from distkd.data import synth, synth_next_item
+from distkd.data import instacart, synth, synth_next_item
 from distkd.data.movielens import convert
 from distkd.data.movielens_next import convert_next
 
@@ -40,8 +40,8 @@ class DataJob:
 
     out: str = "runs/demo/logs"
     # synth | movielens (CTR); synth_next_item | movielens_next (next item, a multiclass task)
-    source: Literal["synth", "movielens", "synth_next_item", "movielens_next"] = "synth"
-    path: Optional[str] = None  # MovieLens release directory (source: movielens, movielens_next)
+    source: Literal["synth", "movielens", "synth_next_item", "movielens_next", "instacart"] = "synth"
+    path: Optional[str] = None  # MovieLens release directory (movielens, movielens_next); Instacart CSV or its folder
     rows: int = 1_000_000
     shards: int = 4
     seed: int = 0
@@ -52,6 +52,8 @@ class DataJob:
     workers: Optional[int] = None  # synth: processes writing shards (default 2)
     num_items: Optional[int] = None  # synth_next_item: the catalog (default: the preset's)
     history: int = 20  # movielens_next: movies of history per row
+    privileged: bool = False  # movielens: also the teacher-only hindsight features (distkd.data.movielens)
+    holdout: int = 2  # instacart: each user's last N orders are test, the N before them valid
 
 
 @dataclass
@@ -91,8 +93,13 @@ def make_logs(job: DataJob) -> None:
     say(f"logs: writing {out}")
     if job.source in ("movielens", "movielens_next") and not (job.path and Path(job.path).is_dir()):
         raise ConfigError(f"data.path: MovieLens directory {job.path!r} not found")
-    if job.source == "movielens":
-        convert(job.path, out, shards=job.shards, row_group_rows=job.row_group_rows, force=True)
+    if job.source == "instacart":
+        if not (job.path and Path(job.path).exists()):
+            raise ConfigError(f"data.path: Instacart order lines {job.path!r} not found")
+        instacart.convert(job.path, out, job.shards, job.row_group_rows, job.holdout, force=True)
+    elif job.source == "movielens":
+        convert(job.path, out, shards=job.shards, row_group_rows=job.row_group_rows, force=True,
+                privileged=job.privileged)
     elif job.source == "movielens_next":
         convert_next(job.path, out, job.history, shards=job.shards, row_group_rows=job.row_group_rows, force=True)
     elif job.source == "synth_next_item":

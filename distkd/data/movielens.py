@@ -9,6 +9,13 @@ Rows are sorted by (timestamp, userId, movieId); a row's position in that order 
 `example_id`. The split is by time: train ~80%, valid ~10%, test ~10% of the rows, cut
 where possible at an hour boundary so no request straddles two splits. Dense features
 use only ratings with a strictly earlier timestamp, so they never see the row's label.
+
+`privileged=True` adds teacher-only features (distkd.data.roles): hindsight known to the logs
+but never when a movie is recommended, each computed without the row's own rating: the movie's
+and the user's like rate over their strictly *later* ratings (and how many there are), and how
+many tags the user ever put on the movie (tags.csv, when the release has one; tagging is done
+around the rating, so it tells what the user made of the movie). A teacher trained on them sees
+the future; a student never reads them.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import pyarrow.parquet as pq
 
 from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError
-from distkd.data.schema import SCHEMA_FILE, SPLITS, DenseFeature, LogsError, Schema, SparseFeature, Task
+from distkd.data.schema import SCHEMA_FILE, SPLITS, TEACHER_ONLY, DenseFeature, LogsError, Schema, SparseFeature, Task
 
 logger = logging.getLogger(__name__)
 
 RATINGS = {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
 MOVIES = {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}
+TAGS = {"userId": pa.int64(), "movieId": pa.int64()}
+PRIVILEGED = ("movie_future_like_rate", "movie_future_ratings", "user_future_like_rate", "user_tags_on_movie")
 LIKE_THRESHOLD = 4.0
 # Release years in 5-year buckets: 0 = unknown year, 1 = 1900-1904 (earlier years clipped into it),
 # ..., 26 = 2025-2029 (later years clipped into it).
@@ -152,12 +161,34 @@ def _write_atomic(table: pa.Table, path: Path, row_group_rows: int) -> None:
 
 
 def convert(src_dir: str | Path, out_dir: str | Path, shards: int = 4, row_group_rows: int = 65_536,
-            force: bool = False) -> Schema:
-    """Convert the MovieLens release in `src_dir` into a logs directory `out_dir`; returns its schema."""
-    return _convert(src_dir, out_dir, shards, row_group_rows, force)[0]
+            force: bool = False, privileged: bool = False) -> Schema:
+    """Convert the MovieLens release in `src_dir` into a logs directory `out_dir`; returns its schema.
+    `privileged`: also the teacher-only hindsight features (module docstring)."""
+    return _convert(src_dir, out_dir, shards, row_group_rows, force, privileged)[0]
 
 
-def _convert(src_dir, out_dir, shards, row_group_rows, force) -> tuple[Schema, dict]:
+def _future(key: np.ndarray, ts: np.ndarray, liked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: how many rows with the same key have a strictly later timestamp, and how many of
+    those were liked (`_prior` run backwards in time). Rows must be in time order."""
+    count, likes = _prior(key[::-1], -ts[::-1], liked[::-1])
+    return count[::-1], likes[::-1]
+
+
+def _tag_counts(path: Path, users: np.ndarray, movies: np.ndarray) -> np.ndarray:
+    """Per rating (userId, movieId): how many tags that user put on that movie; 0 without tags.csv."""
+    if not path.is_file():
+        logger.info(f"{path}: not found; user_tags_on_movie is 0 everywhere")
+        return np.zeros(len(users), np.int64)
+    tags = _read_csv(path, TAGS)
+    tu, tm = tags.column("userId").to_numpy(), tags.column("movieId").to_numpy()
+    shift = int(max(movies.max(), tm.max())) + 1
+    keys, counts = np.unique(tu * shift + tm, return_counts=True)
+    want = users * shift + movies
+    i = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    return np.where(keys[i] == want, counts[i], 0)
+
+
+def _convert(src_dir, out_dir, shards, row_group_rows, force, privileged=False) -> tuple[Schema, dict]:
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise LogsError(f"{src}: directory not found (expected a MovieLens release: ratings.csv, movies.csv)")
@@ -232,13 +263,20 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force) -> tuple[Schema, d
         request_id="request_id",
         eval_columns=["rating"],
     )
+    if privileged:
+        schema.dense += [DenseFeature("movie_future_like_rate", role=TEACHER_ONLY),
+                         DenseFeature("movie_future_ratings", "log1p", role=TEACHER_ONLY),
+                         DenseFeature("user_future_like_rate", role=TEACHER_ONLY),
+                         DenseFeature("user_tags_on_movie", "log1p", role=TEACHER_ONLY)]
     schema.validate()
     columns = {
         "example_id": np.arange(n, dtype=np.int64), "user": uidx.astype(np.int64), "movie": midx,
         "genres": None, "year_bucket": movie_bucket[midx], "hour": hours % 24, "weekday": (ts // 86400 + 3) % 7,
         "user_prior_ratings": uc, "movie_prior_ratings": mc,
         "user_like_rate": (ul + 1) / (uc + 2), "movie_like_rate": (ml + 1) / (mc + 2),  # Laplace-smoothed
-        "years_since_release": since, "liked": liked, "request_id": request, "rating": r,
+        "years_since_release": since,
+        **(_hindsight(src / "tags.csv", u, movie_ids[midx], uidx, midx, ts, liked) if privileged else {}),
+        "liked": liked, "request_id": request, "rating": r,
     }
     arrow = schema.arrow_schema()
     assert arrow.names == list(columns), (arrow.names, list(columns))
@@ -260,9 +298,17 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force) -> tuple[Schema, d
     return schema, summary
 
 
+def _hindsight(tags: Path, users, movies, uidx, midx, ts, liked) -> dict[str, np.ndarray]:
+    """The privileged columns (PRIVILEGED, in order): none of them reads the row's own rating."""
+    mc, ml = _future(midx, ts, liked)
+    uc, ul = _future(uidx, ts, liked)
+    return {"movie_future_like_rate": (ml + 1) / (mc + 2), "movie_future_ratings": mc,
+            "user_future_like_rate": (ul + 1) / (uc + 2), "user_tags_on_movie": _tag_counts(tags, users, movies)}
+
+
 def run(args) -> int:
     t0 = time.perf_counter()
-    schema, s = _convert(args.path, args.out, args.shards, args.row_group_rows, args.force)
+    schema, s = _convert(args.path, args.out, args.shards, args.row_group_rows, args.force, args.privileged)
     logger.info(f"converted {args.path} -> {args.out} in {time.perf_counter() - t0:.1f}s: {s['rows']:,} ratings, "
                 f"{s['users']:,} users, {s['movies']:,} movies, {s['genres']} genres")
     logger.info(f"  {'split':<6} {'rows':>12} {'shards':>6} {'liked':>6}  time range (UTC)")
@@ -271,6 +317,6 @@ def run(args) -> int:
         logger.info(f"  {split:<6} {d['rows']:>12,} {d['shards']:>6} {d['liked']:>6.3f}  {span}")
     sparse = ", ".join(f"{f.name}={f.rows}{' (multi)' if f.multi_valued else ''}" for f in schema.sparse)
     logger.info(f"  sparse: {sparse}")
-    logger.info(f"  dense: {', '.join(f.name for f in schema.dense)}; task like: label 'liked' = rating >= 4")
+    logger.info(f"  dense: {', '.join(f.name + (' (teacher-only)' if f.role == TEACHER_ONLY else '') for f in schema.dense)}; task like: label 'liked' = rating >= 4")
     logger.info(f"  schema: {Path(args.out) / SCHEMA_FILE}")
     return 0
