@@ -50,12 +50,28 @@ def embedding_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
 
 
-def table_names(module: torch.nn.Module) -> list[str]:
-    names = []
+def table_configs(module: torch.nn.Module) -> list:
+    configs = []
     for m in embedding_modules(module):
-        configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
-        names += [c.name for c in configs]
-    return names
+        configs += m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
+    return configs
+
+
+def table_names(module: torch.nn.Module) -> list[str]:
+    return [c.name for c in table_configs(module)]
+
+
+def split_columns(module: torch.nn.Module, ranks: int) -> dict[str, int]:
+    """The tables a K-rank teacher group splits column-wise over its ranks, with the columns of a
+    shard: those above half a rank's even share of all the tables. Placed whole, such a table
+    alone unbalances the ranks (one that is a third of the teacher puts 0.61 of it on one rank of
+    two); split in K column slices, every rank holds 1/K of it. Shard widths are multiples of 4,
+    as the fused kernels' rows are."""
+    configs = table_configs(module)
+    size = {c.name: c.num_embeddings * c.embedding_dim for c in configs}
+    limit = sum(size.values()) / (2 * ranks)
+    return {c.name: max(4, c.embedding_dim // ranks // 4 * 4) for c in configs
+            if size[c.name] > limit and c.embedding_dim >= 8}
 
 
 def plan_for(model: torch.nn.Module, env: Env, cfg: ShardingConfig, model_parallel: bool = False) -> ShardingPlan:
@@ -63,6 +79,10 @@ def plan_for(model: torch.nn.Module, env: Env, cfg: ShardingConfig, model_parall
     constraints = None
     if types is not None:
         constraints = {name: ParameterConstraints(sharding_types=types) for name in table_names(model)}
+        if model_parallel and cfg.types == "auto" and env.world_size > 1:  # a teacher group: memory first
+            for name, width in split_columns(model, env.world_size).items():
+                constraints[name] = ParameterConstraints(sharding_types=[ShardingType.COLUMN_WISE.value],
+                                                         min_partition=width)
     topology = Topology(world_size=env.world_size, compute_device=env.device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
