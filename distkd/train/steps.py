@@ -56,6 +56,21 @@ class PlainSteps:
         pass
 
 
+def _rng_kept(device: torch.device):
+    """A block whose random draws leave the run's generators as they were: fx tracing may run
+    parts of a forward for real (a sampled softmax drew its negatives), and the run must draw
+    the same numbers whether or not it traced."""
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+
+class _SparseDist(TrainPipelineSparseDist):
+    """TorchRec's pipeline, its model rewrite (an fx trace) under `_rng_kept`."""
+
+    def _pipeline_model(self, *args, **kwargs) -> None:
+        with _rng_kept(self._device):
+            super()._pipeline_model(*args, **kwargs)
+
+
 class PipelinedSteps:
     """TrainPipelineSparseDist's `progress`, one optimizer step per call, with the trainer's
     per-step learning rate set before it (the pipeline zeroes, steps and backpropagates itself)."""
@@ -64,7 +79,7 @@ class PipelinedSteps:
 
     def __init__(self, trainer):
         self.trainer, self.told = trainer, False
-        self.pipeline = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, trainer.env.device,
+        self.pipeline = _SparseDist(trainer.dmp, trainer.optimizer, trainer.env.device,
                                                 execute_all_batches=True, custom_model_fwd=self._forward)
 
     def _forward(self, batch) -> tuple[torch.Tensor, StepOutput]:
@@ -106,7 +121,8 @@ def untraceable(dmp) -> str | None:
     which batch attribute feeds each sharded module), or None if it can."""
     model = dmp.module
     try:
-        Tracer(leaf_modules=_get_leaf_module_names(model)).trace(model)
+        with _rng_kept(dmp.device):
+            Tracer(leaf_modules=_get_leaf_module_names(model)).trace(model)
     except Exception as e:  # any tracing failure means: no pipeline, whatever its type
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
