@@ -89,8 +89,8 @@ def test_a_pipelined_run_killed_mid_epoch_resumes_to_the_uninterrupted_model(sma
               "train.epochs=2", "train.checkpoint_every=10", *SMALL_MODEL]
     whole = cli(*common, f"out={tmp_path / 'whole'}", "train.pipeline=plain")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = cli("--kill", "1:13", "--", *common, "--max-restarts", "1", f"out={tmp_path / 'resumed'}",
-                 module="tests.faults.train")
+    killed = cli("--kill", "1:13", "--", "teacher", "train", "--max-restarts", "1", *common[2:],
+                 f"out={tmp_path / 'resumed'}", module="tests.faults.train")
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert "[fault] SIGKILL rank 1 after step 13" in killed.stderr
     assert "step-00000010 at epoch 0, step 10" in killed.stderr, killed.stderr[-2000:]
