@@ -10,6 +10,8 @@ import pytest
 
 from distkd import dist
 from distkd.config import ConfigError
+from distkd.data.loader import LogLoader, split_files
+from distkd.data.schema import load_schema
 from distkd.launch.local import launch
 from distkd.train.metrics_logger import read_losses
 from distkd.train.prepare import prepare
@@ -24,6 +26,24 @@ def test_the_pipeline_is_the_default_and_a_bad_value_names_the_field(tmp_path):
     assert job_for(tmp_path, tmp_path, "train.pipeline=plain").train.pipeline == "plain"
     with pytest.raises(ConfigError, match="pipeline"):
         job_for(tmp_path, tmp_path, "train.pipeline=semi_sync")
+
+
+@pytest.mark.unit
+def test_the_loader_state_at_the_consumers_position_resumes_there(small_logs):
+    """Three batches yielded, one consumed: the state at 1 resumes with the second batch."""
+    def loader() -> LogLoader:
+        return LogLoader(split_files(small_logs, "train"), load_schema(small_logs), 512, shuffle=True, prefetch=0)
+
+    ld = loader()
+    it = iter(ld)
+    batches = [next(it) for _ in range(3)]
+    assert ld.state_dict() == {"epoch": 0, "generations": [[1, 3]]}
+    assert ld.state_dict(1) == {"epoch": 0, "generations": [[1, 1]]}
+    with pytest.raises(ValueError, match="step 4 is not among the 3 batches yielded"):
+        ld.state_dict(4)
+    resumed = loader()
+    resumed.load_state_dict(ld.state_dict(1))
+    assert torch.equal(next(iter(resumed)).example_id, batches[1].example_id)
 
 
 class _Positions:
