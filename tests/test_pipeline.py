@@ -74,10 +74,11 @@ def _marker(out, step: int) -> dict:
 
 @pytest.mark.integration
 def test_pipeline_and_plain_loop_train_the_same_model(small_logs, tmp_path):
-    """Two ranks, validation and checkpoints mid-epoch (the pipeline detaches and re-attaches
-    around each validation): the same losses, validation metrics and weights, bit for bit; the
+    """Two ranks, a per-step learning rate, validation and checkpoints mid-epoch (the pipeline
+    detaches and re-attaches around each validation): the same losses, validation metrics and weights, bit for bit; the
     checkpoints record the batches stepped on while the loader was two ahead."""
-    common = ["train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=5", "train.keep_checkpoints=3"]
+    common = ["train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=5", "train.keep_checkpoints=3",
+              "optim.schedule=cosine", "optim.warmup_steps=3"]  # the learning rate changes every step
     runs = {}
     for loop in ("sparse_dist", "plain"):
         job = job_for(small_logs, tmp_path / loop, *common, f"train.pipeline={loop}")

@@ -72,8 +72,8 @@ class _SparseDist(TrainPipelineSparseDist):
 
 
 class PipelinedSteps:
-    """TrainPipelineSparseDist's `progress`, one optimizer step per call, with the trainer's
-    per-step learning rate set before it (the pipeline zeroes, steps and backpropagates itself)."""
+    """TrainPipelineSparseDist's `progress`, one optimizer step per call (the pipeline zeroes,
+    backpropagates and steps itself), the trainer's per-step learning rate set in its forward."""
 
     name = "sparse_dist"
 
@@ -83,13 +83,16 @@ class PipelinedSteps:
                                                 execute_all_batches=True, custom_model_fwd=self._forward)
 
     def _forward(self, batch) -> tuple[torch.Tensor, StepOutput]:
+        # The learning rate is set here, between the pipeline's zero_grad and its backward, where
+        # train_step sets it: the fused tables' zero_grad and step() push the param groups' lr into
+        # FBGEMM, so setting it before zero_grad would give their backward another lr than plain's.
+        self.trainer.schedule.set(self.trainer.state.step)
         out: StepOutput = self.trainer.dmp(batch)
         return out.loss, out  # the pipeline backpropagates the first, returns the second
 
     def epoch(self, batches: Iterable) -> Iterator[StepOutput]:
         it, trainer = iter(batches), self.trainer
         while True:
-            trainer.schedule.set(trainer.state.step)
             try:
                 out = self.pipeline.progress(it)
             except StopIteration:  # the iterator and the pipeline's batches ran out: the epoch is done
