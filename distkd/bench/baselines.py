@@ -8,8 +8,9 @@
     the log shards (example ids, row groups), and exactly-once commits into a manifest (a
     failed or repeated run leaves partial or duplicate files that nothing reconciles).
 (2) `train_rank`: one rank of distkd's trainer (the same model, sharding, optimizer and
-    loader), timing distkd's loop (`Trainer.train_step` over the loader) and TorchRec's
-    `TrainPipelineSparseDist` over the same loader, interleaved, in the same process.
+    loader), timing its two loops (distkd.train.steps): the plain one (`Trainer.train_step`
+    over the loader) and TorchRec's `TrainPipelineSparseDist` (the default), interleaved, in
+    the same process.
 
     python -m distkd.bench.baselines train --config jobs/demo/teacher.yaml --nproc 2 \\
         --steps 40 --reps 3 --json out.json [key=value ...]
@@ -26,15 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from torchrec.streamable import Pipelineable
 import itertools
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 import torch
 import numpy as np
 import pyarrow as pa
 
 from distkd import dist, log
 from distkd.data.schema import load_schema
+from distkd.train.steps import PipelinedSteps, PlainSteps
 from distkd.train.trainer import Trainer
 from distkd.config import load
 from distkd.dist import quiet
@@ -95,79 +95,39 @@ def ray_data_build(export: str, files: list[str], out: str, workers: int, thread
     return {"rows": rows, "seconds": seconds}
 
 
-# -- (2) TorchRec's TrainPipelineSparseDist ---------------------------------------------------
+# -- (2) the trainer's two loops --------------------------------------------------------------
 
-def _pipelineable():
-    """distkd's Batch behind TorchRec's Pipelineable interface (what the pipeline asserts)."""
-
-    class PipelineBatch(Pipelineable):
-        def __init__(self, batch):
-            self.batch = batch
-
-        def __getattr__(self, name):  # sparse, dense, labels, extras...: the Batch's own
-            return getattr(self.__dict__["batch"], name)
-
-        def __len__(self) -> int:
-            return len(self.batch)
-
-        def to(self, device, non_blocking: bool = False):
-            return PipelineBatch(self.batch.to(device, non_blocking=non_blocking))
-
-        def record_stream(self, stream) -> None:  # CUDA only; nothing to do on CPU
-            pass
-
-        def pin_memory(self):
-            return self
-
-    return PipelineBatch
-
-
-def _timed(step, it, warmup: int) -> tuple[float, int]:
-    """(seconds, steps) of `step(it)` calls after `warmup` untimed ones; stops when exhausted."""
+def _timed(epoch, warmup: int) -> tuple[float, int]:
+    """(seconds, steps) of the steps `epoch` yields after `warmup` untimed ones."""
     n, t = 0, None
-    while True:
+    for _ in epoch:
+        n += 1
         if n == warmup:
             t = time.perf_counter()
-        try:
-            step(it)
-        except StopIteration:
-            break
-        n += 1
     return (time.perf_counter() - t if t is not None else 0.0), max(0, n - warmup)
 
 
 def train_rank(prepared, steps: int, reps: int) -> dict[str, Any]:
-    """One rank: `reps` rounds of distkd's loop then the pipeline, `steps` batches each."""
-
-
-
+    """One rank: `reps` rounds of the plain loop then TorchRec's pipeline (`train.pipeline`:
+    plain, sparse_dist), `steps` batches each, on the same trainer (model, loader, optimizer)."""
     log.setup()  # a spawned rank starts with logging unconfigured; the level comes from the environment
     env = dist.init()
     trainer = Trainer(prepared.job, prepared.schema, prepared.objective, env)
     ld = trainer.train_loader
     rows_per_step = ld.batch_size * env.world_size
-    pipe = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, env.device, execute_all_batches=True)
-
-    def plain(it):
-        trainer.train_step(next(it))
-
-    wrap = _pipelineable()
-
-    def piped(it):
-        pipe.progress(it)
-
-    out: dict[str, list[float]] = {"distkd": [], "pipeline": []}
+    out: dict[str, list[float]] = {"distkd": [], "pipeline": []}  # plain loop, sparse_dist
     epoch, piped_modules = 0, []
     for _ in range(reps):
-        for name, fn in (("distkd", plain), ("pipeline", piped)):
+        for name in ("distkd", "pipeline"):
             ld.set_epoch(epoch)
             epoch += 1
-            it = iter(itertools.islice(ld, steps))
-            s, n = _timed(fn, map(wrap, it) if name == "pipeline" else it, warmup=2)
+            # a fresh pipeline each round: it holds batches of the iterator it last ran
+            loop = PlainSteps(trainer) if name == "distkd" else PipelinedSteps(trainer)
+            s, n = _timed(loop.epoch(itertools.islice(ld, steps)), warmup=2)
             out[name].append(n * rows_per_step / s if s else 0.0)
-            if name == "pipeline":  # the pipeline holds batches of the last iterator: start afresh
-                piped_modules = [type(m).__name__ for m in pipe._pipelined_modules]
-                pipe = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, env.device, execute_all_batches=True)
+            if name == "pipeline":
+                piped_modules = [type(m).__name__ for m in loop.pipeline._pipelined_modules]
+                loop.pause()
     dist.shutdown()
     return {"rank": env.rank, "world_size": env.world_size, "rows_per_s": out, "rows_per_step": rows_per_step,
             "pipelined_modules": piped_modules}
@@ -186,7 +146,7 @@ def _train_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distkd.bench.baselines", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("train", help="distkd's loop vs TrainPipelineSparseDist, one launch of --nproc ranks")
+    t = sub.add_parser("train", help="the plain loop vs TrainPipelineSparseDist, one launch of --nproc ranks")
     t.add_argument("--config", required=True)
     t.add_argument("--nproc", type=int, default=1)
     t.add_argument("--steps", type=int, default=40)

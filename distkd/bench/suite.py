@@ -14,7 +14,7 @@ interleaved repetitions, with its min–max. Stages (progress and an ETA on stde
             build at 1×, 4×, 16× (time, peak RSS)
   distill   the student: hard labels, from the cache, online; from the cache at 1×, 4×, 16×
             (one epoch: time, peak RSS); the loader's cache join under cProfile
-  train     distkd's loop vs TorchRec's TrainPipelineSparseDist, 1 and 2 ranks
+  train     the trainer's plain loop vs TorchRec's TrainPipelineSparseDist (its default), 1 and 2 ranks
 
 BENCH_SCALE (rows) sets the scale too. --quick: a tiny run (seconds) that checks the
 structure, one repetition: its figures mean nothing.

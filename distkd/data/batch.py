@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from distkd.data.rows import Rows
 
@@ -34,7 +35,10 @@ def transfer_for(device: torch.device | str) -> Transfer:
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
+    """TorchRec's Pipelineable (`to`, `record_stream`, `pin_memory`): what its train pipelines
+    move between devices and CUDA streams."""
+
     sparse: KeyedJaggedTensor  # keys = schema.sparse names; int64 values, int32 lengths
     dense: torch.Tensor  # float32 [B, n_dense], transforms applied
     labels: torch.Tensor  # float32 [B, binary tasks], NaN where the label is null
@@ -56,6 +60,17 @@ class Batch:
             {k: mv(v) for k, v in self.extras.items()},
             mv(self.classes),
         )
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.dense, self.labels, self.example_id, self.request_id, self.classes,
+                            *self.extras.values()) if t is not None]
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Mark every tensor as used on `stream` (the pipeline copies on one CUDA stream and
+        computes on another), so the caching allocator does not reuse it too early."""
+        self.sparse.record_stream(stream)
+        for t in self._tensors():
+            t.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         """The batch in page-locked host memory, so that `to(cuda, non_blocking=True)` overlaps."""

@@ -196,8 +196,18 @@ class LogLoader:
             self._epoch, self._step, self._resume, self._before = epoch, 0, 0, []
             self._plan = self._make_plan()
 
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "generations": [*self._before, [self.world_size, self._step]]}
+    def epoch_step(self, layout_step: int) -> int:
+        """The epoch's step at step `layout_step` of this layout."""
+        return self._plan.steps_before + layout_step
+
+    def state_dict(self, layout_step: int | None = None) -> dict:
+        """Where the epoch stands: after `layout_step` batches of this layout (the consumer's
+        position, when it holds batches it has not used yet: a train pipeline), by default after
+        the batches yielded."""
+        at = self._step if layout_step is None else layout_step
+        if not 0 <= at <= self._step:
+            raise ValueError(f"loader state: step {at} is not among the {self._step} batches yielded")
+        return {"epoch": self._epoch, "generations": [*self._before, [self.world_size, at]]}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue the epoch of `sd`, written at any world size (see distkd.data.plan)."""

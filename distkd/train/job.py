@@ -44,6 +44,10 @@ class LoopConfig:
     log_every: int = 20
     eval_batch_size: int = 16384
     task_weights: Optional[list[float]] = None
+    # sparse_dist: TorchRec's TrainPipelineSparseDist drives the steps (the next batch's copy and
+    # embedding input dist overlap this one's forward/backward; same losses as plain, see
+    # docs/training.md); plain: one `Trainer.train_step` per batch, for comparison.
+    pipeline: Literal["sparse_dist", "plain"] = "sparse_dist"
 
     def validate(self) -> None:
         for name in ("batch_size", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size",

@@ -43,6 +43,7 @@ from distkd.train.job import TrainJob
 from distkd.train.metrics_logger import MetricsLogger
 from distkd.models.sharding_plan import describe_plan
 from distkd.train.sharding import LRSchedule, shard
+from distkd.train.steps import steps_for
 from distkd.train.validation import Validator, evaluate
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ class Trainer:
         self.state = TrainState()
         self.metrics_log: MetricsLogger | None = None
         self.schedule = LRSchedule(self.optimizer, job.optim, self.total_steps())
+        self.steps = steps_for(self, loop.pipeline)  # plain, or TorchRec's pipeline (distkd.train.steps)
+        # Batches of this epoch's layout the optimizer has stepped on; the loader may be ahead
+        # (the pipeline holds batches), so this is the position a checkpoint records.
+        self.consumed: int | None = None
         self.memory.mark("build")
 
     def _loader(self, split: str, batch_size: int, aligned=(), keep_requests: bool = False) -> LogLoader:
@@ -134,11 +139,13 @@ class Trainer:
         self.metrics_log = metrics_log = MetricsLogger(self.out, env.is_main, total, self.state.step,
                                                        loop.batch_size * env.world_size, loop.log_every, job.tensorboard)
         stop = self.state.step >= total
+        ld = self.train_loader
         while not stop and self.state.epoch < loop.epochs:
-            self.train_loader.set_epoch(self.state.epoch)
-            for batch in self.train_loader:
-                out = self.train_step(batch)
-                self.state.rows += self.train_loader.global_batch_rows(self.train_loader.layout_step - 1)
+            ld.set_epoch(self.state.epoch)
+            self.consumed = ld.layout_step  # where this pass starts: 0, or a resumed step
+            for out in self.steps.epoch(ld):
+                self.consumed += 1
+                self.state.rows += ld.global_batch_rows(self.consumed - 1)
                 metrics_log.step(self.state.step, out.loss, out.parts)
                 for callback in self.callbacks:
                     callback(self)
@@ -148,17 +155,19 @@ class Trainer:
                     break
                 if self.state.step % loop.checkpoint_every == 0:
                     self.save()
-            if self.train_loader.step >= len(self.train_loader):  # the epoch ran to its end
+            if ld.epoch_step(self.consumed) >= len(ld):  # the epoch ran to its end
                 self.state.epoch += 1
                 if not loop.eval_every:
                     stop = self.validate(metrics_log) or stop
             stop = stop or self.state.step >= total
             self.save()
+        self.steps.pause()  # the sharded modules' own forwards for the test pass and the export
         metrics_log.close()
         self.memory.mark("train")
         return self.finish(metrics_log)
 
     def validate(self, metrics_log: MetricsLogger) -> bool:
+        self.steps.pause()
         result, stop = self.validator(self.model, self.state.step)
         metrics_log.valid(self.state.step, result)
         self._hook("on_valid", result)
@@ -177,7 +186,7 @@ class Trainer:
     def save(self) -> Path:
         if self.metrics_log is not None:
             self.metrics_log.flush()  # the loss log holds every step the checkpoint holds
-        state = {"trainer": to_dict(self.state), "loader": self.train_loader.state_dict(),
+        state = {"trainer": to_dict(self.state), "loader": self.train_loader.state_dict(self.consumed),
                  "validator": self.validator.state_dict(), "schema": to_dict(self.schema)}  # what a warm start compares
         path = self.checkpointer.save(self.state.step, self._tensors(), state)
         self._hook("on_checkpoint", path)
