@@ -6,11 +6,6 @@ unlike sampling RSS from outside. Linux lets a process reset it to the current R
 
 from __future__ import annotations
 
-import logging
-import os
-
-logger = logging.getLogger(__name__)
-
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:

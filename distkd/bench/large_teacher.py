@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import statistics
-import time
 from pathlib import Path
 
 import torch
