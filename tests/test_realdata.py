@@ -107,7 +107,7 @@ def test_instacart_features_use_only_earlier_orders(ic_slice):
     (lambda t: _set(t, "order_dow", 3, 9), r"column 'order_dow': value 9 on line 5 is not a whole number in \[0, 6\]"),
     (lambda t: _set(t, "reordered", 2, 0.5), r"column 'reordered': value 0.5 on line 4 is not 0 or 1"),
     (lambda t: _set(t, "days_since_prior_order", None, None), r"column 'days_since_prior_order'.*may be empty only"),
-    (lambda t: _set(t, "product_id", 1, None), r"column 'product_id': empty value on line 3"),
+    (lambda t: _set(t, "product_id", 1, None), r"column 'product_id': empty or null value on line 3"),
     (lambda t: _dup_product(t), r"column 'product_id': .* appears twice in the same order"),
 ])
 def test_instacart_bad_input_names_the_column_and_line(ic_slice, tmp_path, edit, message):

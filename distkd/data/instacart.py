@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from distkd.config import ConfigError
-from distkd.data.movielens import _bad_value, _dense_index, _prepare_out, _write_atomic
+from distkd.data.csv_convert import dense_index, prepare_out, read_csv, write_atomic
 from distkd.data.schema import SCHEMA_FILE, SPLITS, TEACHER_ONLY, DenseFeature, LogsError, Schema, SparseFeature, Task
 
 logger = logging.getLogger(__name__)
@@ -56,29 +55,12 @@ def source_file(path: str | Path) -> Path:
 
 def read_lines(path: Path) -> dict[str, np.ndarray]:
     """The checked columns as numpy arrays; errors name the file, column, line and value."""
-    if not path.is_file():
-        raise LogsError(f"{path}: file not found (expected Instacart order lines with columns {list(COLUMNS)})")
-    try:
-        header = pacsv.open_csv(path).schema.names
-    except (pa.ArrowException, OSError) as e:
-        raise LogsError(f"{path}: cannot read as CSV: {e}") from None
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise LogsError(f"{path}: missing column(s) {missing} (header has {header})")
-    try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=COLUMNS,
-                                                                          include_columns=list(COLUMNS)))
-    except (pa.ArrowException, OSError) as e:
-        raise LogsError(f"{path}: {_bad_value(path, COLUMNS, e)}") from None
+    table = read_csv(path, COLUMNS, "Instacart order lines", nullable=NULLABLE)
     if table.num_rows < 1:
         raise LogsError(f"{path}: no order lines")
     cols = {}
     for name in COLUMNS:
-        col = table.column(name)
-        if col.null_count and name not in NULLABLE:
-            i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise LogsError(f"{path}: column '{name}': empty value on line {i + 2}")
-        cols[name] = col.to_numpy(zero_copy_only=False)  # nulls (days) become NaN
+        cols[name] = table.column(name).to_numpy(zero_copy_only=False)  # nulls (days) become NaN
     _check_values(path, cols)
     return cols
 
@@ -132,7 +114,7 @@ def features(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per line: the student's features from the user's earlier orders, the privileged ones, and
     the user's clock (days since the first order) for the split and the row order."""
     n = len(c["order_id"])
-    uidx, n_users = _dense_index(c["user_id"])
+    uidx, n_users = dense_index(c["user_id"])
     # one row per order, in (user, order number) order
     okey = uidx * 100_000 + c["order_number"]
     orders, line_order = np.unique(okey, return_inverse=True)
@@ -197,10 +179,10 @@ def _convert(src, out_dir, shards, row_group_rows, holdout, force) -> tuple[Sche
     path, out = source_file(src), Path(out_dir)
     if shards < 1 or row_group_rows < 1 or holdout < 1:
         raise ConfigError(f"shards ({shards}), row_group_rows ({row_group_rows}) and holdout ({holdout}) must be positive")
-    _prepare_out(path.parent, out, force, remove=False)
+    prepare_out(path.parent, out, force, remove=False)
     c = read_lines(path)
     f = features(c)
-    pidx, n_products = _dense_index(c["product_id"])
+    pidx, n_products = dense_index(c["product_id"])
     split = np.where(f["orders_left"] < holdout, 2, np.where(f["orders_left"] < 2 * holdout, 1, 0))
     if np.bincount(split, minlength=3).min() == 0:
         raise LogsError(f"{path}: with holdout {holdout} a split is empty (users need more than {2 * holdout} orders)")
@@ -219,7 +201,7 @@ def _convert(src, out_dir, shards, row_group_rows, holdout, force) -> tuple[Sche
                "reordered": c["reordered"][order].astype(np.int8), "request_id": request}
     arrow = schema.arrow_schema()
     assert arrow.names == list(columns), (arrow.names, list(columns))
-    _prepare_out(path.parent, out, force, remove=True)
+    prepare_out(path.parent, out, force, remove=True)
     bounds = np.searchsorted(split[order], [0, 1, 2, 3])
     summary = {"users": f["users"], "products": n_products, "orders": int(len(np.unique(oid))), "rows": n, "splits": {}}
     for s, name in enumerate(SPLITS):
@@ -230,7 +212,7 @@ def _convert(src, out_dir, shards, row_group_rows, holdout, force) -> tuple[Sche
         for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
             table = pa.Table.from_arrays([pa.array(v[lo:hi], type=arrow.field(k).type) for k, v in columns.items()],
                                          schema=arrow)
-            _write_atomic(table, out / name / f"part-{i:05d}.parquet", row_group_rows)
+            write_atomic(table, out / name / f"part-{i:05d}.parquet", row_group_rows)
         summary["splits"][name] = {"rows": b - a, "shards": int(nshards),
                                    "reordered": float(columns["reordered"][a:b].mean())}
     schema.save(out / SCHEMA_FILE)  # written last: a directory without it is incomplete

@@ -21,18 +21,15 @@ the future; a student never reads them.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from distkd.storage import atomic_write_bytes
 from distkd.config import ConfigError
+from distkd.data.csv_convert import dense_index, prepare_out, read_csv, write_atomic
 from distkd.data.schema import SCHEMA_FILE, SPLITS, TEACHER_ONLY, DenseFeature, LogsError, Schema, SparseFeature, Task
 
 logger = logging.getLogger(__name__)
@@ -48,59 +45,6 @@ YEAR_MIN, YEAR_MAX, YEAR_STEP = 1900, 2030, 5
 YEAR_BUCKETS = (YEAR_MAX - YEAR_MIN) // YEAR_STEP
 SPLIT_FRACTIONS = (0.8, 0.9)  # cumulative: train up to 80%, valid up to 90%, test the rest
 SECONDS_PER_YEAR = 365.2425 * 86400
-
-
-def _read_csv(path: Path, columns: dict[str, pa.DataType]) -> pa.Table:
-    if not path.is_file():
-        raise LogsError(f"{path}: file not found (expected a MovieLens CSV with columns {list(columns)})")
-    try:
-        header = pacsv.open_csv(path).schema.names
-    except (pa.ArrowException, OSError) as e:
-        raise LogsError(f"{path}: cannot read as CSV: {e}") from None
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise LogsError(f"{path}: missing column(s) {missing} (header has {header})")
-    opts = pacsv.ConvertOptions(column_types=columns, include_columns=list(columns))
-    try:
-        table = pacsv.read_csv(path, convert_options=opts)
-    except (pa.ArrowException, OSError) as e:
-        raise LogsError(f"{path}: {_bad_value(path, columns, e)}") from None
-    for name in columns:
-        col = table.column(name)
-        if col.null_count:
-            i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise LogsError(f"{path}: column '{name}': empty or null value on line {i + 2}")
-    return table
-
-
-NUMBER = {pa.int64(): r"^\s*[-+]?\d+\s*$", pa.float64(): r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"}
-
-
-def _bad_value(path: Path, columns: dict, error: Exception) -> str:
-    """Name the column, line and value behind a CSV conversion error (pyarrow gives only a column index)."""
-    for name, dtype in columns.items():
-        if dtype not in NUMBER:
-            continue
-        opts = pacsv.ConvertOptions(column_types={name: pa.string()}, include_columns=[name], strings_can_be_null=True)
-        col = pacsv.read_csv(path, convert_options=opts).column(name)
-        bad = pc.invert(pc.match_substring_regex(col, NUMBER[dtype])).to_numpy(zero_copy_only=False)
-        bad &= col.is_valid().to_numpy(zero_copy_only=False)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            return f"column '{name}': value {col[i].as_py()!r} on line {i + 2} is not a valid {dtype}"
-    return f"unparsable value: {' '.join(str(error).split())}"
-
-
-def _dense_index(ids: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map ids to [0, number of distinct ids), keeping their order (a lookup table when the id range is
-    small, as MovieLens userIds are; np.unique otherwise)."""
-    lo, hi = int(ids.min()), int(ids.max())
-    if hi - lo < 1 << 26:
-        present = np.zeros(hi - lo + 1, bool)
-        present[ids - lo] = True
-        return (np.cumsum(present) - 1)[ids - lo], int(present.sum())
-    uniq, index = np.unique(ids, return_inverse=True)
-    return index, len(uniq)
 
 
 def _prior(key: np.ndarray, ts: np.ndarray, liked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,23 +87,6 @@ def _genre_lists(genres: pa.ChunkedArray) -> tuple[pa.ListArray, list[str]]:
     return pa.ListArray.from_arrays(pa.array(offsets), ids), vocab
 
 
-def _prepare_out(src: Path, out: Path, force: bool, remove: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(f"{out}: directory exists and is not empty; pass --force (force=True) to replace it")
-        if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-            raise ConfigError(f"{out}: refusing to replace a directory that holds the source {src}")
-        if remove:
-            shutil.rmtree(out)
-
-
-def _write_atomic(table: pa.Table, path: Path, row_group_rows: int) -> None:
-    """A crash never leaves a half file under the final name."""
-    atomic_write_bytes(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_rows))
-
-
 def convert(src_dir: str | Path, out_dir: str | Path, shards: int = 4, row_group_rows: int = 65_536,
             force: bool = False, privileged: bool = False) -> Schema:
     """Convert the MovieLens release in `src_dir` into a logs directory `out_dir`; returns its schema.
@@ -179,7 +106,7 @@ def _tag_counts(path: Path, users: np.ndarray, movies: np.ndarray) -> np.ndarray
     if not path.is_file():
         logger.info(f"{path}: not found; user_tags_on_movie is 0 everywhere")
         return np.zeros(len(users), np.int64)
-    tags = _read_csv(path, TAGS)
+    tags = read_csv(path, TAGS, "a MovieLens CSV")
     tu, tm = tags.column("userId").to_numpy(), tags.column("movieId").to_numpy()
     shift = int(max(movies.max(), tm.max())) + 1
     keys, counts = np.unique(tu * shift + tm, return_counts=True)
@@ -194,9 +121,9 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force, privileged=False) 
         raise LogsError(f"{src}: directory not found (expected a MovieLens release: ratings.csv, movies.csv)")
     if shards < 1 or row_group_rows < 1:
         raise ConfigError(f"shards ({shards}) and row_group_rows ({row_group_rows}) must be positive")
-    _prepare_out(src, out, force, remove=False)  # fail fast, before the (long) read
+    prepare_out(src, out, force, remove=False)  # fail fast, before the (long) read
     rpath, mpath = src / "ratings.csv", src / "movies.csv"
-    ratings, movies = _read_csv(rpath, RATINGS), _read_csv(mpath, MOVIES)
+    ratings, movies = read_csv(rpath, RATINGS, "a MovieLens CSV"), read_csv(mpath, MOVIES, "a MovieLens CSV")
 
     # Movies: dense index = rank of movieId; release year from the title; genre lists.
     by_id = np.argsort(movies.column("movieId").to_numpy(), kind="stable")
@@ -229,7 +156,7 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force, privileged=False) 
         raise LogsError(f"{rpath}: column 'movieId': {m[i]} on line {i + 2} is not in {mpath}")
     order = pc.sort_indices(ratings, [(c, "ascending") for c in ("timestamp", "userId", "movieId")]).to_numpy()
     u, midx, r, ts = u[order], midx[order], r[order], ts[order]
-    uidx, n_users = _dense_index(u)
+    uidx, n_users = dense_index(u)
     liked = (r >= LIKE_THRESHOLD).astype(np.int8)
     hours = ts // 3600
     # request_id: one user's ratings within one clock hour, numbered in time order.
@@ -281,7 +208,7 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force, privileged=False) 
     arrow = schema.arrow_schema()
     assert arrow.names == list(columns), (arrow.names, list(columns))
 
-    _prepare_out(src, out, force, remove=True)
+    prepare_out(src, out, force, remove=True)
     summary = {"users": n_users, "movies": len(movie_ids), "genres": len(genre_vocab), "rows": n, "splits": {}}
     for split, (a, b) in bounds.items():
         (out / split).mkdir(parents=True)
@@ -290,7 +217,7 @@ def _convert(src_dir, out_dir, shards, row_group_rows, force, privileged=False) 
         for i, (s, e) in enumerate(zip(edges[:-1], edges[1:])):
             arrays = [genre_lists.take(pa.array(midx[s:e])) if c is None else
                       pa.array(c[s:e], type=arrow.field(name).type) for name, c in columns.items()]
-            _write_atomic(pa.Table.from_arrays(arrays, schema=arrow), out / split / f"part-{i:05d}.parquet",
+            write_atomic(pa.Table.from_arrays(arrays, schema=arrow), out / split / f"part-{i:05d}.parquet",
                           row_group_rows)
         summary["splits"][split] = {"rows": int(b - a), "shards": int(nshards),
                                     "liked": float(liked[a:b].mean()), "from": int(ts[a]), "to": int(ts[b - 1])}

@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 import yaml
 
 from distkd.config import ConfigError
-from distkd.data.movielens import MOVIES, RATINGS, SPLIT_FRACTIONS, _cut, _dense_index, _prepare_out, _read_csv, _write_atomic
+from distkd.data.csv_convert import dense_index, prepare_out, read_csv, write_atomic
+from distkd.data.movielens import MOVIES, RATINGS, SPLIT_FRACTIONS, _cut
 from distkd.data.schema import SCHEMA_FILE, SPLITS, LogsError
 from distkd.storage import atomic_write_bytes
 
@@ -82,9 +83,9 @@ def convert_next(src_dir: str | Path, out_dir: str | Path, history: int = 20, mi
         raise LogsError(f"{src}: directory not found (expected a MovieLens release: ratings.csv, movies.csv)")
     if history < 1 or min_history < 0 or shards < 1 or row_group_rows < 1:
         raise ConfigError("history >= 1, min_history >= 0, shards and row_group_rows >= 1 are required")
-    _prepare_out(src, out, force, remove=False)
+    prepare_out(src, out, force, remove=False)
     rpath, mpath = src / "ratings.csv", src / "movies.csv"
-    ratings, movies = _read_csv(rpath, RATINGS), _read_csv(mpath, MOVIES)
+    ratings, movies = read_csv(rpath, RATINGS, "a MovieLens CSV"), read_csv(mpath, MOVIES, "a MovieLens CSV")
     movie_ids = np.sort(movies.column("movieId").to_numpy())
     if len(dup := np.flatnonzero(movie_ids[1:] == movie_ids[:-1])):
         raise LogsError(f"{mpath}: column 'movieId': {movie_ids[dup[0]]} appears more than once")
@@ -98,7 +99,7 @@ def convert_next(src_dir: str | Path, out_dir: str | Path, history: int = 20, mi
     u, r, ts = ratings.column("userId").to_numpy()[order], ratings.column("rating").to_numpy()[order], \
         ratings.column("timestamp").to_numpy()[order]
     midx = midx[order]
-    uidx, n_users = _dense_index(u)
+    uidx, n_users = dense_index(u)
 
     start, end, by_user = history_windows(uidx, ts, history)
     keep = np.flatnonzero(end - start >= max(min_history, 0))
@@ -117,7 +118,7 @@ def convert_next(src_dir: str | Path, out_dir: str | Path, history: int = 20, mi
                "hour": hours % 24, "weekday": (ts_k // 86400 + 3) % 7, LABEL: midx[keep].astype(np.int64),
                "rating": r[keep].astype(np.float32)}
     schema = arrow_schema()
-    _prepare_out(src, out, force, remove=True)
+    prepare_out(src, out, force, remove=True)
     summary = {"users": n_users, "movies": len(movie_ids), "rows": n, "dropped": len(order) - n, "history": history,
                "min_history": min_history, "splits": {}}
     for split, (a, b) in zip(SPLITS, [(0, c1), (c1, c2), (c2, n)]):
@@ -128,7 +129,7 @@ def convert_next(src_dir: str | Path, out_dir: str | Path, history: int = 20, mi
             hist = pa.ListArray.from_arrays(pa.array((offsets[s:e + 1] - offsets[s]).astype(np.int32)),
                                             pa.array(values[offsets[s]:offsets[e]]))
             arrays = [hist if c is None else pa.array(c[s:e], type=schema.field(name).type) for name, c in columns.items()]
-            _write_atomic(pa.Table.from_arrays(arrays, schema=schema), out / split / f"part-{i:05d}.parquet", row_group_rows)
+            write_atomic(pa.Table.from_arrays(arrays, schema=schema), out / split / f"part-{i:05d}.parquet", row_group_rows)
         summary["splits"][split] = {"rows": int(b - a), "shards": int(nshards), "from": int(ts_k[a]), "to": int(ts_k[b - 1])}
     meta = schema_dict(n_users, len(movie_ids))
     text = yaml.safe_dump(meta, sort_keys=False)
