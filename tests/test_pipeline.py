@@ -15,7 +15,7 @@ from distkd.data.schema import load_schema
 from distkd.launch.local import launch
 from distkd.train.metrics_logger import read_losses
 from distkd.train.prepare import prepare
-from tests.support import SMALL_MODEL, cli, export_weights, job_for
+from tests.support import SMALL_MODEL, assert_same_model, cli, job_for
 
 import torch
 
@@ -89,9 +89,7 @@ def test_pipeline_and_plain_loop_train_the_same_model(small_logs, tmp_path):
     assert read_losses(tmp_path / "sparse_dist") == read_losses(tmp_path / "plain")
     assert piped["valid"] == plain["valid"] and len(piped["valid"]) == 3
     assert piped["rows"] == plain["rows"] == 12 * 2 * 512
-    a, b = export_weights(tmp_path / "sparse_dist"), export_weights(tmp_path / "plain")
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert_same_model(tmp_path / "sparse_dist", tmp_path / "plain")
     # The plain loop's loader is where its optimizer is; the pipeline's is two batches ahead.
     assert all(consumed == fetched == step for step, consumed, fetched in plain["positions"])
     assert all(consumed == step and fetched == step + 2 for step, consumed, fetched in piped["positions"])
@@ -116,10 +114,7 @@ def test_a_pipelined_run_killed_mid_epoch_resumes_to_the_uninterrupted_model(sma
     assert "[fault] SIGKILL rank 1 after step 13" in killed.stderr
     assert "step-00000010 at epoch 0, step 10" in killed.stderr, killed.stderr[-2000:]
     assert "input dist pipelined for model.ebc" in killed.stderr
-    a, b = export_weights(tmp_path / "whole"), export_weights(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert_same_model(tmp_path / "whole", tmp_path / "resumed")
     sa = json.loads((tmp_path / "whole" / "summary.json").read_text())
     sb = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert sa["steps"] == sb["steps"] and sa["rows"] == sb["rows"] == 2 * 32_000
