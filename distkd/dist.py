@@ -156,3 +156,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def gather_objects(obj, world_size: int) -> list:
+    """Collective: every rank's picklable `obj`, in rank order, on every rank ([obj] alone when
+    there is no process group or one rank)."""
+    if not dist.is_initialized() or world_size == 1:
+        return [obj]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+

@@ -282,7 +282,6 @@ def _compute(job: CacheJob, out: str, manifest: Manifest, run: BuildRun, todo: l
     """Run `todo` on the Ray pool, committing each shard to the manifest; (ray start s, compute s)."""
     import ray  # deferred: a build with nothing to compute, and every reader, never start Ray
 
-
     t0 = time.perf_counter()
     started_ray = connect(job.ray_address)
     ray_s = time.perf_counter() - t0
@@ -331,8 +330,6 @@ def format_summary(s: dict[str, Any], size: str) -> str:
 
 def job_from_args(args) -> CacheJob:
     """The job YAML (`--config`) plus key=value overrides, then any flag given on the command line."""
-
-
     job = load(CacheJob, args.config, list(args.overrides))
     spec = spec_from_args(args)
     if spec is not None:

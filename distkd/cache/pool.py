@@ -339,15 +339,19 @@ class WorkerPool:
             committed += 1
 
     def memory(self) -> dict[int, list[dict[str, Any]]]:
-        """Each live slot's actors' peak RSS (distkd.memory), in rank order: a figure, so a slot that
-        does not answer within MEMORY_TIMEOUT_S is left out, never waited on or failed for."""
+        """Each live slot's actors' peak RSS (distkd.memory), in rank order: a figure, so the slots
+        that have not all answered within MEMORY_TIMEOUT_S (in all) are left out, never failed for."""
         import ray
 
         refs = {i: [a.memory.remote() for a in slot.actors()] for i, slot in enumerate(self.slots)}
+        every = [r for rs in refs.values() for r in rs]
+        ready = set(ray.wait(every, num_returns=len(every), timeout=MEMORY_TIMEOUT_S)[0]) if every else set()
         out = {}
         for i, rs in refs.items():
             try:
-                out[i] = ray.get(rs, timeout=MEMORY_TIMEOUT_S)
+                if not all(r in ready for r in rs):
+                    raise TimeoutError(f"no answer within {MEMORY_TIMEOUT_S:.0f}s")
+                out[i] = ray.get(rs)
             except Exception as e:  # a figure only: the build's result stands
                 logger.warning(f"cache: no memory figures from {self.slots[i].name}: {_last_line(e)}")
         return out

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from distkd.config import ConfigError
 from distkd.dcp_reader import METADATA_FILE, SafeReader
 from distkd.dcp_writer import TensorAtATimeWriter
+from distkd.dist import gather_objects
 from distkd.errors import CheckpointError
 from distkd.storage import sha256_file
 
@@ -85,11 +85,7 @@ def save_tables(folder: Path, tables: dict[str, Any], rank: int, world_size: int
     dcp.save(tables, storage_writer=_Writer(folder, sync_files=True))  # ends once .metadata is written
     names = sorted(os.listdir(folder))
     mine = {f"{TABLES_DIR}/{n}": sha256_file(folder / n) for n in names[rank::world_size]}
-    if not (dist.is_initialized() and world_size > 1):
-        return mine
-    every: list[Any] = [None] * world_size
-    dist.all_gather_object(every, mine)
-    return {k: v for part in every for k, v in part.items()}
+    return {k: v for part in gather_objects(mine, world_size) for k, v in part.items()}
 
 
 def fingerprint(meta: dict[str, Any]) -> str:

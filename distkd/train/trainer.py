@@ -258,7 +258,7 @@ class Trainer:
         window = window_of(job.logs, "train", job.partitions)  # a cache of this export records it: teacher age
         export = self.export({"test": test, "job": to_dict(job), **({"window": window} if window else {})})
         self.memory.mark("export")
-        summary["memory"] = gather_objects(self.memory.record(), env)
+        summary["memory"] = dist.gather_objects(self.memory.record(), env.world_size)
         if env.is_main:
             summary["export"] = export
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -277,15 +277,6 @@ class Trainer:
                                         prefix="model.", extra=extra)
         state_dict = gather_state_dict(self.dmp, env.rank, prefix="model.")
         return write_export(out, job.role, self.schema, self.model_cfg, state_dict, extra) if env.is_main else None
-
-
-def gather_objects(obj: Any, env: dist.Env) -> list[Any]:
-    """Collective: every rank's `obj`, in rank order (on every rank)."""
-    if not tdist.is_initialized() or env.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    tdist.all_gather_object(out, obj)
-    return out
 
 
 def replica_drift(dmp) -> float:
