@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: all held open while they are drawn (free_port called n times
+    may hand out one port twice, and a process given the same port for two servers fails)."""
+    with ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def gather_objects(obj, world_size: int) -> list:

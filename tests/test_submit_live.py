@@ -22,7 +22,7 @@ import pytest
 
 from distkd.bench.ray_local import session_pids, stop
 from distkd.cli import main as cli_main
-from distkd.dist import free_port
+from distkd.dist import free_ports
 from distkd.data.schema import load_schema
 from tests.support import LOOPBACK, ROOT, listening, make_teacher
 
@@ -35,23 +35,23 @@ def ray_jobs_head(tmp_path_factory):
     API address and the head's session id."""
     log = tmp_path_factory.mktemp("ray-jobs-head") / "head.log"
     temp_dir = tempfile.mkdtemp(prefix="dkj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = free_port()
+    # Ray's fixed default ports (52365, 10001, 44217, 44227) would collide with another head on
+    # this machine: every port is picked free here, all distinct, workers get random ones.
+    dashboard, gcs, agent, agent_grpc, runtime_env, metrics, client, dash_metrics, autoscaler = free_ports(9)
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
-           "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--include-dashboard=true",
+           "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           # Ray's fixed default ports (52365, 10001, 44217, 44227) would collide with another head
-           # on this machine: every port is picked free here, workers get random ones.
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+           f"--ray-client-server-port={client}", "--min-worker-port=0", "--max-worker-port=0",
            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({
         # Ray rewrites 127.0.0.1 to the machine's outside address and binds GCS, raylet and agents
         # on every interface; in single-node mode (the one it uses on macOS) it keeps to loopback.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "DASHBOARD_METRIC_PORT": str(free_port()),
-        "AUTOSCALER_METRIC_PORT": str(free_port()),
+        "DASHBOARD_METRIC_PORT": str(dash_metrics),
+        "AUTOSCALER_METRIC_PORT": str(autoscaler),
         # the job's entrypoint runs `python -m distkd.cli ...`: this interpreter, as on a cluster image
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })

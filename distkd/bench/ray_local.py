@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distkd.dist import free_port
+from distkd.dist import free_ports
 
 # The folder holding this distkd: put on the Ray processes' path, so that workers started by the
 # raylets import this copy (and, from a checkout, the tests' fault seams next to it).
@@ -61,10 +61,15 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def _ports() -> list[str]:
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+NODE_PORTS = 6  # the ports _ports gives one node
+HEAD_PORTS = 5  # and the head's own: GCS, dashboard, client server, two metrics exporters
+
+
+def _ports(port) -> list[str]:
+    """One node's ports, drawn from `port` (an iterator over distinct free ports)."""
+    return [f"--dashboard-agent-listen-port={next(port)}", f"--dashboard-agent-grpc-port={next(port)}",
+            f"--runtime-env-agent-port={next(port)}", f"--metrics-export-port={next(port)}",
+            f"--node-manager-port={next(port)}", f"--object-manager-port={next(port)}",
             "--min-worker-port=0", "--max-worker-port=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
@@ -149,18 +154,25 @@ def ray_cluster(logdir: Path, head_cpus: int = 1, workers: tuple[dict, ...] = ()
     (127.0.0.1, for the Jobs API), yielded as `cluster.dashboard` (None with dashboard=False:
     one process fewer to start on a loaded machine, for runs that need no Jobs API)."""
     temp_dir = tempfile.mkdtemp(prefix="dkr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env, port, dash_port = ray_env(), free_port(), free_port()
+    # every port of every node distinct: drawn at once (ports drawn one by one can repeat)
+    ports = iter(free_ports(HEAD_PORTS + NODE_PORTS * (1 + len(workers))))
+    env, port, dash_port = ray_env(), next(ports), next(ports)
     procs: list[subprocess.Popen] = []
     try:
         head = [sys.executable, "-c", RAY_START, "start", "--head", "--block", f"--num-cpus={head_cpus}",
                 f"--port={port}", f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}",
-                f"--temp-dir={temp_dir}", *_ports()]
-        procs.append(_start(head, logdir / "head.log", {**env, "DASHBOARD_METRIC_PORT": str(free_port()),
-                                                         "AUTOSCALER_METRIC_PORT": str(free_port())}))
+                f"--dashboard-port={dash_port}", f"--ray-client-server-port={next(ports)}",
+                f"--temp-dir={temp_dir}", *_ports(ports)]
+        procs.append(_start(head, logdir / "head.log", {**env, "DASHBOARD_METRIC_PORT": str(next(ports)),
+                                                         "AUTOSCALER_METRIC_PORT": str(next(ports))}))
         for i, w in enumerate(workers):
+            # a temp dir per node, as each machine of a real cluster has: nodes sharing the head's
+            # would share one runtime_resources folder, where each node's agent deletes and unpacks a
+            # job's working_dir again, from under the processes another node started in it
+            node_dir = os.path.join(temp_dir, f"w{i}")
             cmd = [sys.executable, "-c", RAY_START, "start", "--block", f"--address=127.0.0.1:{port}",
-                   f"--num-cpus={w.get('cpus', 1)}", f"--resources={json.dumps(w.get('resources', {}))}", *_ports()]
+                   f"--num-cpus={w.get('cpus', 1)}", f"--resources={json.dumps(w.get('resources', {}))}",
+                   f"--temp-dir={node_dir}", *_ports(ports)]
             procs.append(_start(cmd, logdir / f"worker-{i}.log", env))
         yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None,
                       [p.pid for p in procs])
