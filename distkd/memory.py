@@ -2,9 +2,17 @@
 
 The peak is the kernel's high-water mark of the resident set (VmHWM in /proc/self/status): exact,
 unlike sampling RSS from outside. Linux lets a process reset it to the current RSS (`5` written to
-/proc/self/clear_refs), so `Stages` gives each stage of a run its own peak, not the run's so far."""
+/proc/self/clear_refs), so `Stages` gives each stage of a run its own peak, not the run's so far.
+Some kernels (sandboxes such as gVisor) accept that write and ignore it: `peak_resettable` probes
+once whether the reset really lowers the mark, and the figures say which kind they are."""
 
 from __future__ import annotations
+
+import functools
+import mmap
+
+PAGE = mmap.PAGESIZE
+PROBE_BYTES = 32 * 2**20
 
 
 def _status_kib(field: str) -> int:
@@ -26,13 +34,30 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak() -> bool:
-    """Lower the high-water mark to the current RSS; False where the kernel does not allow it."""
+    """Ask the kernel to lower the high-water mark to the current RSS; False where the write is
+    refused (`peak_resettable` says whether an accepted one works)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+@functools.cache
+def peak_resettable() -> bool:
+    """Whether a reset really lowers the mark here: a PROBE_BYTES anonymous mapping is touched and
+    unmapped (the mark rises by it), then a reset must take the mark back below it."""
+    if not reset_peak():
+        return False
+    before = peak_rss_bytes()
+    probe = mmap.mmap(-1, PROBE_BYTES)
+    for offset in range(0, PROBE_BYTES, PAGE):
+        probe[offset] = 1  # a write faults the page in: resident
+    probe.close()
+    raised = peak_rss_bytes()
+    reset_peak()
+    return raised - before > PROBE_BYTES // 2 and raised - peak_rss_bytes() > PROBE_BYTES // 2
 
 
 class Stages:
@@ -42,7 +67,7 @@ class Stages:
 
     def __init__(self):
         self.peaks: dict[str, int] = {}
-        self.resettable = reset_peak()
+        self.resettable = peak_resettable() and reset_peak()
 
     def mark(self, name: str) -> None:
         self.peaks[name] = peak_rss_bytes()

@@ -179,6 +179,11 @@ def report(args, exports: dict, total: int, largest: int, per_rank: dict[int, in
               "GiB; medians with (min–max) over the repetitions and every actor of every build. Start-up: the actor's "
               "process with torch imported; loading: the teacher read from the sharded export (K = 1: whole, unsharded; "
               "K = 2: each rank its shards); building: reading, decoding, the forward and writing, after the load."]
+    cumulative = [m for form in exports for m in exports[form]["memory"]] + [
+        rec for k in runs for s in runs[k] for w in s["workers"] for rec in w.get("memory", [])]
+    if not all(m.get("per_stage", True) for m in cumulative):
+        lines += ["", "**This kernel ignored the peak's reset** (distkd.memory.peak_resettable): a stage's figure "
+                  "is the peak of the process so far, not that stage's own."]
     return lines
 
 
