@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(DISTKD) demo
 
+# --durations: the slowest tests end the output, so a CI log says where the suite's time went.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The unit tests alone (-m unit: pure, no processes, Ray or ranks): a few minutes on 2 cores.
 test-fast: $(STAMP)
