@@ -30,7 +30,6 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 
 from distkd import dist, log, storage
 from distkd.config import ConfigError, load, to_dict
@@ -190,8 +189,7 @@ def _sharded_rank(export_dir: Path, files: list[str], schema: Schema, batch_size
         with torch.no_grad():
             s = score(model, loader, stride, row0=range_of(loader.total_rows, env.world_size, env.rank)[0])
         metrics = s.metrics.compute()  # collective: sums all-reduced, AUC states gathered
-        parts: list[Any] = [None] * env.world_size
-        tdist.all_gather_object(parts, (s.probs, s.labels, s.seconds, s.rows))
+        parts = dist.gather_objects((s.probs, s.labels, s.seconds, s.rows), env.world_size)
         plan = describe_plan(model)
     except BaseException:
         dist.abandon()  # no barrier: another rank may be stuck in a collective this one left

@@ -193,8 +193,7 @@ def worker(config: dict) -> None:
     trainer = Trainer(job, prepared.schema, prepared.objective, env, resume=resume or env.restart > 0,
                       callbacks=[*callbacks, Report(via="train")])
     summary = trainer.train()
-    ranks: list = [None] * env.world_size
-    tdist.all_gather_object(ranks, {"rank": env.rank, **placement()})
+    ranks = dist.gather_objects({"rank": env.rank, **placement()}, env.world_size)
     if env.is_main:
         summary["ray_train"] = {"ranks": ranks, "restart": env.restart, "run": config["run"]}
         storage.atomic_write_bytes(Path(job.out) / "summary.json",
