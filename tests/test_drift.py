@@ -20,7 +20,8 @@ import pytest
 
 from distkd.config import ConfigError, from_dict
 from distkd.data.drift import DriftConfig, RowSet, check_day, load_config, psi, unseen_share
-from distkd.data.synth import Truth, generate
+from distkd.data.synth import generate
+from distkd.data.synth_truth import Truth
 from tests.support import cli
 
 DAYS = [f"2026-11-0{d}" for d in range(1, 9)]
