@@ -33,7 +33,8 @@ from distkd.data.decode_pool import ordered
 from distkd.data.layout import split_files
 from distkd.data.plan import EpochPlan, batch_sizes
 from distkd.data.rows import Rows, decode
-from distkd.data.schema import LogsError, Schema, check_arrow_schema
+from distkd.data.arrow_types import check_arrow_schema
+from distkd.data.schema import LogsError, Schema
 
 __all__ = ["Aligned", "Batch", "LogLoader", "SideFiles", "split_files"]
 

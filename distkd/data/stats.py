@@ -38,7 +38,8 @@ from typing import Iterator
 import pyarrow as pa
 
 from distkd import storage
-from distkd.data.schema import check_arrow_schema, load_schema
+from distkd.data.arrow_types import check_arrow_schema
+from distkd.data.schema import load_schema
 from distkd.data.stats_file import stats_location, write_stats
 from distkd.data.sketches import QUANTILE_POINTS, SKETCHES, Accumulator
 from distkd.config import to_dict

@@ -31,7 +31,8 @@ from distkd.data import stats as st
 from distkd.data.stats_file import read_stats, stats_location
 from distkd.data.checks import check_row_group
 from distkd.data.rows import _floats
-from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, check_arrow_schema, load_schema
+from distkd.data.arrow_types import check_arrow_schema
+from distkd.data.schema import SPLITS, LogsError, MissingStats, Schema, load_schema
 from distkd.data.sketches import Accumulator
 from distkd.config import from_dict
 from distkd.data.layout import PartitionRange, all_shards, is_partitioned, split_files
