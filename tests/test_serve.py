@@ -78,6 +78,15 @@ def _model_logits(export_dir, logs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(out), torch.cat(labels)
 
 
+def _first_row_logits(export_dir, logs) -> torch.Tensor:
+    """The distkd model's logits for the test split's first row alone: a batch of one, which
+    BLAS may round differently from the same row inside a larger batch (torch 2.11 does)."""
+    model, _ = load_export(export_dir)
+    rows = next(_test_rows(logs))[1].slice(0, 1)
+    b = to_batch(rows, [f.name for f in model.schema.sparse])
+    return model(b.sparse, b.dense).logits
+
+
 def _auc(logits, labels, j):
     keep = ~torch.isnan(labels[:, j])
     return binary_auroc(logits[keep, j], labels[keep, j].long()).item()
@@ -191,9 +200,10 @@ def test_exported_files_run_without_distkd(models, small_logs, tmp_path, capsys)
     assert embedded == {k: v for k, v in contract.items() if k != "files"}
 
     want, labels = _model_logits(models["student"], small_logs)
+    one = _first_row_logits(models["student"], small_logs)
     for name in ("student.ts", "student.pt2"):
         assert torch.equal(served["logits"][str(out / name)], want), name
-        assert torch.equal(served["logits"][str(out / name) + "@1"], want[:1]), name
+        assert torch.equal(served["logits"][str(out / name) + "@1"], one), name
     for name in ("student-int8.ts", "student-int8.pt2"):
         got = served["logits"][str(out / name)]
         assert (got - want).abs().max() <= INT8_LOGIT_TOL, name
