@@ -16,7 +16,7 @@ from typing import Sequence
 
 from distkd import log
 from distkd.config import ConfigError
-from distkd.dist import quiet
+from distkd.log import quiet
 from distkd.errors import CheckpointError, ProcessGroupError, RankFailure
 from distkd.data.schema import LogsError
 from distkd.storage import StorageError

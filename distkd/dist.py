@@ -25,10 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import logging
-import warnings
-
 from distkd.errors import ProcessGroupError
+from distkd.log import quiet
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -54,16 +52,6 @@ def under_launcher() -> bool:
 def restart_generation() -> int:
     """How many times the launcher restarted this worker group (torchrun and the local launcher)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-def quiet() -> None:
-    """Silence the planner's and DDP's routine warnings; errors still surface."""
-
-    for name in ("", "torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:

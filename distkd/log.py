@@ -10,7 +10,7 @@ Rank filter: under a launcher (RANK set) only rank 0 logs below WARNING, so N ra
 print N copies of every progress line; warnings and errors from any rank get through,
 prefixed with the rank that raised them. At DEBUG every rank logs.
 
-The tree does not propagate to the root logger: `distkd.dist.quiet()` holds the root (and
+The tree does not propagate to the root logger: `quiet()` holds the root (and
 torchrec's, torch.distributed's) at ERROR to silence third-party noise, which must not
 silence distkd's own lines.
 
@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 
 ENV = "DISTKD_LOG_LEVEL"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -110,3 +111,13 @@ def setup(level: str | None = None) -> logging.Logger:
         root.addHandler(handler)
     root.propagate = False
     return root
+
+
+def quiet() -> None:
+    """Silence the planner's and DDP's routine warnings; errors still surface."""
+
+    for name in ("", "torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -37,7 +37,7 @@ from distkd.data.schema import load_schema
 from distkd.train.steps import PipelinedSteps, PlainSteps
 from distkd.train.trainer import Trainer
 from distkd.config import load
-from distkd.dist import quiet
+from distkd.log import quiet
 from distkd.launch.local import launch
 from distkd.train.job import TrainJob
 from distkd.train.prepare import prepare

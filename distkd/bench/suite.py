@@ -54,7 +54,7 @@ from distkd.models.export import load_export, read_meta
 from distkd.bench.distill import interleaved
 from distkd.cache.reader import open_cache
 from distkd.bench.suite_report import machine, write_markdown
-from distkd.dist import quiet
+from distkd.log import quiet
 from distkd.models.ranking import ModelConfig
 
 # Ray and psutil are imported by the steps that use them: Ray's import costs seconds.

@@ -44,7 +44,7 @@ from distkd.data.rows import decode
 from distkd.data.schema import Schema
 from distkd.models.teacher import Teacher, TeacherRef, load_teacher
 from distkd.models.teacher_spec import TeacherError, TeacherSpec
-from distkd.dist import quiet
+from distkd.log import quiet
 
 
 @dataclass
