@@ -108,7 +108,7 @@ def _dmp_worker(out_dir: str) -> list[float]:
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    from distkd.dist import quiet
+    from distkd.log import quiet
 
     quiet()
     dist.init_process_group("gloo")
