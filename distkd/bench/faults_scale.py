@@ -175,7 +175,7 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
     polls the manifest every 0.5 s meanwhile: each manifest whole, each file it names whole and
     the clean build's, the shard count never falling."""
 
-    out, a_err = work / "race", work / "race-a.err"
+    out, a_err, gate = work / "race", work / "race-a.err", work / "race-b-done"
     seen: list[int] = []
     torn: list[str] = []
     stop = threading.Event()
@@ -194,10 +194,13 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
                 torn.append(f"{type(e).__name__}: {str(e)[:120]}")
             stop.wait(0.5)
 
+    gate.unlink(missing_ok=True)  # a gate left by an earlier run would let A finish unheld
     t0 = time.perf_counter()
     with open(a_err, "w") as fh:
-        a = subprocess.Popen(_cmd(teacher, logs, out, address, [], None), cwd=ROOT, env=child_env(),
-                             stdout=subprocess.DEVNULL, stderr=fh)
+        # A's workers wait after each row group until B is done: B meets A's lock however slowly
+        # it starts (a loaded machine, a torch that imports slowly), never A's finished cache
+        a = subprocess.Popen(_cmd(teacher, logs, out, address, ["--hold-until", str(gate)], None), cwd=ROOT,
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=fh)
     thread = threading.Thread(target=reader, daemon=True)
     try:
         deadline = time.monotonic() + 3600
@@ -208,8 +211,10 @@ def race(teacher: Path, logs: Path, work: Path, address: str, clean: dict, total
         thread.start()
         rc_b, secs_b, err_b = build(teacher, logs, out, address, [])
         b_during_a = a.poll() is None
+        gate.touch()
         rc_a = a.wait(timeout=3600)
     finally:
+        gate.touch()
         stop.set()
         if thread.is_alive():
             thread.join(timeout=10)

@@ -1,11 +1,12 @@
 """Faults for the cache build, through its seams: worker classes that SIGKILL themselves
 mid-shard (the first attempts, once on every shard, or one rank of a teacher group), a worker
-class that sleeps after each row group (a build slow enough to break in the middle), one whose
+class that sleeps after each row group (a build slow enough to break in the middle), one that
+waits for a file after each row group (a build that holds its lock until told), one whose
 teacher returns NaN at one row of one shard, and a driver hook that SIGKILLs the driver after N
 commits.
 
     python -m tests.faults.cache [--kill-driver-after N] [--slow-row-groups S] [--kill-each-shard MARKER_DIR] \
-        [--nan-at SHARD:CALL:ROW] -- <distkd cache build arguments>
+        [--hold-until FILE] [--nan-at SHARD:CALL:ROW] -- <distkd cache build arguments>
 """
 
 from __future__ import annotations
@@ -137,6 +138,22 @@ def nan_at_class(spec: str) -> type:
                                                 "__module__": __name__})
 
 
+class HoldWorker(CacheWorker):
+    """Waits after each row group until the file `gate` exists (at most `limit` seconds, then
+    goes on): a build that holds its cache's lock until a test has done what it must meanwhile."""
+
+    gate, limit = "", 300.0
+
+    def on_row_group(self, g: int) -> None:
+        deadline = time.monotonic() + self.limit
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def hold_worker_class(gate: str) -> type:
+    return type("HoldWorker", (HoldWorker,), {"gate": str(gate), "__module__": __name__})
+
+
 def kill_driver_after(n: int):
     def on_commit(rel: str, committed: int) -> None:
         if committed >= n:
@@ -159,6 +176,8 @@ def main(argv: list[str]) -> int:
         seams["worker"] = slow_worker_class(float(opts["--slow-row-groups"]))
     if "--kill-each-shard" in opts:
         seams["worker"] = kill_each_shard_class(opts["--kill-each-shard"])
+    if "--hold-until" in opts:
+        seams["worker"] = hold_worker_class(opts["--hold-until"])
     if "--nan-at" in opts:
         seams["worker"] = nan_at_class(opts["--nan-at"])
     cache_build.build = lambda job, **kw: real(job, **seams, **kw)
