@@ -156,6 +156,15 @@ def worker_rates(files: list[str], schema, batch_size: int, reps: int, workers=(
     return out
 
 
+def paired(num: list[float], den: list[float]) -> list[float]:
+    """Per-repetition ratios num/den of two interleaved measurements."""
+    return [n / d for n, d in zip(num, den)]
+
+
+def ratio_spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
+
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):,.0f} [{min(xs):,.0f}-{max(xs):,.0f}]"
 
@@ -189,20 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {len(files)} train shards in {args.logs}, {len(cols)} training columns, batch {args.batch_size}")
 
     r = rates(files, schema, args.batch_size, args.reps)
-    ratios = [b / a for a, b in zip(r["pyarrow"], r["loader"])]
+    ratios = paired(r["loader"], r["pyarrow"])
     ratio = statistics.median(ratios)
     print(f"one core, {args.reps} interleaved reps, rows/s median [min-max]:")
     print(f"  (a) pyarrow read+decode : {spread(r['pyarrow'])}")
     print(f"  (b) LogLoader, checks on: {spread(r['loader'])}")
     print(f"  (c) the KJT floor       : {spread(r['floor'])}")
-    print(f"  b/a: {ratio:.3f} [{min(ratios):.3f}-{max(ratios):.3f}] ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 aim)")
-    floor = [c / a for a, c in zip(r["pyarrow"], r["floor"])]
-    over = [b / c for c, b in zip(r["floor"], r["loader"])]
-    print(f"  c/a: {statistics.median(floor):.3f} [{min(floor):.3f}-{max(floor):.3f}] (the most a KJT loader can reach)")
-    print(f"  b/c: {statistics.median(over):.3f} [{min(over):.3f}-{max(over):.3f}] (LogLoader against that floor)")
+    print(f"  b/a: {ratio_spread(ratios)} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 aim)")
+    print(f"  c/a: {ratio_spread(paired(r['floor'], r['pyarrow']))} (the most a KJT loader can reach)")
+    print(f"  b/c: {ratio_spread(paired(r['loader'], r['floor']))} (LogLoader against that floor)")
 
     w = worker_rates(files, schema, args.batch_size, args.reps)
-    scale = [b / a for a, b in zip(w[1], w[2])]
+    scale = paired(w[2], w[1])
     print(f"decoding workers (threads), {len(os.sched_getaffinity(0))} cores, {args.reps} interleaved reps:")
     for n, xs in w.items():
         print(f"  {n} worker(s): {spread(xs)} rows/s")
